@@ -1,0 +1,21 @@
+"""Model side of pp-engine: configs, the Llama-family stage model, paged attention,
+weight loading and tokenization."""
+
+from models.attention import AttentionMetadata
+from models.config import ModelConfig, load_model_config, supported_architectures
+from models.llama import LlamaModel
+from models.loader import load_model, resolve_dtype
+from models.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "AttentionMetadata",
+    "IncrementalDetokenizer",
+    "LlamaModel",
+    "ModelConfig",
+    "Tokenizer",
+    "load_model",
+    "load_model_config",
+    "load_tokenizer",
+    "resolve_dtype",
+    "supported_architectures",
+]

@@ -1,0 +1,96 @@
+"""The `pp-engine` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from engine_core.sampling_params import SamplingParams
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Engine options, named as vLLM's flags."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV blocks per stage (overrides --kv-cache-memory)")
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes per stage")
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", help="turn prefix caching off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    g.add_argument("--pp-layer-partition", default=None,
+                   help="layers per stage, e.g. '3,2' (default: even split)")
+    g.add_argument("--max-concurrent-batches", type=int, default=None,
+                   help="microbatches in flight (default: the pipeline size)")
+    g.add_argument("--threads-per-stage", type=int, default=None)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = ["dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+             "num_kv_blocks", "kv_cache_memory", "enable_prefix_caching", "seed", "device",
+             "pipeline_parallel_size", "pp_layer_partition", "max_concurrent_batches",
+             "threads_per_stage"]
+    return {name: getattr(args, name) for name in names}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine_core.llm import LLM
+
+    if len(args.words) == 1:
+        model, prompt = None, args.words[0]
+    elif len(args.words) == 2:
+        model, prompt = args.words
+    else:
+        raise ValueError("usage: pp-engine generate [MODEL] PROMPT")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed)
+    llm = LLM(model, **engine_kwargs(args))
+    try:
+        output = llm.generate(prompt, params, use_tqdm=False)[0]
+    finally:
+        llm.shutdown()
+    completion = output.outputs[0]
+    text = completion.text if llm.tokenizer is not None else str(completion.token_ids)
+    print(f"{output.prompt or ''}{text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pp-engine",
+        description="pp-engine: a pipeline-parallel LLM inference engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate one completion and print it",
+                         description="Generate one completion. MODEL is an HF model directory "
+                                     "(default: the shipped model).")
+    gen.add_argument("words", nargs="+", metavar="[MODEL] PROMPT")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"pp-engine: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Engine configuration: frozen dataclasses, validated on construction.
+
+`EngineArgs` is what a user passes (`LLM(...)` keywords, CLI flags); `EngineArgs.resolve()` reads
+the model directory and returns the `EngineConfig` every component receives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from models import ModelConfig, load_model_config
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one scheduling step and of the pipeline."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    max_concurrent_batches: int = 1
+    pipelined_chunked_prefill: bool = False
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                          "max_concurrent_batches")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """KV cache geometry. `num_kv_blocks` counts the null block 0 too."""
+
+    block_size: int
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "block_size")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), "
+                             f"got {self.num_kv_blocks}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model's layers are split over pipeline stages."""
+
+    pipeline_parallel_size: int = 1
+    layer_partition: tuple[int, ...] | None = None
+    threads_per_stage: int | None = None
+
+    def layer_ranges(self, num_layers: int) -> list[tuple[int, int]]:
+        """The [start, end) layer range of each stage.
+
+        Even split by default; leftover layers go to the first stages, never the last one (it also
+        carries the final norm, the LM head and the sampler)."""
+        n = self.pipeline_parallel_size
+        if self.layer_partition is not None:
+            sizes = list(self.layer_partition)
+        else:
+            base, extra = divmod(num_layers, n)
+            sizes = [base + (1 if i < extra else 0) for i in range(n)]
+        ranges, start = [], 0
+        for size in sizes:
+            ranges.append((start, start + size))
+            start += size
+        return ranges
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine core and its stages need; identical on every process."""
+
+    model_dir: str
+    model: ModelConfig
+    dtype: str  # resolved torch dtype name: "float32" | "bfloat16" | "float16"
+    device: str
+    seed: int
+    scheduler: SchedulerConfig
+    cache: CacheConfig
+    parallel: ParallelConfig
+
+    def config_hash(self) -> str:
+        """Stable digest: two processes agree on the config iff the hashes match."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """User-facing engine options, mirroring vLLM's names."""
+
+    model: str
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    pipeline_parallel_size: int = 1
+    pp_layer_partition: str | tuple[int, ...] | None = None
+    max_concurrent_batches: int | None = None
+    threads_per_stage: int | None = None
+    pipelined_chunked_prefill: bool = False
+
+    def resolve(self) -> EngineConfig:
+        """Read the model directory and produce the validated `EngineConfig`."""
+        from models import resolve_dtype
+
+        model = load_model_config(self.model)
+        dtype = str(resolve_dtype(self.dtype, model)).removeprefix("torch.")
+        max_model_len = self._max_model_len(model)
+        max_batched = self.max_num_batched_tokens
+        if max_batched is None:
+            max_batched = max(2048, min(max_model_len, 8192))
+        parallel = ParallelConfig(
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            layer_partition=self._layer_partition(model.num_layers),
+            threads_per_stage=self.threads_per_stage,
+        )
+        if self.threads_per_stage is not None and self.threads_per_stage < 1:
+            raise ValueError(f"threads_per_stage must be >= 1, got {self.threads_per_stage}")
+        scheduler = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=max_model_len,
+            max_concurrent_batches=self.max_concurrent_batches or self.pipeline_parallel_size,
+            pipelined_chunked_prefill=self.pipelined_chunked_prefill,
+        )
+        cache = CacheConfig(
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            kv_cache_memory=self.kv_cache_memory,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        return EngineConfig(
+            model_dir=os.path.abspath(self.model), model=model, dtype=dtype, device=self.device,
+            seed=self.seed, scheduler=scheduler, cache=cache, parallel=parallel,
+        )
+
+    def _max_model_len(self, model: ModelConfig) -> int:
+        limit = model.max_position_embeddings
+        if model.sliding_window is not None:
+            limit = min(limit, model.sliding_window)  # attention never needs the window then
+        if self.max_model_len is None:
+            return limit
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's limit of {limit} "
+                f"(max_position_embeddings or sliding_window); pass max_model_len <= {limit}")
+        return self.max_model_len
+
+    def _layer_partition(self, num_layers: int) -> tuple[int, ...] | None:
+        n = self.pipeline_parallel_size
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"pipeline_parallel_size must be an int >= 1, got {n!r}")
+        if n > num_layers:
+            raise ValueError(f"pipeline_parallel_size={n} exceeds the model's {num_layers} "
+                             f"layers; use at most {num_layers} stages")
+        part = self.pp_layer_partition
+        if part is None:
+            return None
+        if isinstance(part, str):
+            try:
+                part = tuple(int(x) for x in part.split(","))
+            except ValueError:
+                raise ValueError(f"pp_layer_partition must be comma-separated ints such as "
+                                 f"'3,2', got {self.pp_layer_partition!r}") from None
+        part = tuple(part)
+        if len(part) != n:
+            raise ValueError(f"pp_layer_partition has {len(part)} entries but "
+                             f"pipeline_parallel_size={n}; give one layer count per stage")
+        if any(p < 1 for p in part):
+            raise ValueError(f"pp_layer_partition entries must be >= 1, got {part}")
+        if sum(part) != num_layers:
+            raise ValueError(f"pp_layer_partition {part} sums to {sum(part)} but the model has "
+                             f"{num_layers} layers")
+        return part
+
+
+def _require_positive(obj: object, *fields: str) -> None:
+    for name in fields:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")

@@ -1,0 +1,97 @@
+"""The engine core: the two-stage engine loop over the scheduler and an executor.
+
+Execution is split into *submit* (returns a future at once) and *finish* (wait for the oldest
+future, then update the scheduler). Filling the pipeline has priority over collecting:
+
+    while len(in_flight) < max_concurrent_batches and (batch := scheduler.schedule()):
+        in_flight.append((batch, executor.submit(batch)))       # submit
+    batch, future = in_flight.popleft()                         # finish the oldest
+    outputs = scheduler.update(batch, future.result(timeout))
+
+One thread drives it: the caller adds requests and aborts between calls to `step()`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from engine_core.block_manager import KVBlockManager
+from engine_core.config import EngineConfig
+from engine_core.messages import EngineCoreOutput, EngineCoreRequest, StepBatch
+from engine_core.request import Request
+from engine_core.scheduler import Scheduler
+from executors.base import Executor, StepFuture
+
+DEFAULT_STEP_TIMEOUT_S = 600.0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None,
+                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S) -> None:
+        self.config = config
+        self.executor = executor or make_executor(config)
+        cache, sched = config.cache, config.scheduler
+        blocks_per_max_request = math.ceil(sched.max_model_len / cache.block_size)
+        if self.executor.num_kv_blocks - 1 < blocks_per_max_request:
+            self.executor.shutdown()
+            raise ValueError(
+                f"the KV cache holds {self.executor.num_kv_blocks - 1} blocks of "
+                f"{cache.block_size} tokens, too few for one request of "
+                f"max_model_len={sched.max_model_len} tokens "
+                f"({blocks_per_max_request} blocks); raise num_kv_blocks/kv_cache_memory or "
+                f"lower max_model_len")
+        self.block_manager = KVBlockManager(self.executor.num_kv_blocks, cache.block_size,
+                                            cache.enable_prefix_caching)
+        self.scheduler = Scheduler(sched, self.block_manager)
+        self.in_flight: deque[tuple[StepBatch, StepFuture]] = deque()
+        self.step_timeout_s = step_timeout_s
+
+    def add_request(self, core_request: EngineCoreRequest) -> None:
+        validate_prompt(core_request.prompt_token_ids, self.config)
+        self.scheduler.add_request(Request(core_request, self.config.scheduler.max_model_len))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
+
+    def step(self) -> list[EngineCoreOutput]:
+        """One turn of the loop: fill the pipeline, then finish the oldest batch in flight."""
+        max_in_flight = self.config.scheduler.max_concurrent_batches
+        while len(self.in_flight) < max_in_flight:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                break
+            self.in_flight.append((batch, self.executor.submit(batch)))
+        if not self.in_flight:
+            return []
+        batch, future = self.in_flight.popleft()
+        output = future.result(timeout=self.step_timeout_s)
+        return self.scheduler.update(batch, output)
+
+    def shutdown(self) -> None:
+        self.in_flight.clear()
+        self.executor.shutdown()
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    from executors.inprocess import InProcessExecutor
+
+    return InProcessExecutor(config)
+
+
+def validate_prompt(prompt_token_ids: list[int], config: EngineConfig) -> None:
+    """Raise ValueError unless the prompt can be served by this engine."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty; give at least one token")
+    max_len = config.scheduler.max_model_len
+    if len(prompt_token_ids) > max_len:
+        raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, more than "
+                         f"max_model_len={max_len}; shorten it or raise max_model_len")
+    vocab = config.model.vocab_size
+    bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids must be ints in [0, {vocab}) (the vocabulary); "
+                         f"got {bad[:5]}")

@@ -1,0 +1,191 @@
+"""`LLM`: offline batch generation, the same API as vLLM's `LLM`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from engine_core.config import EngineArgs
+from engine_core.engine import EngineCore, validate_prompt
+from engine_core.output_processor import OutputProcessor
+from engine_core.outputs import RequestOutput
+from engine_core.sampling_params import SamplingParams
+from models import load_tokenizer
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """Generate from an HF-format model directory.
+
+        llm = LLM("path/to/model", dtype="float32")
+        outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+
+    Keyword arguments are those of `EngineArgs` (vLLM's names): dtype, max_model_len,
+    max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks, kv_cache_memory,
+    enable_prefix_caching, seed, pipeline_parallel_size, ...
+    """
+
+    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
+        if model is None:
+            from models import default_model_dir
+
+            model = default_model_dir()
+        field_names = {f.name for f in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(engine_kwargs) - field_names)
+        if unknown:
+            raise ValueError(f"unknown LLM argument(s) {unknown}; "
+                             f"valid ones are {sorted(field_names - {'model'})}")
+        self.engine_args = EngineArgs(model=model, **engine_kwargs)
+        self.config = self.engine_args.resolve()
+        self.tokenizer = load_tokenizer(self.config.model_dir)
+        self.engine = EngineCore(self.config)
+        self.processor = OutputProcessor(self.tokenizer)
+        eos = set(self.config.model.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self._eos_token_ids = sorted(eos)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate completions for the prompts; outputs come back in input order.
+
+        A prompt is a string or `{"prompt_token_ids": [...]}`. `sampling_params` is one for all
+        prompts or one per prompt. Every prompt is validated before any is started, so a bad one
+        raises ValueError and leaves the engine untouched.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = self._params_per_prompt(sampling_params, len(prompts))
+        tokenized = [self._tokenize(p, i) for i, p in enumerate(prompts)]
+        return self._run(tokenized, params_list, use_tqdm)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} messages) or to a
+        list of conversations, rendered with the model's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template; this model directory "
+                             "has no tokenizer.json")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt": self.tokenizer.apply_chat_template(
+                        conv, add_generation_prompt=add_generation_prompt),
+                    "add_special_tokens": False} for conv in conversations]
+        params_list = self._params_per_prompt(sampling_params, len(prompts))
+        tokenized = [self._tokenize(p, i) for i, p in enumerate(prompts)]
+        return self._run(tokenized, params_list, use_tqdm)
+
+    def _run(self, tokenized: list[tuple[str | None, list[int]]],
+             params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        request_ids = []
+        for (prompt, token_ids), params in zip(tokenized, params_list):
+            request_id = str(next(self._request_counter))
+            for core_request in self.processor.add_request(
+                    request_id, prompt, token_ids, params, self._eos_token_ids, time.time()):
+                self.engine.add_request(core_request)
+            request_ids.append(request_id)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
+                   disable=not use_tqdm)
+        start, num_output_tokens = time.perf_counter(), 0
+        try:
+            while len(finished) < len(request_ids):
+                core_outputs = self.engine.step()
+                num_output_tokens += sum(len(o.new_token_ids) for o in core_outputs)
+                changed, to_abort = self.processor.process(core_outputs)
+                if to_abort:
+                    self.engine.abort_requests(to_abort)
+                for output in changed:
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+                if use_tqdm:
+                    rate = num_output_tokens / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"output {rate:.1f} toks/s", refresh=False)
+        except BaseException:
+            self._abort(request_ids)
+            raise
+        finally:
+            bar.close()
+        return [finished[request_id] for request_id in request_ids]
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            core_ids = self.processor.core_request_ids(request_id)
+            self.processor.abort_request(request_id)
+            self.engine.abort_requests(core_ids)
+
+    def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        params_list = list(sampling_params)
+        if len(params_list) != num_prompts:
+            raise ValueError(f"sampling_params has {len(params_list)} entries for {num_prompts} "
+                             f"prompts; pass one SamplingParams or one per prompt")
+        for i, params in enumerate(params_list):
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"sampling_params[{i}] must be a SamplingParams, "
+                                 f"got {type(params).__name__}")
+        return params_list
+
+    def _tokenize(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
+        try:
+            if isinstance(prompt, str):
+                prompt = {"prompt": prompt}
+            if not isinstance(prompt, dict):
+                raise ValueError(f"a prompt must be a str or a dict with 'prompt_token_ids', "
+                                 f"got {type(prompt).__name__}")
+            if "prompt_token_ids" in prompt:
+                token_ids = prompt["prompt_token_ids"]
+                if not isinstance(token_ids, (list, tuple)):
+                    raise ValueError("prompt_token_ids must be a list of ints")
+                token_ids = list(token_ids)
+                text = prompt.get("prompt")
+            elif "prompt" in prompt:
+                text = prompt["prompt"]
+                if not isinstance(text, str):
+                    raise ValueError(f"prompt must be a str, got {type(text).__name__}")
+                if self.tokenizer is None:
+                    raise ValueError("this model directory has no tokenizer.json; pass prompts "
+                                     "as {'prompt_token_ids': [...]}")
+                token_ids = self.tokenizer.encode(
+                    text, add_special_tokens=prompt.get("add_special_tokens", True))
+            else:
+                raise ValueError("a prompt dict needs 'prompt_token_ids' or 'prompt'")
+            validate_prompt(token_ids, self.config)
+        except ValueError as exc:
+            raise ValueError(f"prompt {index}: {exc}") from None
+        return text, token_ids
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Release the engine and its stages. Idempotent."""
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.shutdown()

@@ -1,0 +1,109 @@
+"""Every message that crosses a process or actor boundary: msgspec Structs (msgpack, no pickle).
+
+Two boundaries use them:
+- front-end <-> engine core: `EngineCoreRequest` in, `EngineCoreOutput` out;
+- engine core -> pipeline stages: one `StepBatch` per scheduled step, `StepOutput` back from the
+  last stage. Per-step messages are incremental: a request travels in full once (`NewRequest`), then
+  only what changed (`CachedRequest`: tokens the stages have not seen, blocks newly added).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine_core.sampling_params import SamplingParams
+
+__all__ = [
+    "CachedRequest",
+    "EngineCoreOutput",
+    "EngineCoreRequest",
+    "NewRequest",
+    "SampledToken",
+    "StepBatch",
+    "StepOutput",
+    "TokenLogprobs",
+]
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Logprobs at one position: the sampled token first, then the top-k, highest first."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]  # 1-based rank of each id in the model's distribution
+
+
+class SampledToken(msgspec.Struct, array_like=True):
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
+    """A tokenized request handed to the engine core."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int] = []
+    arrival_time: float = 0.0
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """New tokens of one request from one finished step; `finish_reason` set on its last output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | None = None  # the stop token id that ended it, if any
+    num_cached_tokens: int = 0
+
+
+class NewRequest(msgspec.Struct, array_like=True):
+    """First appearance of a request at the stages (after a preemption too: all state is resent)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    stop_ids: list[int]  # EOS + stop_token_ids, masked by the sampler until min_tokens
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_new_tokens: int
+
+
+class CachedRequest(msgspec.Struct, array_like=True):
+    """A request the stages already hold: only what changed since it was last scheduled."""
+
+    request_id: str
+    new_token_ids: list[int]  # appended (sampled) tokens the stages have not seen yet
+    new_block_ids: list[int]
+    num_computed_tokens: int
+    num_new_tokens: int
+
+
+class StepBatch(msgspec.Struct, array_like=True):
+    """One scheduled microbatch. Tokens are laid out new requests first, then cached ones."""
+
+    step_id: int
+    new_requests: list[NewRequest]
+    cached_requests: list[CachedRequest]
+    finished_request_ids: list[str]  # the stages may drop these requests' state
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.num_new_tokens for r in self.new_requests) + sum(
+            r.num_new_tokens for r in self.cached_requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.new_requests) + len(self.cached_requests)
+
+
+class StepOutput(msgspec.Struct, array_like=True):
+    """What the last stage returns: one sampled token for each request whose step reached the end
+    of its known tokens (a mid-prompt prefill chunk samples nothing)."""
+
+    step_id: int
+    request_ids: list[str]
+    sampled: list[SampledToken]

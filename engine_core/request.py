@@ -1,0 +1,95 @@
+"""A request inside the engine core: its tokens, progress and status."""
+
+from __future__ import annotations
+
+import enum
+
+from engine_core.messages import EngineCoreRequest
+from engine_core.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {
+            RequestStatus.FINISHED_STOPPED: "stop",
+            RequestStatus.FINISHED_LENGTH: "length",
+            RequestStatus.FINISHED_ABORTED: "abort",
+        }.get(self)
+
+
+class Request:
+    """Scheduler-side state of one sequence.
+
+    `num_computed_tokens` advances when a step is *scheduled*, not when it returns, so a request
+    whose step is in flight has nothing left to schedule. `num_inflight_steps` counts its submitted,
+    unfinished steps; `num_synced_tokens`/`num_synced_blocks` how many of its tokens and blocks
+    the stages have been sent.
+    """
+
+    def __init__(self, core_request: EngineCoreRequest, max_model_len: int) -> None:
+        params = core_request.sampling_params
+        self.request_id = core_request.request_id
+        self.sampling_params: SamplingParams = params
+        self.prompt_token_ids = list(core_request.prompt_token_ids)
+        self.eos_token_ids = frozenset(core_request.eos_token_ids)
+        self.stop_token_ids = frozenset(params.stop_token_ids or ())
+        self.arrival_time = core_request.arrival_time
+        self.all_token_ids = list(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        room = max(1, max_model_len - self.num_prompt_tokens)  # the last token needs no KV
+        self.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_inflight_steps = 0
+        self.num_synced_tokens = 0
+        self.num_synced_blocks = 0
+        self.stop_reason: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def stop_ids_for_min_tokens(self) -> list[int]:
+        """Token ids the sampler masks until `min_tokens` outputs exist."""
+        return sorted(self.eos_token_ids | self.stop_token_ids)
+
+    def append_token(self, token_id: int) -> None:
+        """Append a sampled token and decide whether the request has finished."""
+        self.all_token_ids.append(token_id)
+        params = self.sampling_params
+        n_out = self.num_output_tokens
+        if n_out >= params.min_tokens:
+            if token_id in self.stop_token_ids:
+                self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, token_id
+                return
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                return
+        if n_out >= self.max_tokens:
+            self.status = RequestStatus.FINISHED_LENGTH

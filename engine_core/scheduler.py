@@ -1,0 +1,218 @@
+"""Continuous-batching scheduler over the one shared KV block manager.
+
+Each step, every scheduled request's computed tokens catch up towards its total: no separate
+prefill and decode phases. Running requests come first, then waiting ones in arrival order (FCFS),
+under a token budget and a sequence cap. Long prompts are split over steps (chunked prefill). When
+blocks run out, the latest-admitted running request that is not in flight is preempted by
+recompute: its blocks are freed, it is reset to zero computed tokens and put back at the front of
+the waiting queue, and no new request is admitted in that step.
+
+With `max_concurrent_batches = N > 1` several microbatches are in flight. A request whose step is
+in flight has no tokens left to schedule and is skipped, and each microbatch is capped at about 1/N
+of the active requests and of the token budget, so the pipeline fills evenly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+from engine_core.block_manager import KVBlockManager
+from engine_core.config import SchedulerConfig
+from engine_core.messages import (
+    CachedRequest,
+    EngineCoreOutput,
+    NewRequest,
+    StepBatch,
+    StepOutput,
+)
+from engine_core.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: KVBlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: list[str] = []  # to tell the stages with the next batch
+        self._step_ids = itertools.count()
+        self.num_preemptions = 0
+
+    # ---- requests in and out ------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Finish these requests now. Blocks of a request with a step in flight are freed when that
+        step finishes (the stages may still write them)."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            request.status = RequestStatus.FINISHED_ABORTED
+            if request in self.waiting:
+                self.waiting.remove(request)
+            else:
+                self.running.remove(request)
+            if request.num_inflight_steps == 0:
+                self._release(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- schedule -----------------------------------------------------------------------------
+    def schedule(self) -> StepBatch | None:
+        """Pick the next microbatch, or None when nothing can be scheduled now."""
+        cfg = self.config
+        share = cfg.max_concurrent_batches
+        active = min(cfg.max_num_seqs, len(self.running) + len(self.waiting))
+        seq_cap = max(1, -(-active // share))
+        token_budget = max(1, -(-cfg.max_num_batched_tokens // share))
+        scheduled: list[tuple[Request, int, bool]] = []  # (request, num_new_tokens, is_new)
+        preempted = False
+
+        for request in list(self.running):
+            if len(scheduled) >= seq_cap or token_budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if request.num_inflight_steps and not cfg.pipelined_chunked_prefill:
+                continue
+            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            if num_new <= 0:
+                continue  # its step is in flight
+            while self._allocate(request, num_new) is None:
+                victim = self._pick_victim()
+                if victim is None:
+                    break
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                request.num_inflight_steps += 1
+                scheduled.append((request, num_new, request.num_synced_tokens == 0))
+                token_budget -= num_new
+
+        while (self.waiting and not preempted and len(scheduled) < seq_cap and token_budget > 0
+               and len(self.running) < cfg.max_num_seqs):
+            request = self.waiting[0]
+            if request.num_inflight_steps:
+                break  # a preempted request whose last step has not returned yet
+            cached_blocks, num_cached = self.block_manager.get_computed_blocks(
+                request.all_token_ids)
+            num_new = min(request.num_tokens - num_cached, token_budget)
+            if self._allocate(request, num_new, num_cached, cached_blocks) is None:
+                break
+            self.waiting.popleft()
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = request.num_cached_tokens = num_cached
+            request.num_inflight_steps += 1
+            scheduled.append((request, num_new, True))
+            token_budget -= num_new
+
+        if not scheduled:
+            return None
+        return self._build_batch(scheduled)
+
+    def _allocate(self, request: Request, num_new: int, num_computed: int | None = None,
+                  cached_blocks: list[int] | tuple[int, ...] = ()) -> list[int] | None:
+        return self.block_manager.allocate(
+            request.request_id, request.all_token_ids, num_new,
+            request.num_computed_tokens if num_computed is None else num_computed, cached_blocks)
+
+    def _pick_victim(self) -> Request | None:
+        """The lowest-priority running request that can be preempted now: not in flight and not
+        scheduled in this step (both count in num_inflight_steps). May be the requester itself."""
+        for candidate in reversed(self.running):
+            if candidate.num_inflight_steps == 0:
+                return candidate
+        return None
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request.request_id)
+        self._finished_ids.append(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        request.num_computed_tokens = 0
+        request.num_synced_tokens = request.num_synced_blocks = 0
+        self.waiting.appendleft(request)
+
+    def _build_batch(self, scheduled: list[tuple[Request, int, bool]]) -> StepBatch:
+        new_requests, cached_requests = [], []
+        for request, num_new, is_new in scheduled:
+            block_ids = self.block_manager.block_ids(request.request_id)
+            if is_new:
+                new_requests.append(NewRequest(
+                    request_id=request.request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=request.output_token_ids,
+                    sampling_params=request.sampling_params,
+                    stop_ids=request.stop_ids_for_min_tokens,
+                    block_ids=list(block_ids),
+                    num_computed_tokens=request.num_computed_tokens,
+                    num_new_tokens=num_new,
+                ))
+            else:
+                cached_requests.append(CachedRequest(
+                    request_id=request.request_id,
+                    new_token_ids=request.all_token_ids[request.num_synced_tokens:],
+                    new_block_ids=block_ids[request.num_synced_blocks:],
+                    num_computed_tokens=request.num_computed_tokens,
+                    num_new_tokens=num_new,
+                ))
+            request.num_synced_tokens = request.num_tokens
+            request.num_synced_blocks = len(block_ids)
+            request.num_computed_tokens += num_new
+        finished, self._finished_ids = self._finished_ids, []
+        return StepBatch(next(self._step_ids), new_requests, cached_requests, finished)
+
+    # ---- update -------------------------------------------------------------------------------
+    def update(self, batch: StepBatch, output: StepOutput) -> list[EngineCoreOutput]:
+        """Apply a finished step: append sampled tokens, finish requests, free their blocks."""
+        for item in itertools.chain(batch.new_requests, batch.cached_requests):
+            request = self.requests.get(item.request_id)
+            if request is not None:
+                request.num_inflight_steps -= 1
+        outputs = []
+        for request_id, sampled in zip(output.request_ids, output.sampled):
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.append_token(sampled.token_id)
+            logprobs = None if sampled.logprobs is None else [sampled.logprobs]
+            outputs.append(EngineCoreOutput(
+                request_id=request_id,
+                new_token_ids=[sampled.token_id],
+                new_logprobs=logprobs,
+                finish_reason=request.status.finish_reason,
+                stop_reason=request.stop_reason,
+                num_cached_tokens=request.num_cached_tokens,
+            ))
+            if request.is_finished:
+                self.running.remove(request)
+        for item in itertools.chain(batch.new_requests, batch.cached_requests):
+            request = self.requests.get(item.request_id)
+            if request is not None and request.is_finished and request.num_inflight_steps == 0:
+                self._release(request)
+        return outputs
+
+    def _release(self, request: Request) -> None:
+        self.block_manager.free(request.request_id)
+        self._finished_ids.append(request.request_id)
+        del self.requests[request.request_id]

@@ -1,0 +1,39 @@
+"""Runs every pipeline stage in the engine's own process, one after another.
+
+With one stage this is the plain single-process engine. With several it executes the same layer
+split as the Ray executor, synchronously, which makes pipeline-split correctness cheap to test.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from engine_core.config import EngineConfig
+from engine_core.messages import StepBatch, StepOutput
+from executors.base import Executor
+from executors.stage_worker import StageWorker
+
+
+class InProcessExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        num_stages = config.parallel.pipeline_parallel_size
+        self.stages = [StageWorker(config, i) for i in range(num_stages)]
+        self.num_kv_blocks = min(stage.num_kv_blocks_that_fit() for stage in self.stages)
+        for stage in self.stages:
+            stage.init_kv_cache(self.num_kv_blocks)
+
+    def submit(self, batch: StepBatch) -> Future[StepOutput]:
+        """Executes the step now and returns a completed future (the loop's contract is kept: the
+        result is collected by `finish`)."""
+        future: Future[StepOutput] = Future()
+        try:
+            hidden = None
+            for stage in self.stages:
+                hidden = stage.execute(batch, hidden)
+            future.set_result(hidden)
+        except Exception as exc:  # surfaced to the engine loop by future.result()
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self) -> None:
+        self.stages = []

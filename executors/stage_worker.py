@@ -1,0 +1,149 @@
+"""One pipeline stage: a layer range of the model, its KV cache and per-request state.
+
+The stage keeps every request's token ids and block table, updated from the incremental
+`StepBatch` messages. Stage 0 embeds token ids; later stages take the previous stage's hidden
+states. The last stage computes logits only for the requests that sample and runs the sampler.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine_core.config import EngineConfig
+from engine_core.messages import NewRequest, StepBatch, StepOutput
+from engine_core.sampling_params import SamplingParams
+from executors.sampler import Sampler, SamplingRow
+from models import AttentionMetadata, load_model
+
+
+@dataclass
+class _RequestState:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    sampling_params: SamplingParams
+    stop_ids: tuple[int, ...]
+
+
+class StageWorker:
+    """Holds layers [start, end) of the model; executes steps in submission order."""
+
+    def __init__(self, config: EngineConfig, stage_index: int) -> None:
+        self.config = config
+        self.stage_index = stage_index
+        ranges = config.parallel.layer_ranges(config.model.num_layers)
+        self.layer_range = ranges[stage_index]
+        self.is_first = stage_index == 0
+        self.is_last = stage_index == len(ranges) - 1
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.dtype)
+        if config.parallel.threads_per_stage:
+            torch.set_num_threads(config.parallel.threads_per_stage)
+        self.model = load_model(config.model_dir, config.model, self.layer_range, self.dtype,
+                                self.device)
+        self.sampler = Sampler(config.seed) if self.is_last else None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.requests: dict[str, _RequestState] = {}
+
+    # ---- KV cache -----------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        m, start_end = self.config.model, self.layer_range
+        num_layers = start_end[1] - start_end[0]
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * num_layers * self.config.cache.block_size * m.num_kv_heads * m.head_dim * elem
+
+    def num_kv_blocks_that_fit(self) -> int:
+        """Blocks this stage can hold (including the null block), capped at what the scheduler
+        could ever use: max_num_seqs full-length requests."""
+        cache, sched = self.config.cache, self.config.scheduler
+        needed = sched.max_num_seqs * math.ceil(sched.max_model_len / cache.block_size) + 1
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        memory = cache.kv_cache_memory or _default_kv_cache_memory(self.device)
+        return min(needed, memory // self.kv_bytes_per_block())
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        m = self.config.model
+        shape = (num_blocks, self.config.cache.block_size, m.num_kv_heads, m.head_dim)
+        num_layers = self.layer_range[1] - self.layer_range[0]
+        # zeros, not empty: masked attention weights are 0, but 0 * NaN garbage would be NaN
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(num_layers)
+        ]
+
+    # ---- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor | StepOutput:
+        """Run this stage's layers on the batch. Returns hidden states `[num_tokens, hidden]` to
+        pass to the next stage, or, on the last stage, the sampled tokens."""
+        self._apply_updates(batch)
+        scheduled = [(r.request_id, r.num_computed_tokens, r.num_new_tokens)
+                     for r in itertools.chain(batch.new_requests, batch.cached_requests)]
+        states = [self.requests[rid] for rid, _, _ in scheduled]
+        query_lens = [n for _, _, n in scheduled]
+        computed = [c for _, c, _ in scheduled]
+        meta = AttentionMetadata.build(query_lens, computed, [s.block_ids for s in states],
+                                       self.config.cache.block_size, self.device)
+        input_ids = None
+        if self.is_first:
+            ids = [t for s, c, n in zip(states, computed, query_lens) for t in s.token_ids[c:c + n]]
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [num_tokens]
+        hidden = self.model(input_ids, hidden_states, self.kv_caches, meta)
+        if not self.is_last:
+            return hidden
+        return self._sample(batch.step_id, scheduled, states, hidden, meta)
+
+    def _apply_updates(self, batch: StepBatch) -> None:
+        for request_id in batch.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for new in batch.new_requests:
+            self.requests[new.request_id] = _new_state(new)
+        for cached in batch.cached_requests:
+            state = self.requests[cached.request_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+
+    def _sample(self, step_id, scheduled, states, hidden, meta) -> StepOutput:
+        rows, row_ids, last_token_index = [], [], []
+        for i, ((request_id, computed, num_new), state) in enumerate(zip(scheduled, states)):
+            if computed + num_new < len(state.token_ids):
+                continue  # a prefill chunk short of the prompt's end samples nothing
+            row_ids.append(request_id)
+            last_token_index.append(meta.query_start_loc[i + 1] - 1)
+            rows.append(SamplingRow(
+                params=state.sampling_params,
+                prompt_token_ids=state.token_ids[:state.num_prompt_tokens],
+                output_token_ids=state.token_ids[state.num_prompt_tokens:],
+                stop_ids=state.stop_ids,
+            ))
+        if not rows:
+            return StepOutput(step_id, [], [])
+        index = torch.tensor(last_token_index, device=hidden.device)
+        logits = self.model.compute_logits(hidden[index])  # [num_rows, vocab]
+        return StepOutput(step_id, row_ids, self.sampler(logits, rows))
+
+
+def _new_state(new: NewRequest) -> _RequestState:
+    return _RequestState(
+        token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
+        num_prompt_tokens=len(new.prompt_token_ids),
+        block_ids=list(new.block_ids),
+        sampling_params=new.sampling_params,
+        stop_ids=tuple(new.stop_ids),
+    )
+
+
+def _default_kv_cache_memory(device: torch.device) -> int:
+    """Bytes of KV cache per stage when the user sets neither num_kv_blocks nor kv_cache_memory:
+    2 GiB on CPU; on an accelerator, 90% of free memory after the weights are loaded."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return 2 << 30

@@ -1,0 +1,214 @@
+"""Tokenizer from a checkpoint's tokenizer.json, chat templates and streaming detokenization."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from typing import Any
+
+import tokenizers
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers.decoders import DecodeStream
+
+# Prompt tokens a detokenizer starts from: enough for the first output token's spacing, few
+# enough that a long prompt does not slow every step down.
+_PROMPT_CONTEXT_TOKENS = 8
+
+
+def _token_content(token: Any) -> str | None:
+    """A special token from tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(token, dict):
+        return token.get("content")
+    return token if isinstance(token, str) else None
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the checkpoint's special-token settings and chat template
+    (from tokenizer_config.json, or chat_template.jinja next to it)."""
+
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        tokenizer_config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        config = tokenizer_config or {}
+        self.backend = tokenizer
+        self.bos_token = _token_content(config.get("bos_token"))
+        self.eos_token = _token_content(config.get("eos_token"))
+        self.bos_token_id = self._id_of(self.bos_token)
+        self._eos_token_id = self._id_of(self.eos_token)
+        # None: trust tokenizer.json's post-processor; True/False: enforce it.
+        self.add_bos_token: bool | None = config.get("add_bos_token")
+        self.add_eos_token: bool | None = config.get("add_eos_token")
+        self.chat_template = chat_template or _default_template(config.get("chat_template"))
+        self._compiled_template: Any = None
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with special tokens, BOS/EOS as the checkpoint configures."""
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if not add_special_tokens:
+            return ids
+        bos, eos = self.bos_token_id, self._eos_token_id
+        if bos is not None:
+            has_bos = bool(ids) and ids[0] == bos
+            if self.add_bos_token and not has_bos:
+                ids = [bos, *ids]
+            elif self.add_bos_token is False and has_bos:
+                plain = self.backend.encode(text, add_special_tokens=False).ids
+                if plain[:1] != [bos]:  # the BOS came from the post-processor
+                    ids = ids[1:]
+        if eos is not None and self.add_eos_token and (not ids or ids[-1] != eos):
+            ids = [*ids, eos]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the checkpoint's chat
+        template. Extra keyword arguments (e.g. `tools`, `enable_thinking`) reach the template.
+        Raises ValueError when there is no template or the template rejects the messages."""
+        if self.chat_template is None:
+            raise ValueError(
+                "this tokenizer has no chat template (none in tokenizer_config.json or "
+                "chat_template.jinja); use plain prompts or add a template to the checkpoint"
+            )
+        if self._compiled_template is None:
+            self._compiled_template = _jinja_environment().from_string(self.chat_template)
+        try:
+            return self._compiled_template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **template_kwargs,
+            )
+        except TemplateError as e:
+            raise ValueError(f"chat template error: {e}") from e
+
+
+def _default_template(template: Any) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of named templates."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        return named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _jinja_environment() -> ImmutableSandboxedEnvironment:
+    """A sandbox with the helpers transformers gives chat templates."""
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
+        return json.dumps(
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's generated ids into text as they arrive.
+
+    `step` returns only text that is final: a character split over several tokens is held
+    back until complete. The stream starts from the prompt's last ids, so the first output
+    token is spaced as it is in context (a sentencepiece-style "▁Hi" after a prompt gives
+    " Hi", where decoding the output ids alone would strip the space).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: list[int],
+        skip_special_tokens: bool = True,
+    ) -> None:
+        self._backend = tokenizer.backend
+        self._stream = DecodeStream(
+            ids=list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:]),
+            skip_special_tokens=skip_special_tokens,
+        )
+        self._chunks: list[str] = []
+
+    def step(self, new_token_ids: list[int]) -> str:
+        """Feed newly generated ids; return the text they complete (may be "")."""
+        new_text = []
+        for token_id in new_token_ids:
+            chunk = self._stream.step(self._backend, token_id)
+            if chunk:
+                new_text.append(chunk)
+        text = "".join(new_text)
+        if text:
+            self._chunks.append(text)
+        return text
+
+    @property
+    def text(self) -> str:
+        """All output text so far."""
+        return "".join(self._chunks)
+
+
+def load_tokenizer(model_dir: str) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None when `model_dir` has no tokenizer.json."""
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        backend = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception on bad files
+        raise ValueError(f"cannot load {path}: {e}") from e
+    config: dict[str, Any] = {}
+    config_path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot parse {config_path}: {e}") from e
+    template = None
+    template_path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(template_path):
+        with open(template_path, encoding="utf-8") as f:
+            template = f.read()
+    return Tokenizer(backend, config, chat_template=template)

@@ -1,0 +1,204 @@
+"""Scheduler unit tests: pure Python, no model."""
+
+from __future__ import annotations
+
+import itertools
+
+from engine_core.block_manager import KVBlockManager
+from engine_core.config import SchedulerConfig
+from engine_core.messages import EngineCoreRequest, SampledToken, StepBatch, StepOutput
+from engine_core.request import Request, RequestStatus
+from engine_core.sampling_params import SamplingParams
+from engine_core.scheduler import Scheduler
+
+BLOCK = 4
+
+
+def make_scheduler(
+    num_blocks=1000, max_num_seqs=256, budget=512, max_len=256, concurrent=1, pipelined=False
+):
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=max_len,
+        max_concurrent_batches=concurrent,
+        pipelined_chunked_prefill=pipelined,
+    )
+    return Scheduler(config, KVBlockManager(num_blocks, BLOCK, enable_prefix_caching=True))
+
+
+_ids = itertools.count()
+
+
+def add(scheduler, prompt_len, max_tokens=8, first_token=1, **params):
+    rid = f"r{next(_ids)}"
+    prompt = [first_token + i for i in range(prompt_len)]
+    core = EngineCoreRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, **params), [0])
+    scheduler.add_request(Request(core, scheduler.config.max_model_len))
+    return rid
+
+
+def scheduled(batch: StepBatch) -> dict[str, int]:
+    return {
+        r.request_id: r.num_new_tokens
+        for r in itertools.chain(batch.new_requests, batch.cached_requests)
+    }
+
+
+def finish(scheduler, batch: StepBatch, token=7):
+    """Complete the batch as a last stage would: one token for each request at its end."""
+    ids = []
+    for r in itertools.chain(batch.new_requests, batch.cached_requests):
+        req = scheduler.requests.get(r.request_id)
+        if req is not None and req.num_computed_tokens == req.num_tokens:
+            ids.append(r.request_id)
+    return scheduler.update(
+        batch, StepOutput(batch.step_id, ids, [SampledToken(token) for _ in ids])
+    )
+
+
+def test_token_budget_and_chunked_prefill():
+    s = make_scheduler(budget=10)
+    a = add(s, 25)
+    b1 = s.schedule()
+    assert scheduled(b1) == {a: 10}
+    assert finish(s, b1) == []  # mid-prompt chunk: nothing sampled
+    b2 = s.schedule()
+    assert scheduled(b2) == {a: 10} and b2.cached_requests[0].num_computed_tokens == 10
+    finish(s, b2)
+    b3 = s.schedule()
+    assert scheduled(b3) == {a: 5}
+    outs = finish(s, b3)
+    assert [o.new_token_ids for o in outs] == [[7]]
+    b4 = s.schedule()
+    assert scheduled(b4) == {a: 1}
+    assert b4.cached_requests[0].new_token_ids == [7]  # incremental: only the new token
+
+
+def test_max_num_seqs():
+    s = make_scheduler(max_num_seqs=3)
+    for _ in range(5):
+        add(s, 4)
+    batch = s.schedule()
+    assert len(scheduled(batch)) == 3
+    assert s.num_waiting == 2
+
+
+def test_in_flight_requests_are_skipped():
+    s = make_scheduler(concurrent=2)
+    rids = [add(s, 4) for _ in range(4)]
+    b1 = s.schedule()
+    b2 = s.schedule()
+    assert b2 is not None
+    assert not set(scheduled(b1)) & set(scheduled(b2))
+    assert set(scheduled(b1)) | set(scheduled(b2)) == set(rids)
+    assert s.schedule() is None  # everything is in flight
+    finish(s, b1)
+    b3 = s.schedule()
+    assert set(scheduled(b3)) == set(scheduled(b1))
+
+
+def test_balance_with_two_batches_in_flight():
+    s = make_scheduler(concurrent=2, budget=4096, num_blocks=4000)
+    rids = [add(s, 8, max_tokens=100) for _ in range(64)]
+    b1, b2 = s.schedule(), s.schedule()
+    finish(s, b1)
+    finish(s, b2)
+    for _ in range(6):  # steady-state decode, two microbatches alternating
+        batch = s.schedule()
+        assert batch is not None
+        assert len(scheduled(batch)) <= 32
+        finish(s, batch)
+    assert all(s.requests[r].status == RequestStatus.RUNNING for r in rids)
+    assert len(scheduled(b1)) == len(scheduled(b2)) == 32
+
+
+def test_preemption_frees_and_requeues_latest():
+    # 9 usable blocks of 4 tokens; two 12-token prompts take 3 blocks each
+    s = make_scheduler(num_blocks=10, max_len=40)
+    a = add(s, 12, max_tokens=30, first_token=1)
+    b = add(s, 12, max_tokens=30, first_token=100)
+    finish(s, s.schedule())
+    preempted = False
+    for _ in range(30):
+        batch = s.schedule()
+        if batch is None:
+            break
+        finish(s, batch)
+        if s.num_preemptions:
+            preempted = True
+            break
+    assert preempted
+    req_b = s.requests[b]
+    assert req_b.status == RequestStatus.PREEMPTED and req_b.num_computed_tokens == 0
+    assert s.waiting[0] is req_b
+    assert s.requests[a].status == RequestStatus.RUNNING
+    assert s.block_manager.block_ids(b) == []
+
+
+def test_abort_frees_blocks_and_defers_when_in_flight():
+    s = make_scheduler()
+    a, b = add(s, 6), add(s, 6)
+    batch = s.schedule()
+    free_before = s.block_manager.num_free_blocks
+    s.abort_requests([a, b])
+    assert s.block_manager.num_free_blocks == free_before  # steps in flight keep their blocks
+    assert finish(s, batch) == []
+    assert s.block_manager.num_free_blocks == s.block_manager.num_usable_blocks
+    assert not s.has_unfinished_requests()
+    c = add(s, 3)
+    s.abort_requests([c])  # waiting: freed at once
+    assert not s.has_unfinished_requests()
+
+
+def test_stop_conditions():
+    s = make_scheduler()
+    eos = add(s, 3, max_tokens=10)
+    stop = add(s, 3, max_tokens=10, stop_token_ids=[9], ignore_eos=True)
+    batch = s.schedule()
+    outs = {o.request_id: o for o in finish(s, batch, token=0)}  # 0 is EOS
+    assert outs[eos].finish_reason == "stop"
+    assert outs[stop].finish_reason is None
+    outs = {o.request_id: o for o in finish(s, s.schedule(), token=9)}
+    assert outs[stop].finish_reason == "stop" and outs[stop].stop_reason == 9
+
+
+def test_min_tokens_and_ignore_eos_and_length():
+    s = make_scheduler()
+    rid = add(s, 3, max_tokens=3, min_tokens=2)
+    reasons = [finish(s, s.schedule(), token=0)[0].finish_reason for _ in range(2)]
+    assert reasons == [None, "stop"]
+    rid = add(s, 3, max_tokens=3, ignore_eos=True)
+    reasons = [finish(s, s.schedule(), token=0)[0].finish_reason for _ in range(3)]
+    assert reasons == [None, None, "length"]
+    assert rid not in s.requests
+
+
+def test_max_model_len_caps_generation():
+    s = make_scheduler(max_len=10)
+    add(s, 8, max_tokens=100)
+    reasons = [finish(s, s.schedule())[0].finish_reason for _ in range(2)]
+    assert reasons == [None, "length"]
+
+
+def test_prefix_cache_hit_skips_computed_tokens():
+    s = make_scheduler()
+    a = add(s, 9, first_token=5)
+    finish(s, s.schedule())
+    b = add(s, 9, first_token=5)
+    batch = s.schedule()
+    new = {r.request_id: r for r in batch.new_requests}
+    assert new[b].num_computed_tokens == 8 and new[b].num_new_tokens == 1
+    assert scheduled(batch)[a] == 1
+
+
+def test_pipelined_chunked_prefill_schedules_next_chunk_in_flight():
+    s = make_scheduler(concurrent=2, budget=20, pipelined=True)
+    a = add(s, 30)
+    b1 = s.schedule()
+    b2 = s.schedule()
+    assert scheduled(b1) == {a: 10} and scheduled(b2) == {a: 10}
+    s2 = make_scheduler(concurrent=2, budget=20, pipelined=False)
+    a2 = add(s2, 30)
+    assert scheduled(s2.schedule()) == {a2: 10}
+    assert s2.schedule() is None
