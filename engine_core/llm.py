@@ -161,6 +161,8 @@ class LLM:
                 text = prompt["prompt"]
                 if not isinstance(text, str):
                     raise ValueError(f"prompt must be a str, got {type(text).__name__}")
+                if not text:
+                    raise ValueError("the prompt is empty; give at least one character")
                 if self.tokenizer is None:
                     raise ValueError("this model directory has no tokenizer.json; pass prompts "
                                      "as {'prompt_token_ids': [...]}")

@@ -216,7 +216,8 @@ def paged_attention(
     whole context (its cached prefix and its new tokens).
 
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous and
+    zero-initialised (padding slots are read, then masked).
     Returns [num_tokens, num_heads * head_dim].
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -226,7 +227,7 @@ def paged_attention(
 
     decode = meta.decode
     if decode is not None and not meta.prefills:  # the steady state: decodes only
-        return _decode_attention(q, k_cache, v_cache, decode, scale).view(num_tokens, -1)
+        return _decode_attention(q, k_cache, v_cache, decode, scale).reshape(num_tokens, -1)
 
     out = q.new_empty(num_tokens, num_heads, head_dim)
     if decode is not None:

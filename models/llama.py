@@ -202,7 +202,9 @@ class LlamaModel(nn.Module):
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """Shape of one tensor holding the K/V cache of all this stage's layers:
         `[num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]`.
-        `cache[i, 0]` / `cache[i, 1]` are layer i's k / v caches (see `kv_caches_from`)."""
+        `cache[i, 0]` / `cache[i, 1]` are layer i's k / v caches (see `kv_caches_from`).
+        Allocate it with zeros: attention reads (and masks) padding slots, and 0 * NaN
+        garbage would still be NaN."""
         c = self.config
         return (len(self.layers), 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
 

@@ -33,8 +33,8 @@ def _write(tmp_path, config: dict, generation: dict | None = None) -> str:
     return os.fspath(tmp_path)
 
 
-def test_families_from_transformers_checkpoints(checkpoints):
-    llama3 = load_model_config(checkpoints("llama3"))
+def test_families_from_transformers_checkpoints(checkpoint_factory):
+    llama3 = load_model_config(checkpoint_factory("llama3"))
     assert llama3.architecture == "LlamaForCausalLM"
     assert llama3.rope_theta == 500000.0
     assert llama3.rope_scaling_dict() == {
@@ -44,12 +44,12 @@ def test_families_from_transformers_checkpoints(checkpoints):
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64,
     }
-    qwen2 = load_model_config(checkpoints("qwen2"))
+    qwen2 = load_model_config(checkpoint_factory("qwen2"))
     assert qwen2.qkv_bias and not qwen2.o_bias and qwen2.tie_word_embeddings
     assert qwen2.sliding_window is None  # use_sliding_window is false
-    qwen3 = load_model_config(checkpoints("qwen3"))
+    qwen3 = load_model_config(checkpoint_factory("qwen3"))
     assert qwen3.qk_norm and qwen3.head_dim == 32 and qwen3.rope_scaling is None
-    mistral = load_model_config(checkpoints("mistral"))
+    mistral = load_model_config(checkpoint_factory("mistral"))
     assert mistral.sliding_window == 4096 and mistral.torch_dtype == "float32"
     hash(mistral)  # frozen and hashable
 
@@ -116,8 +116,8 @@ def test_missing_field(tmp_path):
         load_model_config(_write(tmp_path, config))
 
 
-def test_resolve_dtype(checkpoints, tmp_path):
-    config = load_model_config(checkpoints("llama"))
+def test_resolve_dtype(checkpoint_factory, tmp_path):
+    config = load_model_config(checkpoint_factory("llama"))
     assert resolve_dtype("auto", config) == torch.float32
     assert resolve_dtype("bfloat16", config) == torch.bfloat16
     assert resolve_dtype("float16", config) == torch.float16

@@ -40,8 +40,8 @@ def _assert_close(ours: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_then_decode_matches_transformers(checkpoints, family):
-    path = checkpoints(family)
+def test_prefill_then_decode_matches_transformers(checkpoint_factory, family):
+    path = checkpoint_factory(family)
     hf, model = _hf_model(path), _load(path)
     runner = PagedRunner([model])
     seqs = _prompts([5, 11, 8])
@@ -73,8 +73,8 @@ def test_prefill_then_decode_matches_transformers(checkpoints, family):
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen3"])
-def test_chunked_prefill_matches_transformers(checkpoints, family):
-    path = checkpoints(family)
+def test_chunked_prefill_matches_transformers(checkpoint_factory, family):
+    path = checkpoint_factory(family)
     hf, model = _hf_model(path), _load(path)
     runner = PagedRunner([model])
     long_prompt, short_prompt = _prompts([23, 4])
@@ -93,8 +93,8 @@ def test_chunked_prefill_matches_transformers(checkpoints, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: tied head on the last stage
-def test_two_stage_split_matches_single_stage(checkpoints, family):
-    path = checkpoints(family)
+def test_two_stage_split_matches_single_stage(checkpoint_factory, family):
+    path = checkpoint_factory(family)
     hf = _hf_model(path)
     first, last = _load(path, (0, 2)), _load(path, (2, 4))
     assert first.is_first and not first.is_last and last.is_last and not last.is_first
@@ -122,8 +122,8 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert _load(path, (3, 4)).is_last
 
 
-def test_stage_loads_only_its_layers(checkpoints):
-    config = load_model_config(checkpoints("llama"))
+def test_stage_loads_only_its_layers(checkpoint_factory):
+    config = load_model_config(checkpoint_factory("llama"))
     with torch.device("meta"):
         stage = LlamaModel(config, (1, 3))
     names = stage.weight_names()
@@ -133,8 +133,8 @@ def test_stage_loads_only_its_layers(checkpoints):
     assert "model.embed_tokens.weight" not in names and "lm_head.weight" not in names
 
 
-def test_load_weights_rejects_bad_names_shapes_and_missing(checkpoints):
-    config = load_model_config(checkpoints("llama"))
+def test_load_weights_rejects_bad_names_shapes_and_missing(checkpoint_factory):
+    config = load_model_config(checkpoint_factory("llama"))
     model = LlamaModel(config, (0, 1))
     with pytest.raises(ValueError, match=r"unexpected weight 'model\.layers\.3"):
         model.load_weights([("model.layers.3.mlp.up_proj.weight", torch.zeros(128, 64))])
@@ -144,23 +144,23 @@ def test_load_weights_rejects_bad_names_shapes_and_missing(checkpoints):
         model.load_weights([("model.layers.0.mlp.up_proj.weight", torch.zeros(128, 64))])
 
 
-def test_layer_range_validated(checkpoints):
-    config = load_model_config(checkpoints("llama"))
+def test_layer_range_validated(checkpoint_factory):
+    config = load_model_config(checkpoint_factory("llama"))
     for bad in [(0, 0), (2, 1), (0, 5), (-1, 2)]:
         with pytest.raises(ValueError, match="layer_range"):
             LlamaModel(config, bad)
 
 
-def test_kv_cache_sizes(checkpoints):
-    config = load_model_config(checkpoints("qwen3"))
+def test_kv_cache_sizes(checkpoint_factory):
+    config = load_model_config(checkpoint_factory("qwen3"))
     with torch.device("meta"):
         stage = LlamaModel(config, (1, 4))
     assert stage.kv_cache_shape(10, 16) == (3, 2, 10, 16, 2, 32)
     assert stage.kv_bytes_per_block(16, torch.bfloat16) == 3 * 2 * 16 * 2 * 32 * 2
 
 
-def test_bfloat16_runs_close_to_float32(checkpoints):
-    path = checkpoints("qwen2")
+def test_bfloat16_runs_close_to_float32(checkpoint_factory):
+    path = checkpoint_factory("qwen2")
     config = load_model_config(path)
     model = load_model(path, config, (0, 4), torch.bfloat16, "cpu")
     assert model.embed_tokens.weight.dtype == torch.bfloat16
