@@ -198,9 +198,9 @@ def test_sampling_params_count_must_match(llm):
 
 
 def test_bad_model_dirs(tmp_path, checkpoint_factory):
-    with pytest.raises(ValueError, match="does not exist|not found|no such"):
+    with pytest.raises(ValueError, match=r"does not exist|not found|no such"):
         LLM(str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match=r"config\.json"):
         LLM(str(tmp_path))
     import json
     import shutil
@@ -210,7 +210,7 @@ def test_bad_model_dirs(tmp_path, checkpoint_factory):
     config = json.loads((bad / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*LlamaForCausalLM"):
         LLM(str(bad))
 
 
