@@ -119,7 +119,7 @@ class EngineArgs:
         from models import resolve_dtype
 
         model = load_model_config(self.model)
-        dtype = str(resolve_dtype(self.dtype, model)).removeprefix("torch.")
+        dtype = str(resolve_dtype(self.dtype, model, self.device)).removeprefix("torch.")
         max_model_len = self._max_model_len(model)
         max_batched = self.max_num_batched_tokens
         if max_batched is None:

@@ -147,6 +147,8 @@ def _rope(raw: dict[str, Any]) -> tuple[float, tuple[tuple[str, object], ...] | 
             f"unsupported rope_type {rope_type!r} in config.json; "
             f"supported: {', '.join(_SUPPORTED_ROPE_TYPES)}"
         )
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported; rotate the full head_dim")
     if rope_type == "default":
         return float(theta), None
     frozen: dict[str, object] = {"rope_type": rope_type}

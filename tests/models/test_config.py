@@ -110,6 +110,12 @@ def test_unsupported_rope_type(tmp_path):
         load_model_config(_write(tmp_path, config))
 
 
+def test_partial_rotary_rejected(tmp_path):
+    config = {**BASE, "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        load_model_config(_write(tmp_path, config))
+
+
 def test_missing_field(tmp_path):
     config = {k: v for k, v in BASE.items() if k != "hidden_size"}
     with pytest.raises(ValueError, match="hidden_size"):
