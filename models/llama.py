@@ -15,6 +15,7 @@ from torch import nn
 
 from models.attention import AttentionMetadata, paged_attention
 from models.config import ModelConfig
+from models.linear import Linear, linear
 from models.rope import RotaryEmbedding, apply_rotary
 
 # Fused parameter -> the checkpoint projections packed in it, in order.
@@ -52,10 +53,10 @@ class LlamaAttention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -90,8 +91,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         bias = config.mlp_bias
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [num_tokens, intermediate] each
@@ -147,7 +148,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last else None
         tied_here = config.tie_word_embeddings and self.is_first
         self.lm_head = (
-            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            Linear(config.hidden_size, config.vocab_size, bias=False)
             if self.is_last and not tied_here
             else None
         )
@@ -195,7 +196,7 @@ class LlamaModel(nn.Module):
         if not self.is_last:
             raise ValueError("compute_logits needs the last stage (it holds the LM head)")
         head = self.lm_head if self.lm_head is not None else self.embed_tokens
-        return F.linear(hidden_states, head.weight).float()
+        return linear(hidden_states, head.weight).float()
 
     # ---- KV cache ------------------------------------------------------------------------
 
