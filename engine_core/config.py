@@ -55,6 +55,8 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     layer_partition: tuple[int, ...] | None = None
     threads_per_stage: int | None = None
+    executor_backend: str = "inprocess"  # "inprocess" | "ray"
+    ray_compiled_graph: bool = False
 
     def layer_ranges(self, num_layers: int) -> list[tuple[int, int]]:
         """The [start, end) layer range of each stage.
@@ -113,6 +115,8 @@ class EngineArgs:
     max_concurrent_batches: int | None = None
     threads_per_stage: int | None = None
     pipelined_chunked_prefill: bool = False
+    distributed_executor_backend: str | None = None  # "ray" (default when PP > 1) | "inprocess"
+    ray_compiled_graph: bool = False
 
     def resolve(self) -> EngineConfig:
         """Read the model directory and produce the validated `EngineConfig`."""
@@ -128,6 +132,8 @@ class EngineArgs:
             pipeline_parallel_size=self.pipeline_parallel_size,
             layer_partition=self._layer_partition(model.num_layers),
             threads_per_stage=self.threads_per_stage,
+            executor_backend=self._executor_backend(),
+            ray_compiled_graph=self.ray_compiled_graph,
         )
         if self.threads_per_stage is not None and self.threads_per_stage < 1:
             raise ValueError(f"threads_per_stage must be >= 1, got {self.threads_per_stage}")
@@ -164,6 +170,18 @@ class EngineArgs:
                 f"max_model_len={self.max_model_len} exceeds the model's limit of {limit} "
                 f"(max_position_embeddings or sliding_window); pass max_model_len <= {limit}")
         return self.max_model_len
+
+    def _executor_backend(self) -> str:
+        backend = self.distributed_executor_backend
+        if backend is None:
+            backend = "ray" if self.pipeline_parallel_size > 1 or self.ray_compiled_graph \
+                else "inprocess"
+        if backend not in ("ray", "inprocess"):
+            raise ValueError(f"distributed_executor_backend must be 'ray' or 'inprocess', "
+                             f"got {backend!r}")
+        if self.ray_compiled_graph and backend != "ray":
+            raise ValueError("ray_compiled_graph=True needs distributed_executor_backend='ray'")
+        return backend
 
     def _layer_partition(self, num_layers: int) -> tuple[int, ...] | None:
         n = self.pipeline_parallel_size

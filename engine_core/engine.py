@@ -14,7 +14,9 @@ One thread drives it: the caller adds requests and aborts between calls to `step
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from dataclasses import dataclass
 
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import EngineConfig
@@ -24,6 +26,20 @@ from engine_core.scheduler import Scheduler
 from executors.base import Executor, StepFuture
 
 DEFAULT_STEP_TIMEOUT_S = 600.0
+
+
+@dataclass
+class LoopStats:
+    """Where the loop's time goes: `wait_s` blocked on a step's future, the rest is the driver's
+    own work (schedule, submit, update)."""
+
+    num_steps: int = 0
+    total_s: float = 0.0
+    wait_s: float = 0.0
+
+    @property
+    def overhead_per_step_s(self) -> float:
+        return (self.total_s - self.wait_s) / max(self.num_steps, 1)
 
 
 class EngineCore:
@@ -46,6 +62,8 @@ class EngineCore:
         self.scheduler = Scheduler(sched, self.block_manager)
         self.in_flight: deque[tuple[StepBatch, StepFuture]] = deque()
         self.step_timeout_s = step_timeout_s
+        self.error: BaseException | None = None  # set once a step failed: the engine is dead
+        self.stats = LoopStats()
 
     def add_request(self, core_request: EngineCoreRequest) -> None:
         validate_prompt(core_request.prompt_token_ids, self.config)
@@ -58,25 +76,47 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
-        """One turn of the loop: fill the pipeline, then finish the oldest batch in flight."""
-        max_in_flight = self.config.scheduler.max_concurrent_batches
-        while len(self.in_flight) < max_in_flight:
-            batch = self.scheduler.schedule()
-            if batch is None:
-                break
-            self.in_flight.append((batch, self.executor.submit(batch)))
-        if not self.in_flight:
-            return []
-        batch, future = self.in_flight.popleft()
-        output = future.result(timeout=self.step_timeout_s)
-        return self.scheduler.update(batch, output)
+        """One turn of the loop: fill the pipeline, then finish the oldest batch in flight.
+
+        If a stage fails, dies or times out, every request is dropped (its blocks freed) and
+        `RuntimeError` is raised, now and on every later call: the engine is dead."""
+        if self.error is not None:
+            raise RuntimeError(f"the engine has failed: {self.error}") from self.error
+        start = time.perf_counter()
+        try:
+            max_in_flight = self.config.scheduler.max_concurrent_batches
+            while len(self.in_flight) < max_in_flight:
+                batch = self.scheduler.schedule()
+                if batch is None:
+                    break
+                self.in_flight.append((batch, self.executor.submit(batch)))
+            if not self.in_flight:
+                return []
+            batch, future = self.in_flight.popleft()
+            wait_start = time.perf_counter()
+            output = future.result(timeout=self.step_timeout_s)
+            self.stats.wait_s += time.perf_counter() - wait_start
+        except Exception as exc:
+            self.error = exc
+            self.in_flight.clear()
+            self.scheduler.drop_all()
+            raise RuntimeError(str(exc)) from exc
+        outputs = self.scheduler.update(batch, output)
+        self.stats.num_steps += 1
+        self.stats.total_s += time.perf_counter() - start
+        return outputs
 
     def shutdown(self) -> None:
         self.in_flight.clear()
+        self.scheduler.drop_all()
         self.executor.shutdown()
 
 
 def make_executor(config: EngineConfig) -> Executor:
+    if config.parallel.executor_backend == "ray":
+        from executors.ray_executor import RayExecutor
+
+        return RayExecutor(config)
     from executors.inprocess import InProcessExecutor
 
     return InProcessExecutor(config)

@@ -62,6 +62,18 @@ class Scheduler:
             if request.num_inflight_steps == 0:
                 self._release(request)
 
+    def drop_all(self) -> list[str]:
+        """Abort every request and free all its blocks, in flight or not (the stages are gone).
+        Returns the dropped request ids."""
+        dropped = list(self.requests)
+        for request in self.requests.values():
+            request.status = RequestStatus.FINISHED_ABORTED
+            self.block_manager.free(request.request_id)
+        self.requests.clear()
+        self.waiting.clear()
+        self.running.clear()
+        return dropped
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 

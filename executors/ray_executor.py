@@ -1,0 +1,250 @@
+"""Pipeline stages as Ray actors, one per stage, several microbatches in flight.
+
+`submit(batch)` returns at once. Hidden states go from stage to stage without the driver:
+- default (chained ObjectRefs): `ref = stage_k.execute.remote(batch, ref)` for each stage; Ray
+  hands each stage's output straight to the next and runs every actor's calls in submission order;
+- `ray_compiled_graph=True`: the same chain compiled once into a Ray Compiled Graph (shared-memory
+  channels, lower latency; its idle actors busy-poll, so it suits many-core or GPU nodes).
+
+Only the last stage returns to the driver: the sampled tokens as msgspec bytes. What crosses Ray is
+msgspec bytes (the config, every `StepBatch`, every `StepOutput`) and hidden states as numpy arrays;
+no object of ours is pickled.
+
+A stage that dies or fails makes `StepFuture.result` raise `RuntimeError` naming the stage; every
+wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+from typing import Any
+
+import msgspec
+import numpy as np
+import torch
+
+from engine_core.config import EngineConfig
+from engine_core.messages import StepBatch, StepOutput
+from executors.base import Executor
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 300.0  # model load + KV allocation on every stage
+TEARDOWN_TIMEOUT_S = 10.0
+
+
+class StageActor:
+    """Ray actor body around a `StageWorker`. Inputs and outputs are bytes and numpy arrays."""
+
+    def __init__(self, config_bytes: bytes, stage_index: int) -> None:
+        from executors.stage_worker import StageWorker
+
+        config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
+        self.worker = StageWorker(config, stage_index)
+        self._batch_decoder = msgspec.msgpack.Decoder(StepBatch)
+        self._encoder = msgspec.msgpack.Encoder()
+
+    def num_kv_blocks_that_fit(self) -> int:
+        return self.worker.num_kv_blocks_that_fit()
+
+    def init_kv_cache(self, num_blocks: int) -> bool:
+        self.worker.init_kv_cache(num_blocks)
+        return True
+
+    def execute(self, batch_bytes: bytes, hidden: np.ndarray | None) -> np.ndarray | bytes:
+        batch = self._batch_decoder.decode(batch_bytes)
+        hidden_states = None if hidden is None else _from_numpy(hidden, self.worker.dtype)
+        result = self.worker.execute(batch, hidden_states)
+        if isinstance(result, StepOutput):
+            return self._encoder.encode(result)
+        return _to_numpy(result)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Tensor -> numpy for transport; 16-bit floats travel as their raw bits (numpy has no bf16)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.array(a, copy=True))  # Ray hands out read-only buffers
+    return t.view(dtype) if t.dtype == torch.int16 else t
+
+
+class RayStepFuture:
+    """The pending output of one step: an ObjectRef or a CompiledDAGRef of the last stage."""
+
+    def __init__(self, ref: Any, executor: RayExecutor) -> None:
+        self._ref = ref
+        self._executor = executor
+
+    def result(self, timeout: float | None = None) -> StepOutput:
+        import ray
+
+        try:
+            data = ray.get(self._ref, timeout=timeout)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayChannelTimeoutError) as exc:
+            raise TimeoutError(f"a pipeline step did not finish within {timeout} s") from exc
+        except ray.exceptions.RayError as exc:
+            raise RuntimeError(self._executor.describe_failure(exc)) from exc
+        return self._executor.output_decoder.decode(data)
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.config = config
+        num_stages = config.parallel.pipeline_parallel_size
+        self._started_ray = _connect_ray(num_stages, config.parallel.threads_per_stage)
+        self.threads_per_stage = _threads_per_stage(config, num_stages)
+        self.output_decoder = msgspec.msgpack.Decoder(StepOutput)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._dag = None
+        self._closed = False
+        self.pg = placement_group([{"CPU": self.threads_per_stage}] * num_stages, strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=60)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise ValueError(
+                f"the Ray cluster cannot reserve {num_stages} stages x {self.threads_per_stage} "
+                f"CPUs; lower threads_per_stage or pipeline_parallel_size") from None
+        actor_cls = ray.remote(StageActor)
+        parallel = dataclasses.replace(config.parallel, threads_per_stage=self.threads_per_stage)
+        config_bytes = self._encoder.encode(dataclasses.replace(config, parallel=parallel))
+        self.stages = [
+            actor_cls.options(
+                num_cpus=self.threads_per_stage,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=i),
+            ).remote(config_bytes, i)
+            for i in range(num_stages)
+        ]
+        self._stage_of_actor = {a._actor_id.hex(): i for i, a in enumerate(self.stages)}
+        try:
+            fits = ray.get([s.num_kv_blocks_that_fit.remote() for s in self.stages],
+                           timeout=STARTUP_TIMEOUT_S)
+            self.num_kv_blocks = min(fits)
+            ray.get([s.init_kv_cache.remote(self.num_kv_blocks) for s in self.stages],
+                    timeout=STARTUP_TIMEOUT_S)
+            if config.parallel.ray_compiled_graph:
+                self._dag = self._compile()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _compile(self):
+        from ray.dag import InputNode
+
+        with InputNode() as batch:
+            node = None
+            for stage in self.stages:
+                node = stage.execute.bind(batch, node)
+        return node.experimental_compile(
+            _max_inflight_executions=self.config.scheduler.max_concurrent_batches)
+
+    def submit(self, batch: StepBatch) -> RayStepFuture:
+        if self._closed:
+            raise RuntimeError("the Ray executor is shut down")
+        batch_bytes = self._encoder.encode(batch)
+        if self._dag is not None:
+            return RayStepFuture(self._dag.execute(batch_bytes), self)
+        ref = None
+        for stage in self.stages:
+            ref = stage.execute.remote(batch_bytes, ref)
+        return RayStepFuture(ref, self)
+
+    def describe_failure(self, exc: BaseException) -> str:
+        """Name the stage behind a Ray error."""
+        actor_id = getattr(exc, "actor_id", None)
+        stage = self._stage_of_actor.get(actor_id) if isinstance(actor_id, str) else None
+        if stage is None:
+            for actor_hex, index in self._stage_of_actor.items():
+                if actor_hex in str(exc):
+                    stage = index
+                    break
+        where = f"pipeline stage {stage}" if stage is not None else "a pipeline stage"
+        start, end = (self.config.parallel.layer_ranges(self.config.model.num_layers)[stage]
+                      if stage is not None else (None, None))
+        layers = f" (layers {start}-{end - 1})" if stage is not None else ""
+        import ray
+
+        if isinstance(exc, ray.exceptions.RayActorError):
+            return f"{where}{layers} died: {type(exc).__name__}"
+        return f"{where}{layers} failed: {exc}"
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if self._dag is not None:
+            _run_with_timeout(self._dag.teardown, TEARDOWN_TIMEOUT_S, "compiled graph teardown")
+            self._dag = None
+        for stage in getattr(self, "stages", []):
+            with contextlib.suppress(Exception):  # already dead
+                ray.kill(stage, no_restart=True)
+        self.stages = []
+        with contextlib.suppress(Exception):
+            remove_placement_group(self.pg)
+        if self._started_ray:
+            ray.shutdown()
+
+
+def _connect_ray(num_stages: int, threads_per_stage: int | None) -> bool:
+    """Attach to a running Ray (initialised here, or RAY_ADDRESS set) or start a local one.
+    Returns True if this call started Ray (and so must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        return False
+    cpus = os.cpu_count() or 1
+    needed = num_stages * (threads_per_stage or max(1, cpus // num_stages))
+    ray.init(
+        num_cpus=max(cpus, needed),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _system_config={
+            "worker_niceness": 0,  # Ray's default nice 15 loses to any busy process
+            "max_direct_call_object_size": 1 << 20,  # mid-size hidden states skip the store
+        },
+    )
+    return True
+
+
+def _threads_per_stage(config: EngineConfig, num_stages: int) -> int:
+    import ray
+
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 0))
+    threads = config.parallel.threads_per_stage
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // num_stages)
+    if threads * num_stages > cluster_cpus:
+        raise ValueError(
+            f"threads_per_stage={threads} x pipeline_parallel_size={num_stages} needs "
+            f"{threads * num_stages} CPUs but the Ray cluster has {cluster_cpus}; lower "
+            f"threads_per_stage")
+    return threads
+
+
+def _run_with_timeout(fn, timeout: float, what: str) -> None:
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        logger.warning("%s did not finish within %.0f s; killing the stages", what, timeout)

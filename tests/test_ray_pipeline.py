@@ -1,0 +1,180 @@
+"""Pipeline parallelism over Ray actors: parity, both transports, stage death, `ray job submit`.
+
+Every test that touches Ray lives in this module, so under `pytest -n 2 --dist loadfile` one worker
+owns the Ray cluster at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+
+from engine_core import LLM, SamplingParams
+from tests.test_generate_parity import MAX_TOKENS, engine_greedy, hf_greedy, make_prompts
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _system_config={"worker_niceness": 0, "max_direct_call_object_size": 1 << 20})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def case(checkpoint_factory):
+    model_dir = checkpoint_factory("qwen2", num_hidden_layers=4)
+    prompts = make_prompts(512)
+    return model_dir, prompts, hf_greedy(model_dir, prompts, MAX_TOKENS)
+
+
+def test_pp2_chained_refs_matches_transformers(ray_cluster, case):
+    model_dir, prompts, expected = case
+    got, llm = engine_greedy(model_dir, prompts, MAX_TOKENS, pipeline_parallel_size=2,
+                             threads_per_stage=1)
+    assert llm.config.scheduler.max_concurrent_batches == 2
+    llm.shutdown()
+    assert got == expected
+
+
+def test_pp3_uneven_chunked_pipelined_preemption(ray_cluster, case):
+    model_dir, prompts, expected = case
+    got, llm = engine_greedy(model_dir, prompts, MAX_TOKENS, pipeline_parallel_size=3,
+                             pp_layer_partition="2,1,1", threads_per_stage=1,
+                             max_num_batched_tokens=64, max_model_len=512, num_kv_blocks=41,
+                             pipelined_chunked_prefill=True)
+    preemptions = llm.engine.scheduler.num_preemptions
+    free = llm.engine.block_manager.num_free_blocks
+    llm.shutdown()
+    assert preemptions > 0 and free == 40
+    assert got == expected
+
+
+def test_pp2_compiled_graph_matches(ray_cluster, case):
+    model_dir, prompts, expected = case
+    got, llm = engine_greedy(model_dir, prompts, MAX_TOKENS, pipeline_parallel_size=2,
+                             threads_per_stage=1, ray_compiled_graph=True,
+                             max_num_batched_tokens=64)
+    start = time.monotonic()
+    llm.shutdown()
+    assert time.monotonic() - start < 30
+    assert got == expected
+
+
+def test_seeded_sampling_same_at_pp1_and_pp2(ray_cluster, case):
+    model_dir, prompts, _ = case
+    params = [SamplingParams(temperature=0.9, top_k=50, seed=100 + i, max_tokens=16,
+                             ignore_eos=True) for i in range(len(prompts))]
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    results = []
+    for pp in (1, 2):
+        llm = LLM(model_dir, dtype="float32", pipeline_parallel_size=pp, threads_per_stage=1)
+        results.append([o.outputs[0].token_ids for o in llm.generate(inputs, params,
+                                                                       use_tqdm=False)])
+        llm.shutdown()
+    assert results[0] == results[1]
+
+
+def test_stage_death_fails_fast_and_restarts(ray_cluster, case):
+    model_dir, prompts, _ = case
+    total_cpus = ray.cluster_resources()["CPU"]
+    llm = LLM(model_dir, dtype="float32", pipeline_parallel_size=2, threads_per_stage=1)
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    victim = llm.engine.executor.stages[1]
+    engine_step, num_outputs, killed = llm.engine.step, 0, False
+
+    def step_then_kill():  # kill stage 1 once generation is well under way
+        nonlocal num_outputs, killed
+        outputs = engine_step()
+        num_outputs += len(outputs)
+        if not killed and num_outputs > 20:
+            ray.kill(victim)
+            killed = True
+        return outputs
+
+    llm.engine.step = step_then_kill
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="pipeline stage 1"):
+        llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], params, use_tqdm=False)
+    assert killed and time.monotonic() - start < 60
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_usable_blocks
+    with pytest.raises(RuntimeError, match="failed"):  # the engine stays dead, and says so
+        llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)
+    llm.shutdown()
+    deadline = time.monotonic() + 20  # no zombie: actors and placement group give back all CPUs
+    while ray.available_resources().get("CPU", 0) < total_cpus:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
+    llm2 = LLM(model_dir, dtype="float32", pipeline_parallel_size=2, threads_per_stage=1)
+    out = llm2.generate({"prompt_token_ids": [1, 2, 3]},
+                        SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    llm2.shutdown()
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_bad_pipeline_arguments(ray_cluster, checkpoint_factory):
+    model_dir = checkpoint_factory("qwen2", num_hidden_layers=4)
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        LLM(model_dir, pipeline_parallel_size=0)
+    with pytest.raises(ValueError, match="4 layers"):
+        LLM(model_dir, pipeline_parallel_size=5)
+    with pytest.raises(ValueError, match="sums to 5"):
+        LLM(model_dir, pipeline_parallel_size=2, pp_layer_partition="3,2")
+    with pytest.raises(ValueError, match=">= 1"):
+        LLM(model_dir, pipeline_parallel_size=2, pp_layer_partition="4,0")
+    with pytest.raises(ValueError, match="threads_per_stage"):
+        LLM(model_dir, pipeline_parallel_size=2, threads_per_stage=64)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit(checkpoint_factory, tmp_path):
+    """`ray start --head` on loopback, `ray job submit` examples/ray_job.py, check, stop."""
+    if ray.is_initialized():
+        ray.shutdown()
+    model_dir = checkpoint_factory("qwen2", num_hidden_layers=4)
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = str(tmp_path / "ray")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 90
+        while True:
+            probe = subprocess.run(["ray", "job", "list", "--address", address], env=env,
+                                   capture_output=True, text=True, timeout=60)
+            if probe.returncode == 0:
+                break
+            assert time.monotonic() < deadline, probe.stderr[-2000:]
+            time.sleep(2)
+        job = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", REPO,
+             "--", sys.executable, "examples/ray_job.py", model_dir,
+             "--pipeline-parallel-size", "2", "--max-tokens", "8"],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "RESULT generated 4 completions, 32 tokens" in job.stdout
+    finally:
+        os.killpg(head.pid, 15)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
+            head.wait(timeout=30)
