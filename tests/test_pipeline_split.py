@@ -34,7 +34,7 @@ def test_split_chunked_prefill_preemption(llama_case, pipelined):
     model_dir, prompts, expected = llama_case
     got, llm = engine_greedy(model_dir, prompts, MAX_TOKENS, pipeline_parallel_size=2,
                              distributed_executor_backend="inprocess", max_num_batched_tokens=64,
-                             max_model_len=512, num_kv_blocks=41,
+                             max_model_len=400, num_kv_blocks=26,
                              pipelined_chunked_prefill=pipelined)
     preemptions = llm.engine.scheduler.num_preemptions
     llm.shutdown()

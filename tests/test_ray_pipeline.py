@@ -7,9 +7,11 @@ owns the Ray cluster at a time.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -140,7 +142,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit(checkpoint_factory, tmp_path):
+def test_ray_job_submit(checkpoint_factory):
     """`ray start --head` on loopback, `ray job submit` examples/ray_job.py, check, stop."""
     if ray.is_initialized():
         ray.shutdown()
@@ -148,7 +150,7 @@ def test_ray_job_submit(checkpoint_factory, tmp_path):
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
     env.pop("RAY_ADDRESS", None)
-    temp_dir = str(tmp_path / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # unix socket paths must be short
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -178,3 +180,4 @@ def test_ray_job_submit(checkpoint_factory, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, 9)
             head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
