@@ -30,13 +30,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-concurrent-batches", type=int, default=None,
                    help="microbatches in flight (default: the pipeline size)")
     g.add_argument("--threads-per-stage", type=int, default=None)
+    g.add_argument("--distributed-executor-backend", choices=["ray", "inprocess"], default=None,
+                   help="where stages run (default: ray when --pipeline-parallel-size > 1)")
+    g.add_argument("--ray-compiled-graph", action="store_true",
+                   help="pass hidden states through a Ray Compiled Graph (many-core/GPU nodes)")
+    g.add_argument("--no-pipelined-chunked-prefill", dest="pipelined_chunked_prefill",
+                   action="store_false",
+                   help="never keep two chunks of one prompt in flight at once")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = ["dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "num_kv_blocks", "kv_cache_memory", "enable_prefix_caching", "seed", "device",
              "pipeline_parallel_size", "pp_layer_partition", "max_concurrent_batches",
-             "threads_per_stage"]
+             "threads_per_stage", "distributed_executor_backend", "ray_compiled_graph",
+             "pipelined_chunked_prefill"]
     return {name: getattr(args, name) for name in names}
 
 

@@ -114,7 +114,7 @@ class EngineArgs:
     pp_layer_partition: str | tuple[int, ...] | None = None
     max_concurrent_batches: int | None = None
     threads_per_stage: int | None = None
-    pipelined_chunked_prefill: bool = False
+    pipelined_chunked_prefill: bool = True
     distributed_executor_backend: str | None = None  # "ray" (default when PP > 1) | "inprocess"
     ray_compiled_graph: bool = False
 

@@ -43,8 +43,13 @@ def test_pp2_chained_refs_matches_transformers(ray_cluster, case):
     got, llm = engine_greedy(model_dir, prompts, MAX_TOKENS, pipeline_parallel_size=2,
                              threads_per_stage=1)
     assert llm.config.scheduler.max_concurrent_batches == 2
+    # the same prompts again: prefix-cache hits across stages give the same tokens
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    again = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     llm.shutdown()
     assert got == expected
+    assert [o.outputs[0].token_ids for o in again] == expected
+    assert sum(o.num_cached_tokens for o in again) > 0
 
 
 def test_pp3_uneven_chunked_pipelined_preemption(ray_cluster, case):
