@@ -29,10 +29,13 @@ class LLM:
 
     Keyword arguments are those of `EngineArgs` (vLLM's names): dtype, max_model_len,
     max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks, kv_cache_memory,
-    enable_prefix_caching, seed, pipeline_parallel_size, ...
+    enable_prefix_caching, seed, pipeline_parallel_size, ... With `engine_process=True` the
+    engine core runs in its own process behind the same ZMQ client the server uses
+    (`engine_transport` "ipc", or "tcp" on 127.0.0.1).
     """
 
-    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, *, engine_process: bool = False,
+                 engine_transport: str = "ipc", **engine_kwargs: Any) -> None:
         if model is None:
             from models import default_model_dir
 
@@ -45,7 +48,13 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **engine_kwargs)
         self.config = self.engine_args.resolve()
         self.tokenizer = load_tokenizer(self.config.model_dir)
-        self.engine = EngineCore(self.config)
+        if engine_process:  # the engine core in its own process, over ZMQ
+            from engine_core.core_client import EngineCoreProcClient
+
+            self.engine = EngineCoreProcClient(self.engine_args, self.config,
+                                               transport=engine_transport)
+        else:
+            self.engine = EngineCore(self.config)
         self.processor = OutputProcessor(self.tokenizer)
         eos = set(self.config.model.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

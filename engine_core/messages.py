@@ -107,3 +107,51 @@ class StepOutput(msgspec.Struct, array_like=True):
     step_id: int
     request_ids: list[str]
     sampled: list[SampledToken]
+
+
+# ---- front-end <-> engine-core process --------------------------------------------------------
+class SchedulerStats(msgspec.Struct, omit_defaults=True):
+    """The engine core's load, sent with every batch of outputs."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0  # usable blocks (the null block excluded)
+    num_preemptions: int = 0
+
+
+class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
+    """One message from the engine core: a step's outputs and/or fresh stats, or its death."""
+
+    outputs: list[EngineCoreOutput] = []
+    stats: SchedulerStats | None = None
+    error: str | None = None  # set once: the engine core failed and is exiting
+
+
+class AbortRequests(msgspec.Struct):
+    request_ids: list[str]
+
+
+class HandshakeHello(msgspec.Struct):
+    """Engine -> front-end, first message after connecting."""
+
+    engine_index: int
+    pid: int
+
+
+class HandshakeInit(msgspec.Struct):
+    """Front-end -> engine: where to connect and what to run."""
+
+    input_address: str
+    output_address: str
+    engine_args: bytes  # msgspec-encoded EngineArgs
+
+
+class HandshakeReady(msgspec.Struct):
+    """Engine -> front-end once the model is loaded and the KV cache allocated (or why not)."""
+
+    config_hash: str = ""
+    num_kv_blocks: int = 0
+    error: str | None = None
+    error_type: str | None = None  # "ValueError" for bad arguments
