@@ -91,6 +91,11 @@ class EngineCore:
                     break
                 self.in_flight.append((batch, self.executor.submit(batch)))
             if not self.in_flight:
+                if self.scheduler.has_unfinished_requests():  # would spin forever otherwise
+                    raise RuntimeError(
+                        f"the scheduler can make no progress: {self.scheduler.num_running} "
+                        f"running and {self.scheduler.num_waiting} waiting requests, nothing "
+                        f"in flight, {self.block_manager.num_free_blocks} free KV blocks")
                 return []
             batch, future = self.in_flight.popleft()
             wait_start = time.perf_counter()

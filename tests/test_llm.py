@@ -118,6 +118,14 @@ def test_n_sequences(llm):
     assert_pool_free(llm)
 
 
+def test_n_greedy_sequences_share_the_prefix_and_agree(llm):
+    single = llm.generate("class A:", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    out = llm.generate("class A:", SamplingParams(n=3, temperature=0.0, max_tokens=20,
+                                                  ignore_eos=True), use_tqdm=False)[0]
+    assert [c.token_ids for c in out.outputs] == [single] * 3
+    assert_pool_free(llm)
+
+
 def test_penalties_match_direct_computation(llm, text_model):
     """Greedy with penalties equals a step-by-step reference on transformers' logits."""
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
