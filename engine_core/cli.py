@@ -70,6 +70,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from engine_core.server.api_server import run_server
+
+    return run_server(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pp-engine",
@@ -87,6 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
+                         description="Serve MODEL (an HF model directory; default: the shipped "
+                                     "model) over an OpenAI-compatible API: /v1/completions, "
+                                     "/v1/chat/completions, /v1/models, /health, /metrics.")
+    srv.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                     help="HF model directory (default: the shipped model)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every /v1 route")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients use (default: MODEL as given)")
+    srv.add_argument("--uvicorn-log-level", default="info",
+                     choices=["critical", "error", "warning", "info", "debug", "trace"],
+                     help="log level of the server and uvicorn (default: %(default)s)")
+    srv.add_argument("--disable-uvicorn-access-log", action="store_true",
+                     help="no log line per HTTP request (the per-request timing line stays)")
+    srv.add_argument("--engine-transport", choices=["ipc", "tcp"], default="ipc",
+                     help="how the server talks to its engine-core process")
+    add_engine_args(srv)
+    srv.set_defaults(func=_serve)
     return parser
 
 

@@ -1,0 +1,600 @@
+"""The OpenAI-compatible HTTP server: `build_app` (a FastAPI app over an `AsyncLLM`) and
+`run_server` (`pp-engine serve`: the engine core in its own process, uvicorn on uvloop here).
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (all behind
+`--api-key` when one is set), GET /health, GET /version, GET /metrics.
+
+Each prompt of a request is one engine request. Its outputs arrive as cumulative snapshots;
+streamed responses send what is new in each (text, and the new tokens' logprobs). A client that
+disconnects aborts its requests, so their KV blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine_core.async_llm import AsyncLLM, EngineDeadError
+from engine_core.config import EngineArgs
+from engine_core.outputs import CompletionOutput, RequestOutput
+from engine_core.sampling_params import SamplingParams
+from engine_core.server.metrics import ServerMetrics
+from engine_core.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestError,
+    chat_choice,
+    chat_chunk,
+    chat_delta_choice,
+    chat_logprobs,
+    completion_choice,
+    completion_chunk,
+    completion_logprobs,
+    error_body,
+    param_of,
+    usage,
+    validation_error,
+)
+
+logger = logging.getLogger("engine_core.server")
+
+_DONE_EVENT = "data: [DONE]\n\n"
+_RequestT = TypeVar("_RequestT", bound=BaseModel)
+_T = TypeVar("_T")
+
+
+def package_version() -> str:
+    """The installed pp-engine version ("unknown" when run from a source tree)."""
+    try:
+        return importlib.metadata.version("pp-engine")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _ClientDisconnected(Exception):
+    """The client went away before the response was ready."""
+
+
+@dataclass
+class _Prompt:
+    """One prompt of a request: an engine request, with what the metrics and the log need."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    arrival: float  # time.perf_counter() when the HTTP request came in
+    echo_text: str = ""
+    first_token_time: float | None = None
+    num_output_tokens: int = 0
+
+
+@dataclass
+class _ChoiceStream:
+    """What one streamed choice has sent so far."""
+
+    text_len: int = 0
+    num_tokens: int = 0
+    text_offset: int = 0
+    started: bool = False
+    done: bool = False
+
+    def advance(self, completion: CompletionOutput, holdback: int
+                ) -> tuple[str, list[int], list | None]:
+        """The text, token ids and logprobs new since the last call. While unfinished, the last
+        `holdback` characters are kept back: they may turn out to begin a stop string, which
+        the final text will not contain."""
+        self.done = completion.finish_reason is not None
+        end = len(completion.text) if self.done else len(completion.text) - holdback
+        text = completion.text[self.text_len:end] if end > self.text_len else ""
+        self.text_len += len(text)
+        new_ids = completion.token_ids[self.num_tokens:]
+        new_logprobs = None
+        if completion.logprobs is not None:
+            new_logprobs = completion.logprobs[self.num_tokens:]
+        self.num_tokens = len(completion.token_ids)
+        return text, new_ids, new_logprobs
+
+
+def _holdback(params: SamplingParams) -> int:
+    """Characters a stream keeps back until they cannot begin a stop string."""
+    return max((len(s) for s in params.stop or ()), default=1) - 1
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return once the client has disconnected (or the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, _T]) -> _T:
+    """Run `work`; cancel it (aborting its engine requests) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise _ClientDisconnected
+
+
+class OpenAIServing:
+    """The request handlers behind the routes, over one `AsyncLLM`."""
+
+    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics) -> None:
+        self.llm = llm
+        self.model_name = model_name
+        self.metrics = metrics
+        self.max_model_len = llm.config.scheduler.max_model_len
+        self.created = int(time.time())
+
+    # ---- shared -------------------------------------------------------------------------------
+    @staticmethod
+    async def _parse(request: Request, model: type[_RequestT]) -> _RequestT:
+        body = await request.body()
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    def _check_request(self, request: CompletionRequest | ChatCompletionRequest) -> None:
+        if request.model is not None and request.model != self.model_name:
+            raise RequestError(f"The model `{request.model}` does not exist; this server serves "
+                               f"`{self.model_name}`", param="model", status=404,
+                               type="NotFoundError", code="model_not_found")
+        request.check_supported()
+        if not self.llm.is_running:
+            raise RequestError("the engine is not running", status=503, type="server_error",
+                               code="engine_dead")
+
+    def _tokenize(self, prompt: str | list[int], add_special_tokens: bool, param: str,
+                  where: str = "") -> list[int]:
+        try:
+            return self.llm.tokenize(prompt, add_special_tokens)[1]
+        except ValueError as exc:
+            raise RequestError(f"{where}{exc}", param=param) from None
+
+    def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
+        """`requested`, or the room left in the context; 400 if they do not fit together."""
+        limit = self.max_model_len
+        if requested is None:
+            if prompt_len >= limit:
+                raise RequestError(f"the prompt has {prompt_len} tokens and fills the model's "
+                                   f"context of {limit} tokens; shorten it", param=param)
+            return limit - prompt_len
+        if prompt_len + requested > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in "
+                f"the completion). Please reduce the length of the prompt or {param}.",
+                param=param)
+        return requested
+
+    @staticmethod
+    def _sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+                         logprobs: int | None) -> SamplingParams:
+        try:
+            return request.sampling_params(max_tokens, logprobs)
+        except ValueError as exc:
+            raise RequestError(str(exc), param=param_of(str(exc))) from None
+
+    def _observe(self, prompt: _Prompt, output: RequestOutput) -> None:
+        """Metrics and the log line of one snapshot of `prompt`'s output."""
+        now = time.perf_counter()
+        total = sum(len(c.token_ids) for c in output.outputs)
+        if prompt.first_token_time is None and total > 0:
+            prompt.first_token_time = now
+            self.metrics.record_tokens(len(prompt.token_ids), 0)
+        self.metrics.record_tokens(0, total - prompt.num_output_tokens)
+        prompt.num_output_tokens = total
+        if not output.finished:
+            return
+        reasons = sorted({c.finish_reason or "abort" for c in output.outputs})
+        e2e = now - prompt.arrival
+        ttft = (prompt.first_token_time or now) - prompt.arrival
+        if "abort" not in reasons:
+            self.metrics.record_finished(reasons[0], ttft, e2e,
+                                         max(len(c.token_ids) for c in output.outputs))
+        logger.info("%s finished (%s): prompt_tokens=%d output_tokens=%d ttft=%.3fs e2e=%.3fs",
+                    prompt.request_id, ",".join(reasons), len(prompt.token_ids), total, ttft, e2e)
+
+    async def _generate(self, prompts: list[_Prompt]
+                        ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, snapshot) of all prompts, generated concurrently, as they come.
+        Closing this iterator aborts the prompts that have not finished."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def produce(index: int, prompt: _Prompt) -> None:
+            try:
+                async for output in self.llm.generate(prompt.token_ids, prompt.params,
+                                                      prompt.request_id):
+                    self._observe(prompt, output)
+                    queue.put_nowait((index, output))
+                queue.put_nowait((index, None))
+            except asyncio.CancelledError:
+                logger.info("%s aborted after %d output tokens", prompt.request_id,
+                            prompt.num_output_tokens)
+                raise
+            except Exception as exc:
+                logger.info("%s failed after %d output tokens: %s", prompt.request_id,
+                            prompt.num_output_tokens, exc)
+                queue.put_nowait((index, exc))
+
+        tasks = [asyncio.create_task(produce(i, p)) for i, p in enumerate(prompts)]
+        try:
+            running = len(tasks)
+            while running:
+                index, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _collect(self, request: Request, prompts: list[_Prompt]) -> list[RequestOutput]:
+        """The final output of every prompt; aborts them all if the client disconnects."""
+
+        async def run() -> list[RequestOutput]:
+            finals: list[RequestOutput | None] = [None] * len(prompts)
+            async with contextlib.aclosing(self._generate(prompts)) as outputs:
+                async for index, output in outputs:
+                    finals[index] = output
+            return finals  # type: ignore[return-value]
+
+        return await _unless_disconnected(request, run())
+
+    def _stream(self, events: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- /v1/completions ----------------------------------------------------------------------
+    async def completions(self, raw: Request) -> Response:
+        """POST /v1/completions."""
+        arrival = time.perf_counter()
+        request = await self._parse(raw, CompletionRequest)
+        self._check_request(request)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        texts = request.prompts()
+        prompts = []
+        for i, text in enumerate(texts):
+            where = f"prompt {i}: " if len(texts) > 1 else ""
+            token_ids = self._tokenize(text, True, "prompt", where)
+            max_tokens = self._max_tokens(request.max_tokens, len(token_ids), "max_tokens")
+            params = self._sampling_params(request, max_tokens, request.logprobs)
+            prompt = _Prompt(f"{request_id}-{i}", token_ids, params, arrival)
+            if request.echo:
+                prompt.echo_text = text if isinstance(text, str) else self._decode(token_ids)
+            prompts.append(prompt)
+        created = int(time.time())
+        if request.stream:
+            return self._stream(self._completion_events(request, request_id, created, prompts))
+        finals = await self._collect(raw, prompts)
+        choices = []
+        num_generated = 0
+        for i, (prompt, output) in enumerate(zip(prompts, finals)):
+            for completion in output.outputs:
+                logprobs = None
+                if completion.logprobs is not None:
+                    logprobs, _ = completion_logprobs(completion.token_ids, completion.logprobs,
+                                                      len(prompt.echo_text))
+                choices.append(completion_choice(
+                    i * request.n + completion.index, prompt.echo_text + completion.text,
+                    completion, logprobs,
+                    completion.token_ids if request.return_token_ids else None))
+                num_generated += len(completion.token_ids)
+        num_prompt = sum(len(p.token_ids) for p in prompts)
+        return JSONResponse(completion_chunk(request_id, created, self.model_name, choices,
+                                             usage(num_prompt, num_generated)))
+
+    def _decode(self, token_ids: list[int]) -> str:
+        tokenizer = self.llm.tokenizer
+        return tokenizer.decode(token_ids) if tokenizer is not None else ""
+
+    async def _completion_events(self, request: CompletionRequest, request_id: str,
+                                 created: int, prompts: list[_Prompt]) -> AsyncIterator[str]:
+        n = request.n
+        holdback = _holdback(prompts[0].params)
+        states = [_ChoiceStream() for _ in range(len(prompts) * n)]
+        try:
+            async with contextlib.aclosing(self._generate(prompts)) as outputs:
+                async for i, output in outputs:
+                    for completion in output.outputs:
+                        state = states[i * n + completion.index]
+                        if state.done:
+                            continue
+                        text, new_ids, new_logprobs = state.advance(completion, holdback)
+                        if not state.started:
+                            text, state.started = prompts[i].echo_text + text, True
+                        logprobs = None
+                        if new_logprobs is not None and new_ids:
+                            logprobs, state.text_offset = completion_logprobs(
+                                new_ids, new_logprobs, state.text_offset)
+                        if not text and not new_ids and not state.done:
+                            continue
+                        choice = completion_choice(
+                            i * n + completion.index, text, completion if state.done else None,
+                            logprobs, new_ids if request.return_token_ids else None)
+                        yield _sse(completion_chunk(request_id, created, self.model_name,
+                                                    [choice]))
+            if request.include_usage:
+                yield _sse(completion_chunk(request_id, created, self.model_name, [],
+                                            self._usage(prompts, states)))
+        except Exception as exc:
+            yield _sse(self.error(exc).body())
+        yield _DONE_EVENT
+
+    @staticmethod
+    def _usage(prompts: list[_Prompt], states: list[_ChoiceStream]) -> dict[str, int]:
+        return usage(sum(len(p.token_ids) for p in prompts), sum(s.num_tokens for s in states))
+
+    # ---- /v1/chat/completions -----------------------------------------------------------------
+    async def chat_completions(self, raw: Request) -> Response:
+        """POST /v1/chat/completions."""
+        arrival = time.perf_counter()
+        request = await self._parse(raw, ChatCompletionRequest)
+        self._check_request(request)
+        tokenizer = self.llm.tokenizer
+        if tokenizer is None:
+            raise RequestError("this model has no tokenizer.json, and chat needs one; use "
+                               "/v1/completions with token-id prompts", param="messages")
+        messages = [m.to_template() for m in request.messages]
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=request.add_generation_prompt,
+                **(request.chat_template_kwargs or {}))
+        except (ValueError, TypeError) as exc:
+            raise RequestError(f"cannot apply the chat template: {exc}",
+                               param="messages") from None
+        token_ids = self._tokenize(text, False, "messages")
+        param = "max_completion_tokens" if request.max_completion_tokens is not None \
+            else "max_tokens"
+        max_tokens = self._max_tokens(request.requested_max_tokens, len(token_ids), param)
+        params = self._sampling_params(request, max_tokens, request.num_logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        prompts = [_Prompt(request_id, token_ids, params, arrival)]
+        created = int(time.time())
+        if request.stream:
+            return self._stream(self._chat_events(request, request_id, created, prompts))
+        (output,) = await self._collect(raw, prompts)
+        choices = []
+        for completion in output.outputs:
+            logprobs = None
+            if completion.logprobs is not None:
+                logprobs = chat_logprobs(completion.token_ids, completion.logprobs,
+                                         request.top_logprobs or 0)
+            choices.append(chat_choice(completion.index, completion, logprobs,
+                                       completion.token_ids if request.return_token_ids
+                                       else None))
+        num_generated = sum(len(c.token_ids) for c in output.outputs)
+        return JSONResponse({
+            "id": request_id, "object": "chat.completion", "created": created,
+            "model": self.model_name, "choices": choices,
+            "usage": usage(len(token_ids), num_generated)})
+
+    async def _chat_events(self, request: ChatCompletionRequest, request_id: str, created: int,
+                           prompts: list[_Prompt]) -> AsyncIterator[str]:
+        holdback = _holdback(prompts[0].params)
+        states = [_ChoiceStream() for _ in range(request.n)]
+        top = request.top_logprobs or 0
+        try:
+            for index in range(request.n):
+                role = {"index": index, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None}
+                yield _sse(chat_chunk(request_id, created, self.model_name, [role]))
+            async with contextlib.aclosing(self._generate(prompts)) as outputs:
+                async for _, output in outputs:
+                    for completion in output.outputs:
+                        state = states[completion.index]
+                        if state.done:
+                            continue
+                        text, new_ids, new_logprobs = state.advance(completion, holdback)
+                        logprobs = None
+                        if new_logprobs is not None and new_ids:
+                            logprobs = chat_logprobs(new_ids, new_logprobs, top)
+                        if not text and not new_ids and not state.done:
+                            continue
+                        choice = chat_delta_choice(
+                            completion.index, text, completion, state.done, logprobs,
+                            new_ids if request.return_token_ids else None)
+                        yield _sse(chat_chunk(request_id, created, self.model_name, [choice]))
+            if request.include_usage:
+                yield _sse(chat_chunk(request_id, created, self.model_name, [],
+                                      self._usage(prompts, states)))
+        except Exception as exc:
+            yield _sse(self.error(exc).body())
+        yield _DONE_EVENT
+
+    # ---- errors -------------------------------------------------------------------------------
+    def error(self, exc: Exception) -> RequestError:
+        """The OpenAI error for an exception raised while serving a request."""
+        if isinstance(exc, RequestError):
+            return exc
+        if isinstance(exc, EngineDeadError):
+            return RequestError(f"the engine failed: {exc}", status=500, type="server_error",
+                                code="engine_dead")
+        if isinstance(exc, ValueError):
+            return RequestError(str(exc), param=param_of(str(exc)))
+        logger.error("internal error while serving a request", exc_info=exc)
+        return RequestError(f"internal server error: {type(exc).__name__}: {exc}", status=500,
+                            type="server_error", code="internal_error")
+
+    def error_response(self, exc: Exception) -> Response:
+        if isinstance(exc, _ClientDisconnected):
+            return Response(status_code=499)
+        error = self.error(exc)
+        return JSONResponse(error.body(), status_code=error.status)
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models."""
+        return {"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created,
+            "owned_by": "pp-engine", "root": self.llm.config.model_dir,
+            "max_model_len": self.max_model_len}]}
+
+
+def _api_key_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(request: Request) -> None:
+        given = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(given, expected):
+            raise RequestError("missing or incorrect API key; send 'Authorization: Bearer KEY'",
+                               status=401, code="invalid_api_key")
+
+    return check
+
+
+def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None) -> FastAPI:
+    """The OpenAI-compatible app over `llm` (which the caller owns and shuts down).
+    With `api_key`, every /v1 route needs `Authorization: Bearer <api_key>`."""
+    version = package_version()
+    app = FastAPI(title="pp-engine OpenAI-compatible server", version=version)
+    metrics = ServerMetrics(llm, served_model_name)
+    serving = OpenAIServing(llm, served_model_name, metrics)
+    app.state.serving = serving
+
+    async def handle(work: Callable[[Request], Awaitable[Response]], request: Request
+                     ) -> Response:
+        try:
+            return await work(request)
+        except Exception as exc:
+            return serving.error_response(exc)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))]
+                   if api_key else [])
+
+    @v1.post("/completions")
+    async def create_completion(request: Request) -> Response:
+        return await handle(serving.completions, request)
+
+    @v1.post("/chat/completions")
+    async def create_chat_completion(request: Request) -> Response:
+        return await handle(serving.chat_completions, request)
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return serving.models()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if llm.is_running:
+            return Response(status_code=200)
+        return JSONResponse(error_body("the engine is not running", "server_error",
+                                       code="engine_dead"), status_code=503)
+
+    @app.get("/version")
+    async def show_version() -> dict[str, str]:
+        return {"version": version}
+
+    @app.get("/metrics")
+    async def show_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return JSONResponse(error_body(str(exc.detail), code=exc.status_code),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    return app
+
+
+# ---- pp-engine serve --------------------------------------------------------------------------
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the port before the model loads, so a port in use fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: str,
+                 sock: socket.socket) -> None:
+    import uvicorn
+
+    llm = await AsyncLLM.create(engine_args, transport=args.engine_transport)
+    try:
+        app = build_app(llm, model_name, args.api_key)
+        config = uvicorn.Config(app, log_level=args.uvicorn_log_level, loop="uvloop",
+                                access_log=not args.disable_uvicorn_access_log,
+                                timeout_graceful_shutdown=5)
+        logger.info("serving %s (max_model_len=%d) on http://%s:%d", model_name,
+                    llm.config.scheduler.max_model_len, args.host, args.port)
+        await uvicorn.Server(config).serve(sockets=[sock])
+    finally:
+        llm.shutdown()
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """`pp-engine serve`: start the engine core, then serve until SIGINT/SIGTERM.
+    ValueError (bad arguments, no model, port in use) before anything starts."""
+    import uvloop
+
+    from engine_core.cli import engine_kwargs
+    from models import default_model_dir
+
+    model = args.model if args.model is not None else default_model_dir()
+    model_name = args.served_model_name or args.model or os.path.basename(
+        os.path.normpath(model))
+    engine_args = EngineArgs(model=model, **engine_kwargs(args))
+    engine_args.resolve()  # fail fast on bad arguments
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("engine_core").addHandler(handler)
+    logging.getLogger("engine_core").setLevel(args.uvicorn_log_level.upper()
+                                              if args.uvicorn_log_level != "trace" else "DEBUG")
+    sock = _listen(args.host, args.port)
+    # uvicorn re-raises a captured SIGTERM once it has shut down; exit through the `finally`
+    # that stops the engine core instead of dying on the spot.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        uvloop.run(_serve(args, engine_args, model_name, sock))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    return 0

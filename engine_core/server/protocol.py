@@ -1,0 +1,345 @@
+"""The OpenAI wire format: request models (pydantic v2, with vLLM's extra sampling fields) and
+builders of the response, chunk and error bodies (plain dicts, serialised by the server).
+
+Requests are validated strictly from JSON: a string where a number belongs, a bool where an int
+belongs or an unknown enum value is an error naming the field. Unknown fields are ignored, as
+OpenAI clients send fields this engine does not know.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine_core.outputs import CompletionOutput, Logprob
+from engine_core.sampling_params import MAX_LOGPROBS, SamplingParams
+
+__all__ = [
+    "MAX_N",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "RequestError",
+    "chat_choice",
+    "chat_chunk",
+    "chat_delta_choice",
+    "chat_logprobs",
+    "completion_choice",
+    "completion_chunk",
+    "completion_logprobs",
+    "error_body",
+    "param_of",
+    "usage",
+    "validation_error",
+]
+
+MAX_N = 16  # the most choices one request may ask for
+_MIN_LOGPROB = -9999.0  # -inf is not JSON; report it as this, like vLLM
+
+
+class RequestError(ValueError):
+    """A request the server rejects: the HTTP status and the OpenAI error fields to send."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", code: str | int | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = (
+            message, param, status, type, code)
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# Union members pydantic puts in an error's location; they are not field names.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def validation_error(exc: ValidationError) -> RequestError:
+    """A 400 naming the first bad field, e.g. param "messages.0.role" (of the errors a union
+    field gives, one per alternative, the one that got deepest into the value)."""
+    errors = exc.errors(include_url=False)
+    field = errors[0]["loc"][:1]
+    first = max((e for e in errors if e["loc"][:1] == field), key=lambda e: len(e["loc"]))
+    if first["type"] == "json_invalid":
+        return RequestError(f"the request body is not valid JSON: {first['msg']}")
+    parts = [str(p) for p in first["loc"]
+             if isinstance(p, int) or ("[" not in p and p.lower() not in _TYPE_TAGS)]
+    param = ".".join(parts) or None
+    where = f"{param}: " if param else "the request body: "
+    if first["type"] == "missing":
+        return RequestError(f"{where}{first['msg']}", param=param)
+    got = repr(first.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    return RequestError(f"{where}{first['msg']} (got {got})", param=param)
+
+
+_SAMPLING_FIELDS = frozenset(SamplingParams.__struct_fields__)
+_FIELD_IN_MESSAGE = re.compile(r"^(?:prompt \d+: )?([a-z_]+) ")
+
+
+def param_of(message: str) -> str | None:
+    """The SamplingParams field a ValueError message starts with ("top_p must be ..."), if any."""
+    match = _FIELD_IN_MESSAGE.match(message)
+    return match.group(1) if match and match.group(1) in _SAMPLING_FIELDS else None
+
+
+# ---- requests ---------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # add each choice's (new) output token ids
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def check_supported(self) -> None:
+        if self.logit_bias:
+            raise RequestError("logit_bias is not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed with stream=true",
+                               param="stream_options")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """SamplingParams for one prompt. ValueError (naming the field) for bad values."""
+        given = {name: getattr(self, name) for name in (
+            "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+            "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids")}
+        return SamplingParams(
+            n=self.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            **{name: value for name, value in given.items() if value is not None})
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. `prompt`: a string, a list of strings, a list of token ids or a
+    list of token-id lists; each prompt gets its own n choices."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise RequestError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError("best_of is not supported (other than best_of == n)",
+                               param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise RequestError("echo together with logprobs is not supported (prompt logprobs "
+                               "are not computed)", param="echo")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice set."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise RequestError("prompt is empty; give a string or token ids", param="prompt")
+        if isinstance(prompt[0], int):
+            return [prompt]
+        return list(prompt)
+
+
+class TextContent(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContent] | None = None
+    name: str | None = None
+
+    def to_template(self) -> dict[str, Any]:
+        """The {"role", "content"} dict a chat template reads; text parts joined by newlines."""
+        content = self.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    # vLLM extras
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise RequestError(f"response_format {self.response_format.type!r} is not "
+                               f"supported", param="response_format")
+        if self.tools:
+            raise RequestError("tools are not supported", param="tools")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# ---- responses --------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _token_text(token_id: int, logprob: Logprob) -> str:
+    return logprob.decoded_token if logprob.decoded_token is not None else f"token_id:{token_id}"
+
+
+def _clamp(logprob: float) -> float:
+    return max(logprob, _MIN_LOGPROB)
+
+
+def _sampled(token_id: int, entry: dict[int, Logprob]) -> Logprob:
+    return entry.get(token_id) or next(iter(entry.values()))
+
+
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]],
+                        text_offset: int) -> tuple[dict[str, Any], int]:
+    """Completions-style logprobs of some generated tokens (the sampled token's logprob and a
+    {token: logprob} dict of the top ones, sampled token included, as vLLM does), with each
+    token's character offset counted from `text_offset`. Returns it and the next offset."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for token_id, entry in zip(token_ids, entries):
+        text = _token_text(token_id, _sampled(token_id, entry))
+        tokens.append(text)
+        token_logprobs.append(_clamp(_sampled(token_id, entry).logprob))
+        top_logprobs.append({_token_text(t, lp): _clamp(lp.logprob) for t, lp in entry.items()})
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}, text_offset
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]],
+                  top_logprobs: int) -> dict[str, Any]:
+    """Chat-style logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}, each
+    top_logprobs list the `top_logprobs` most likely tokens, most likely first."""
+
+    def item(token_id: int, lp: Logprob) -> dict[str, Any]:
+        text = _token_text(token_id, lp)
+        return {"token": text, "logprob": _clamp(lp.logprob), "bytes": list(text.encode())}
+
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        ranked = sorted(entry.items(), key=lambda kv: kv[1].rank or len(entry) + 1)
+        content.append({**item(token_id, _sampled(token_id, entry)),
+                        "top_logprobs": [item(t, lp) for t, lp in ranked[:top_logprobs]]})
+    return {"content": content}
+
+
+def completion_choice(index: int, text: str, completion: CompletionOutput | None,
+                      logprobs: dict[str, Any] | None, token_ids: list[int] | None = None
+                      ) -> dict[str, Any]:
+    """One choice of a completion response or chunk (`completion` None: not finished)."""
+    choice = {"index": index, "text": text, "logprobs": logprobs,
+              "finish_reason": completion.finish_reason if completion else None,
+              "stop_reason": completion.stop_reason if completion else None}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
+
+
+def completion_chunk(request_id: str, created: int, model: str,
+                     choices: list[dict[str, Any]], usage: dict[str, int] | None = None
+                     ) -> dict[str, Any]:
+    """A "text_completion" body: the whole response, or one streamed chunk."""
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage}
+
+
+def chat_choice(index: int, completion: CompletionOutput, logprobs: dict[str, Any] | None,
+                token_ids: list[int] | None = None) -> dict[str, Any]:
+    """One choice of a non-streamed chat completion."""
+    choice = {"index": index, "message": {"role": "assistant", "content": completion.text},
+              "logprobs": logprobs, "finish_reason": completion.finish_reason,
+              "stop_reason": completion.stop_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
+
+
+def chat_delta_choice(index: int, text: str, completion: CompletionOutput, finished: bool,
+                      logprobs: dict[str, Any] | None, token_ids: list[int] | None = None
+                      ) -> dict[str, Any]:
+    """One choice of a streamed chat chunk: the new content (and the finish reason, last)."""
+    choice = {"index": index, "delta": {"content": text}, "logprobs": logprobs,
+              "finish_reason": completion.finish_reason if finished else None,
+              "stop_reason": completion.stop_reason if finished else None}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
+
+
+def chat_chunk(request_id: str, created: int, model: str, choices: list[dict[str, Any]],
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """A "chat.completion.chunk" body; `choices` hold deltas."""
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": choices, "usage": usage}
