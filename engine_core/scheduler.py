@@ -94,7 +94,7 @@ class Scheduler:
         seq_cap = max(1, -(-active // share))
         token_budget = max(1, -(-cfg.max_num_batched_tokens // share))
         scheduled: list[tuple[Request, int, bool]] = []  # (request, num_new_tokens, is_new)
-        preempted = False
+        preemptions_before = self.num_preemptions
 
         for request in list(self.running):
             if len(scheduled) >= seq_cap or token_budget == 0:
@@ -106,19 +106,13 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
             if num_new <= 0:
                 continue  # its step is in flight
-            while self._allocate(request, num_new) is None:
-                victim = self._pick_victim()
-                if victim is None:
-                    break
-                self._preempt(victim)
-                preempted = True
-                if victim is request:
-                    break
-            else:
-                request.num_inflight_steps += 1
-                scheduled.append((request, num_new, request.num_synced_tokens == 0))
-                token_budget -= num_new
+            if not self._allocate_or_preempt(request, num_new):
+                continue  # waits for blocks (or was itself preempted)
+            request.num_inflight_steps += 1
+            scheduled.append((request, num_new, request.num_synced_tokens == 0))
+            token_budget -= num_new
 
+        preempted = self.num_preemptions > preemptions_before
         while (self.waiting and not preempted and len(scheduled) < seq_cap and token_budget > 0
                and len(self.running) < cfg.max_num_seqs):
             request = self.waiting[0]
@@ -146,6 +140,18 @@ class Scheduler:
         return self.block_manager.allocate(
             request.request_id, request.all_token_ids, num_new,
             request.num_computed_tokens if num_computed is None else num_computed, cached_blocks)
+
+    def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
+        """Allocate blocks for a running request's next tokens, preempting lower-priority
+        requests while blocks are short. False if it must wait or was preempted itself."""
+        while self._allocate(request, num_new) is None:
+            victim = self._pick_victim()
+            if victim is None:
+                return False
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
 
     def _pick_victim(self) -> Request | None:
         """The lowest-priority running request that can be preempted now: not in flight and not
