@@ -182,12 +182,23 @@ class EngineCoreProcClient(_ClientBase):
         self.num_kv_blocks = ready.num_kv_blocks
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self._check()
-        self.input_socket.send_multipart(self._frames_add(request))
+        self._send(self._frames_add(request))
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        frames = self._frames_abort(request_ids)
         if self.is_alive():
-            self.input_socket.send_multipart(self._frames_abort(request_ids))
+            with contextlib.suppress(RuntimeError, TimeoutError):
+                self._send(frames)
+
+    def _send(self, frames: list[bytes]) -> None:
+        """Send without ever blocking on a dead peer (a PUSH socket with no peer would)."""
+        deadline = time.monotonic() + self.step_timeout_s
+        while not self.input_socket.poll(int(LIVENESS_POLL_S * 1000), zmq.POLLOUT):
+            self._check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine core took no input for {self.step_timeout_s} s")
+        self._check()
+        self.input_socket.send_multipart(frames, flags=zmq.NOBLOCK)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.unfinished)

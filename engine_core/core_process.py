@@ -66,6 +66,7 @@ def run_engine_core(handshake_address: str, engine_index: int = 0) -> None:
     input_socket.connect(init.input_address)
     output_socket = ctx.socket(zmq.PUSH)
     output_socket.setsockopt(zmq.LINGER, 2000)
+    output_socket.setsockopt(zmq.SNDTIMEO, IDLE_POLL_MS)  # never block forever on a gone peer
     output_socket.connect(init.output_address)
     handshake.send(msgspec.msgpack.encode(HandshakeReady(
         config_hash=engine.config.config_hash(), num_kv_blocks=engine.executor.num_kv_blocks)))
@@ -91,10 +92,11 @@ class EngineCoreLoop:
         self.abort_decoder = msgspec.msgpack.Decoder(AbortRequests)
         self.encoder = msgspec.msgpack.Encoder()
         self.stopping = False
+        self.parent_pid = os.getppid()
         self._last_stats: SchedulerStats | None = None
 
     def run(self) -> None:
-        parent = os.getppid()
+        parent = self.parent_pid
         while not self.stopping:
             busy = self.engine.has_unfinished_requests()
             inputs_changed = self._take_inputs(0 if busy else IDLE_POLL_MS)
@@ -154,4 +156,11 @@ class EngineCoreLoop:
             num_preemptions=scheduler.num_preemptions)
 
     def _send(self, message: EngineCoreOutputs) -> None:
-        self.output_socket.send(self.encoder.encode(message))
+        data = self.encoder.encode(message)
+        while True:
+            try:
+                self.output_socket.send(data)
+                return
+            except zmq.Again:  # the front-end is not reading: wait while it still exists
+                if os.getppid() != self.parent_pid:
+                    raise RuntimeError("the front-end process is gone") from None
