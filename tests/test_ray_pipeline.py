@@ -21,6 +21,10 @@ from engine_core import LLM, SamplingParams
 from tests.test_generate_parity import MAX_TOKENS, engine_greedy, hf_greedy, make_prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the `ray` CLI of this interpreter's environment (a venv's bin/ need not be on PATH)
+RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
+if not os.path.exists(RAY_CLI):
+    RAY_CLI = shutil.which("ray") or "ray"
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +161,7 @@ def test_ray_job_submit(checkpoint_factory):
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # unix socket paths must be short
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+        [RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
@@ -165,14 +169,14 @@ def test_ray_job_submit(checkpoint_factory):
         address = f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + 90
         while True:
-            probe = subprocess.run(["ray", "job", "list", "--address", address], env=env,
+            probe = subprocess.run([RAY_CLI, "job", "list", "--address", address], env=env,
                                    capture_output=True, text=True, timeout=60)
             if probe.returncode == 0:
                 break
             assert time.monotonic() < deadline, probe.stderr[-2000:]
             time.sleep(2)
         job = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", REPO,
+            [RAY_CLI, "job", "submit", "--address", address, "--working-dir", REPO,
              "--", sys.executable, "examples/ray_job.py", model_dir,
              "--pipeline-parallel-size", "2", "--max-tokens", "8"],
             env=env, capture_output=True, text=True, timeout=300)
