@@ -22,8 +22,9 @@ from models import AttentionMetadata, load_model
 
 @dataclass
 class _RequestState:
-    token_ids: list[int]
-    num_prompt_tokens: int
+    token_ids: list[int]  # prompt + outputs: the inputs of this request's steps
+    prompt_token_ids: list[int]  # kept apart for the sampler, so no step copies them
+    output_token_ids: list[int]
     block_ids: list[int]
     sampling_params: SamplingParams
     stop_ids: tuple[int, ...]
@@ -107,7 +108,8 @@ class StageWorker:
             self.requests[new.request_id] = _new_state(new)
         for cached in batch.cached_requests:
             state = self.requests[cached.request_id]
-            state.token_ids.extend(cached.new_token_ids)
+            state.token_ids.extend(cached.new_token_ids)  # always sampled tokens
+            state.output_token_ids.extend(cached.new_token_ids)
             state.block_ids.extend(cached.new_block_ids)
 
     def _sample(self, step_id, scheduled, states, hidden, meta) -> StepOutput:
@@ -119,8 +121,8 @@ class StageWorker:
             last_token_index.append(meta.query_start_loc[i + 1] - 1)
             rows.append(SamplingRow(
                 params=state.sampling_params,
-                prompt_token_ids=state.token_ids[:state.num_prompt_tokens],
-                output_token_ids=state.token_ids[state.num_prompt_tokens:],
+                prompt_token_ids=state.prompt_token_ids,
+                output_token_ids=state.output_token_ids,
                 stop_ids=state.stop_ids,
             ))
         if not rows:
@@ -133,7 +135,8 @@ class StageWorker:
 def _new_state(new: NewRequest) -> _RequestState:
     return _RequestState(
         token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
-        num_prompt_tokens=len(new.prompt_token_ids),
+        prompt_token_ids=list(new.prompt_token_ids),
+        output_token_ids=list(new.output_token_ids),
         block_ids=list(new.block_ids),
         sampling_params=new.sampling_params,
         stop_ids=tuple(new.stop_ids),
