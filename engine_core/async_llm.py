@@ -65,8 +65,8 @@ class AsyncLLM:
         `transport` is "ipc" (a private temp dir) or "tcp" (on `host`)."""
         config = engine_args.resolve()
         tokenizer = load_tokenizer(config.model_dir)
-        client = await AsyncEngineCoreClient.start(engine_args, config, transport=transport,
-                                                   host=host, timeout_s=startup_timeout_s)
+        client = await AsyncEngineCoreClient.start(engine_args, transport=transport, host=host,
+                                                   timeout_s=startup_timeout_s)
         llm = cls(config, tokenizer, client)
         llm._output_task = asyncio.get_running_loop().create_task(llm._pump_outputs())
         return llm
@@ -143,13 +143,16 @@ class AsyncLLM:
     async def abort(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            self._abort(request_id, stream.core_ids)
-            stream.queue.put_nowait(_aborted_output(self.processor, request_id))
+            final = self._abort(request_id, stream.core_ids)
+            if final is not None:
+                stream.queue.put_nowait(_snapshot(final))
 
-    def _abort(self, request_id: str, core_ids: list[str]) -> None:
-        self.processor.abort_request(request_id)
+    def _abort(self, request_id: str, core_ids: list[str]) -> RequestOutput | None:
+        """Abort in the core; returns the request's final output (finish_reason "abort")."""
+        final = self.processor.abort_request(request_id)
         if self.error is None:
             self.client.abort_requests(core_ids)
+        return final
 
     # ---- the output pump ----------------------------------------------------------------------
     async def _pump_outputs(self) -> None:
@@ -195,6 +198,3 @@ def _snapshot(output: RequestOutput) -> RequestOutput:
         snap.outputs.append(c)
     return snap
 
-
-def _aborted_output(processor: OutputProcessor, request_id: str) -> RequestOutput:
-    return RequestOutput(request_id, None, [], [], finished=True)

@@ -21,7 +21,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from engine_core.config import EngineArgs, EngineConfig
+from engine_core.config import EngineArgs
 from engine_core.core_process import KIND_ABORT, KIND_ADD, KIND_SHUTDOWN, run_engine_core
 from engine_core.messages import (
     AbortRequests,
@@ -124,9 +124,8 @@ def _bind(socket: zmq.Socket, address: str) -> str:
 class _ClientBase:
     """Request bookkeeping shared by both clients."""
 
-    def __init__(self, proc: EngineProcess, config: EngineConfig) -> None:
+    def __init__(self, proc: EngineProcess) -> None:
         self.proc = proc
-        self.config = config
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
         self.unfinished: set[str] = set()
@@ -164,11 +163,11 @@ class _ClientBase:
 class EngineCoreProcClient(_ClientBase):
     """Synchronous client with `EngineCore`'s surface, for `LLM(..., engine_process=True)`."""
 
-    def __init__(self, engine_args: EngineArgs, config: EngineConfig, transport: str = "ipc",
+    def __init__(self, engine_args: EngineArgs, transport: str = "ipc",
                  host: str = "127.0.0.1", timeout_s: float = 600.0,
                  step_timeout_s: float = 600.0) -> None:
         proc = EngineProcess(engine_args, transport, host)
-        super().__init__(proc, config)
+        super().__init__(proc)
         ctx = zmq.Context.instance()
         self.input_socket = ctx.socket(zmq.PUSH)
         self.output_socket = ctx.socket(zmq.PULL)
@@ -234,21 +233,21 @@ class EngineCoreProcClient(_ClientBase):
 class AsyncEngineCoreClient(_ClientBase):
     """asyncio client for `AsyncLLM`."""
 
-    def __init__(self, proc: EngineProcess, config: EngineConfig, ctx: zmq.asyncio.Context,
+    def __init__(self, proc: EngineProcess, ctx: zmq.asyncio.Context,
                  input_socket: zmq.asyncio.Socket, output_socket: zmq.asyncio.Socket) -> None:
-        super().__init__(proc, config)
+        super().__init__(proc)
         self.ctx = ctx
         self.input_socket = input_socket
         self.output_socket = output_socket
         self.num_kv_blocks = 0
 
     @classmethod
-    async def start(cls, engine_args: EngineArgs, config: EngineConfig, *, transport: str = "ipc",
+    async def start(cls, engine_args: EngineArgs, *, transport: str = "ipc",
                     host: str = "127.0.0.1", timeout_s: float = 600.0) -> AsyncEngineCoreClient:
         proc = EngineProcess(engine_args, transport, host)
         ctx = zmq.asyncio.Context()
         input_socket, output_socket = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
-        client = cls(proc, config, ctx, input_socket, output_socket)
+        client = cls(proc, ctx, input_socket, output_socket)
         try:
             input_address = _bind(input_socket, proc.address("input"))
             output_address = _bind(output_socket, proc.address("output"))

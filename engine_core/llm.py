@@ -51,8 +51,7 @@ class LLM:
         if engine_process:  # the engine core in its own process, over ZMQ
             from engine_core.core_client import EngineCoreProcClient
 
-            self.engine = EngineCoreProcClient(self.engine_args, self.config,
-                                               transport=engine_transport)
+            self.engine = EngineCoreProcClient(self.engine_args, transport=engine_transport)
         else:
             self.engine = EngineCore(self.config)
         self.processor = OutputProcessor(self.tokenizer)

@@ -90,15 +90,6 @@ class StepBatch(msgspec.Struct, array_like=True):
     cached_requests: list[CachedRequest]
     finished_request_ids: list[str]  # the stages may drop these requests' state
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(r.num_new_tokens for r in self.new_requests) + sum(
-            r.num_new_tokens for r in self.cached_requests)
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.new_requests) + len(self.cached_requests)
-
 
 class StepOutput(msgspec.Struct, array_like=True):
     """What the last stage returns: one sampled token for each request whose step reached the end

@@ -109,7 +109,7 @@ class Scheduler:
             if not self._allocate_or_preempt(request, num_new):
                 continue  # waits for blocks (or was itself preempted)
             request.num_inflight_steps += 1
-            scheduled.append((request, num_new, request.num_synced_tokens == 0))
+            scheduled.append((request, num_new, False))  # the stages already hold it
             token_budget -= num_new
 
         preempted = self.num_preemptions > preemptions_before

@@ -165,22 +165,21 @@ class RayExecutor(Executor):
 
     def describe_failure(self, exc: BaseException) -> str:
         """Name the stage behind a Ray error."""
-        actor_id = getattr(exc, "actor_id", None)
-        stage = self._stage_of_actor.get(actor_id) if isinstance(actor_id, str) else None
-        if stage is None:
-            for actor_hex, index in self._stage_of_actor.items():
-                if actor_hex in str(exc):
-                    stage = index
-                    break
-        where = f"pipeline stage {stage}" if stage is not None else "a pipeline stage"
-        start, end = (self.config.parallel.layer_ranges(self.config.model.num_layers)[stage]
-                      if stage is not None else (None, None))
-        layers = f" (layers {start}-{end - 1})" if stage is not None else ""
         import ray
 
+        actor_id = getattr(exc, "actor_id", None)
+        stage = self._stage_of_actor.get(actor_id) if isinstance(actor_id, str) else None
+        if stage is None:  # e.g. a task error: the actor id appears in the message
+            stage = next((i for hex_id, i in self._stage_of_actor.items() if hex_id in str(exc)),
+                         None)
+        if stage is None:
+            where = "a pipeline stage"
+        else:
+            start, end = self.config.parallel.layer_ranges(self.config.model.num_layers)[stage]
+            where = f"pipeline stage {stage} (layers {start}-{end - 1})"
         if isinstance(exc, ray.exceptions.RayActorError):
-            return f"{where}{layers} died: {type(exc).__name__}"
-        return f"{where}{layers} failed: {exc}"
+            return f"{where} died: {type(exc).__name__}"
+        return f"{where} failed: {exc}"
 
     def shutdown(self) -> None:
         if self._closed:
