@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from engine_core.config import EngineArgs, EngineConfig
 from engine_core.core_client import AsyncEngineCoreClient
-from engine_core.engine import validate_prompt
 from engine_core.messages import EngineCoreOutputs, SchedulerStats
 from engine_core.output_processor import OutputProcessor
 from engine_core.outputs import RequestOutput
 from engine_core.sampling_params import SamplingParams
+from engine_core.validation import validate_prompt, validate_sampling_params
 from models import Tokenizer, load_tokenizer
 
 
@@ -115,6 +115,7 @@ class AsyncLLM:
         cancelling the iterator (a client disconnect) aborts the request and frees its KV blocks.
         EngineDeadError if the engine core dies meanwhile."""
         self.check_health()
+        validate_sampling_params(sampling_params, self.config)
         text, token_ids = self.tokenize(prompt, add_special_tokens)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._streams:

@@ -23,6 +23,7 @@ from engine_core.config import EngineConfig
 from engine_core.messages import EngineCoreOutput, EngineCoreRequest, StepBatch
 from engine_core.request import Request
 from engine_core.scheduler import Scheduler
+from engine_core.validation import validate_core_request
 from executors.base import Executor, StepFuture
 
 DEFAULT_STEP_TIMEOUT_S = 600.0
@@ -66,7 +67,7 @@ class EngineCore:
         self.stats = LoopStats()
 
     def add_request(self, core_request: EngineCoreRequest) -> None:
-        validate_prompt(core_request.prompt_token_ids, self.config)
+        validate_core_request(core_request, self.config)
         self.scheduler.add_request(Request(core_request, self.config.scheduler.max_model_len))
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -126,17 +127,3 @@ def make_executor(config: EngineConfig) -> Executor:
 
     return InProcessExecutor(config)
 
-
-def validate_prompt(prompt_token_ids: list[int], config: EngineConfig) -> None:
-    """Raise ValueError unless the prompt can be served by this engine."""
-    if not prompt_token_ids:
-        raise ValueError("the prompt is empty; give at least one token")
-    max_len = config.scheduler.max_model_len
-    if len(prompt_token_ids) > max_len:
-        raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, more than "
-                         f"max_model_len={max_len}; shorten it or raise max_model_len")
-    vocab = config.model.vocab_size
-    bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"prompt token ids must be ints in [0, {vocab}) (the vocabulary); "
-                         f"got {bad[:5]}")

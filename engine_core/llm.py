@@ -12,10 +12,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from engine_core.config import EngineArgs
-from engine_core.engine import EngineCore, validate_prompt
+from engine_core.engine import EngineCore
 from engine_core.output_processor import OutputProcessor
 from engine_core.outputs import RequestOutput
 from engine_core.sampling_params import SamplingParams
+from engine_core.validation import validate_prompt, validate_sampling_params
 from models import load_tokenizer
 
 PromptType = str | dict[str, Any]
@@ -141,15 +142,17 @@ class LLM:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
+            validate_sampling_params(sampling_params, self.config)
             return [sampling_params] * num_prompts
         params_list = list(sampling_params)
         if len(params_list) != num_prompts:
             raise ValueError(f"sampling_params has {len(params_list)} entries for {num_prompts} "
                              f"prompts; pass one SamplingParams or one per prompt")
         for i, params in enumerate(params_list):
-            if not isinstance(params, SamplingParams):
-                raise ValueError(f"sampling_params[{i}] must be a SamplingParams, "
-                                 f"got {type(params).__name__}")
+            try:
+                validate_sampling_params(params, self.config)
+            except ValueError as exc:
+                raise ValueError(f"sampling_params[{i}]: {exc}") from None
         return params_list
 
     def _tokenize(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:

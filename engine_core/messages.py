@@ -34,8 +34,12 @@ class TokenLogprobs(msgspec.Struct, array_like=True):
 
 
 class SampledToken(msgspec.Struct, array_like=True):
+    """One row's sampled token, or (`error` set, `token_id` -1) why sampling failed for that
+    row alone: the request is finished with an error, the rest of the batch goes on."""
+
     token_id: int
     logprobs: TokenLogprobs | None = None
+    error: str | None = None
 
 
 class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
@@ -54,9 +58,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | None = None  # the stop token id that ended it, if any
     num_cached_tokens: int = 0
+    error: str | None = None  # with finish_reason "error": what failed (for this request only)
 
 
 class NewRequest(msgspec.Struct, array_like=True):

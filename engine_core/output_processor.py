@@ -14,7 +14,7 @@ import msgspec
 
 from engine_core.messages import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
 from engine_core.outputs import CompletionOutput, Logprob, RequestOutput
-from engine_core.sampling_params import SamplingParams
+from engine_core.sampling_params import WIRE_INT_MAX, WIRE_INT_MIN, SamplingParams
 from models import IncrementalDetokenizer, Tokenizer
 
 
@@ -166,5 +166,10 @@ def _child_params(params: SamplingParams, index: int) -> SamplingParams:
     """Sequence `index` of an n-way request: n=1, and a distinct seed when one is set."""
     if params.n == 1:
         return params
-    seed = None if params.seed is None else params.seed + index
+    seed = None if params.seed is None else _wrap_seed(params.seed + index)
     return msgspec.structs.replace(params, n=1, seed=seed)
+
+
+def _wrap_seed(value: int) -> int:
+    """`value`, wrapped around into the wire's int range when `seed + index` overflows it."""
+    return value if value <= WIRE_INT_MAX else value - WIRE_INT_MAX - 1 + WIRE_INT_MIN

@@ -14,10 +14,12 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["GREEDY_TEMPERATURE", "MAX_LOGPROBS", "SamplingParams"]
+__all__ = ["GREEDY_TEMPERATURE", "MAX_LOGPROBS", "WIRE_INT_MAX", "WIRE_INT_MIN", "SamplingParams"]
 
 MAX_LOGPROBS = 20  # the most top logprobs a request may ask for
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (argmax)
+# Every int field must fit a msgpack integer (int64 or uint64), the wire's range.
+WIRE_INT_MIN, WIRE_INT_MAX = -(1 << 63), (1 << 64) - 1
 
 
 _FLOAT_FIELDS = (
@@ -112,9 +114,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 def _int(name: str, value: Any) -> int:
-    """`value` if it is an int; bools are not."""
+    """`value` if it is an int in the wire's range; bools are not ints here."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {value!r}")
+    if not WIRE_INT_MIN <= value <= WIRE_INT_MAX:
+        raise ValueError(f"{name} must be a 64-bit int (in [-2**63, 2**64 - 1]), got {value!r}")
     return int(value)
 
 
@@ -141,6 +145,8 @@ def _token_ids(name: str, value: Any) -> list[int]:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{name} must be a list of ints, got {value!r}")
     for token_id in value:
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-            raise ValueError(f"{name} must hold non-negative ints, got {token_id!r}")
+        if (isinstance(token_id, bool) or not isinstance(token_id, int)
+                or not 0 <= token_id <= WIRE_INT_MAX):
+            raise ValueError(f"{name} must hold token ids (non-negative ints below 2**64), "
+                             f"got {token_id!r}")
     return list(value)
