@@ -179,18 +179,28 @@ class KVBlockManager:
             self._hash_full_blocks(record, token_ids, num_known // self.block_size)
         return new_ids
 
-    def free(self, request_id: str) -> None:
+    def free(self, request_id: str, num_valid_tokens: int | None = None) -> None:
         """Drop the request's references and forget its table. Unknown id: no-op.
 
         Blocks whose ref count reaches 0 go back to the free queue; hashed ones stay reusable
         by hash until evicted. They are appended tail first, so the request's tail blocks are
         evicted before its head blocks (a shared prefix outlives its suffixes).
+
+        `num_valid_tokens`: only the KV of the request's first that many tokens was written (a
+        step that was allocated and hashed never ran); blocks holding later tokens lose their
+        hash, so no later request can hit KV that does not exist.
         """
         req = self._requests.pop(request_id, None)
         if req is None:
             return
-        for block_id in reversed(req.block_ids):
+        first_invalid = len(req.block_ids)
+        if num_valid_tokens is not None:
+            first_invalid = num_valid_tokens // self.block_size
+        for index, block_id in reversed(list(enumerate(req.block_ids))):
             block = self._blocks[block_id]
+            if index >= first_invalid and block.block_hash is not None:
+                del self._cached[block.block_hash]
+                block.block_hash = None
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None

@@ -9,6 +9,13 @@ future, then update the scheduler). Filling the pipeline has priority over colle
     outputs = scheduler.update(batch, future.result(timeout))
 
 One thread drives it: the caller adds requests and aborts between calls to `step()`.
+
+Failures are kept to their owner. A request that fails on its own (its sampling row raised)
+finishes with finish_reason "error" and the batch goes on; only a failed step (a stage down, a
+timeout) fails the engine. An interrupt (KeyboardInterrupt, or any non-`Exception`) raised inside
+`step()` leaves the engine sound: a step being waited for stays in flight and is finished by the
+next call, and a batch whose submission was cut short is cancelled (its requests aborted, its
+blocks returned once nothing of theirs is in flight).
 """
 
 from __future__ import annotations
@@ -65,8 +72,11 @@ class EngineCore:
         self.step_timeout_s = step_timeout_s
         self.error: BaseException | None = None  # set once a step failed: the engine is dead
         self.stats = LoopStats()
+        self._pending_outputs: list[EngineCoreOutput] = []  # to return with the next step
 
     def add_request(self, core_request: EngineCoreRequest) -> None:
+        """Queue a request. ValueError (naming the field) if it is invalid for this model; the
+        engine is then untouched."""
         validate_core_request(core_request, self.config)
         self.scheduler.add_request(Request(core_request, self.config.scheduler.max_model_len))
 
@@ -74,7 +84,8 @@ class EngineCore:
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
+        return (self.scheduler.has_unfinished_requests() or bool(self.in_flight)
+                or bool(self._pending_outputs))
 
     def step(self) -> list[EngineCoreOutput]:
         """One turn of the loop: fill the pipeline, then finish the oldest batch in flight.
@@ -90,26 +101,43 @@ class EngineCore:
                 batch = self.scheduler.schedule()
                 if batch is None:
                     break
-                self.in_flight.append((batch, self.executor.submit(batch)))
+                self.in_flight.append((batch, self._submit(batch)))
             if not self.in_flight:
                 if self.scheduler.has_unfinished_requests():  # would spin forever otherwise
                     raise RuntimeError(
                         f"the scheduler can make no progress: {self.scheduler.num_running} "
                         f"running and {self.scheduler.num_waiting} waiting requests, nothing "
                         f"in flight, {self.block_manager.num_free_blocks} free KV blocks")
-                return []
+                return self._take_pending()
             batch, future = self.in_flight.popleft()
             wait_start = time.perf_counter()
-            output = future.result(timeout=self.step_timeout_s)
+            try:
+                output = future.result(timeout=self.step_timeout_s)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # interrupted: the step itself still runs
+                    self.in_flight.appendleft((batch, future))
+                raise
             self.stats.wait_s += time.perf_counter() - wait_start
         except Exception as exc:
             self.error = exc
             self.in_flight.clear()
             self.scheduler.drop_all()
             raise RuntimeError(str(exc)) from exc
-        outputs = self.scheduler.update(batch, output)
+        outputs = self._take_pending() + self.scheduler.update(batch, output)
         self.stats.num_steps += 1
         self.stats.total_s += time.perf_counter() - start
+        return outputs
+
+    def _submit(self, batch: StepBatch) -> StepFuture:
+        try:
+            return self.executor.submit(batch)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # interrupted mid-submit: the batch never ran
+                self._pending_outputs.extend(self.scheduler.cancel_step(batch))
+            raise
+
+    def _take_pending(self) -> list[EngineCoreOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
         return outputs
 
     def shutdown(self) -> None:

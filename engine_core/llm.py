@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from engine_core.config import EngineArgs
 from engine_core.engine import EngineCore
+from engine_core.interrupts import DeferredInterrupt
 from engine_core.output_processor import OutputProcessor
 from engine_core.outputs import RequestOutput
 from engine_core.sampling_params import SamplingParams
@@ -100,31 +101,37 @@ class LLM:
 
     def _run(self, tokenized: list[tuple[str | None, list[int]]],
              params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
-        request_ids = []
-        for (prompt, token_ids), params in zip(tokenized, params_list):
-            request_id = str(next(self._request_counter))
-            for core_request in self.processor.add_request(
-                    request_id, prompt, token_ids, params, self._eos_token_ids, time.time()):
-                self.engine.add_request(core_request)
-            request_ids.append(request_id)
+        """Run the requests to completion. Any exception or interrupt (Ctrl-C) aborts every
+        request of this call and finishes the steps in flight, so all KV blocks are back and the
+        next call works; Ctrl-C is taken between engine steps (twice: at once)."""
+        request_ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True,
+        bar = tqdm(total=len(tokenized), desc="Processed prompts", dynamic_ncols=True,
                    disable=not use_tqdm)
         start, num_output_tokens = time.perf_counter(), 0
         try:
-            while len(finished) < len(request_ids):
-                core_outputs = self.engine.step()
-                num_output_tokens += sum(len(o.new_token_ids) for o in core_outputs)
-                changed, to_abort = self.processor.process(core_outputs)
-                if to_abort:
-                    self.engine.abort_requests(to_abort)
-                for output in changed:
-                    if output.finished:
-                        finished[output.request_id] = output
-                        bar.update(1)
-                if use_tqdm:
-                    rate = num_output_tokens / max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(f"output {rate:.1f} toks/s", refresh=False)
+            with DeferredInterrupt() as interrupt:
+                for (prompt, token_ids), params in zip(tokenized, params_list):
+                    request_id = str(next(self._request_counter))
+                    request_ids.append(request_id)
+                    for core_request in self.processor.add_request(
+                            request_id, prompt, token_ids, params, self._eos_token_ids,
+                            time.time()):
+                        self.engine.add_request(core_request)
+                while len(finished) < len(request_ids):
+                    core_outputs = self.engine.step()
+                    num_output_tokens += sum(len(o.new_token_ids) for o in core_outputs)
+                    changed, to_abort = self.processor.process(core_outputs)
+                    if to_abort:
+                        self.engine.abort_requests(to_abort)
+                    for output in changed:
+                        if output.finished:
+                            finished[output.request_id] = output
+                            bar.update(1)
+                    if use_tqdm:
+                        rate = num_output_tokens / max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"output {rate:.1f} toks/s", refresh=False)
+                    interrupt.check()
         except BaseException:
             self._abort(request_ids)
             raise
@@ -133,10 +140,15 @@ class LLM:
         return [finished[request_id] for request_id in request_ids]
 
     def _abort(self, request_ids: list[str]) -> None:
+        """Abort these requests, then finish the engine's steps in flight (their outputs all
+        belong to aborted requests) so every block is back in the pool."""
         for request_id in request_ids:
             core_ids = self.processor.core_request_ids(request_id)
             self.processor.abort_request(request_id)
             self.engine.abort_requests(core_ids)
+        with contextlib.suppress(Exception):  # a dead engine has nothing in flight
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
 
     def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
         if sampling_params is None:

@@ -3,11 +3,13 @@
 It detokenizes incrementally, applies stop strings (the engine core never sees text: a stop string
 match makes the front-end abort the request in the core), builds logprob dicts and joins the n
 sequences of a request. The engine core knows each sequence as its own request, with id
-`"{index}_{request_id}"` when n > 1.
+`"{index}_{request_id}"` when n > 1. A sequence whose processing raises (a detokenizer or
+stop-string failure) finishes alone with finish_reason "error"; the others are unaffected.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import msgspec
@@ -16,6 +18,8 @@ from engine_core.messages import EngineCoreOutput, EngineCoreRequest, TokenLogpr
 from engine_core.outputs import CompletionOutput, Logprob, RequestOutput
 from engine_core.sampling_params import WIRE_INT_MAX, WIRE_INT_MIN, SamplingParams
 from models import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,9 +108,16 @@ class OutputProcessor:
             seq = state.sequences[out.request_id]
             if seq.output.finish_reason is not None:
                 continue
-            self._append(seq, out)
-            if seq.output.finish_reason is None and self._check_stop_strings(seq):
-                to_abort.append(out.request_id)
+            try:
+                self._append(seq, out)
+                if seq.output.finish_reason is None and self._check_stop_strings(seq):
+                    to_abort.append(out.request_id)
+            except Exception as exc:  # this sequence alone fails; the others go on
+                logger.exception("processing the output of %s failed", out.request_id)
+                seq.output.finish_reason = "error"
+                seq.output.error = f"output processing failed: {type(exc).__name__}: {exc}"
+                if out.finish_reason is None:
+                    to_abort.append(out.request_id)  # still running in the core: stop it
             state.output.num_cached_tokens = max(state.output.num_cached_tokens,
                                                  out.num_cached_tokens)
             if seq.output.finish_reason is not None:
@@ -132,6 +143,7 @@ class OutputProcessor:
         if out.finish_reason is not None:
             completion.finish_reason = out.finish_reason
             completion.stop_reason = out.stop_reason
+            completion.error = out.error
 
     def _check_stop_strings(self, seq: _Sequence) -> bool:
         """Truncate at the first stop string, if one has appeared. True if the sequence ended."""

@@ -15,6 +15,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()  # failed on its own (e.g. in sampling); the batch went on
 
     @property
     def is_finished(self) -> bool:
@@ -26,6 +27,7 @@ class RequestStatus(enum.IntEnum):
             RequestStatus.FINISHED_STOPPED: "stop",
             RequestStatus.FINISHED_LENGTH: "length",
             RequestStatus.FINISHED_ABORTED: "abort",
+            RequestStatus.FINISHED_ERROR: "error",
         }.get(self)
 
 
@@ -57,6 +59,10 @@ class Request:
         self.num_synced_tokens = 0
         self.num_synced_blocks = 0
         self.stop_reason: int | None = None
+        self.error: str | None = None  # why it finished with FINISHED_ERROR
+        # KV of tokens at and after this position was never written (a cancelled step); their
+        # blocks must not stay in the prefix cache when the request is released.
+        self.num_valid_kv_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -212,6 +212,12 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
+            if sampled.error is not None:  # this request alone failed: finish it, go on
+                request.status, request.error = RequestStatus.FINISHED_ERROR, sampled.error
+                self.running.remove(request)
+                outputs.append(EngineCoreOutput(request_id, [], finish_reason="error",
+                                                error=sampled.error))
+                continue
             request.append_token(sampled.token_id)
             logprobs = None if sampled.logprobs is None else [sampled.logprobs]
             outputs.append(EngineCoreOutput(
@@ -230,7 +236,30 @@ class Scheduler:
                 self._release(request)
         return outputs
 
+    def cancel_step(self, batch: StepBatch) -> list[EngineCoreOutput]:
+        """Undo a scheduled batch that never ran (its submission was interrupted): each of its
+        requests is aborted, and its blocks go back to the pool once no other step of it is in
+        flight, without leaving the never-written KV in the prefix cache. Returns the abort
+        outputs."""
+        self._finished_ids.extend(batch.finished_request_ids)  # the stages never saw them
+        outputs = []
+        for item in itertools.chain(batch.new_requests, batch.cached_requests):
+            request = self.requests.get(item.request_id)
+            if request is None:
+                continue
+            request.num_inflight_steps -= 1
+            valid = item.num_computed_tokens  # this step would have written the KV after it
+            if request.num_valid_kv_tokens is not None:
+                valid = min(valid, request.num_valid_kv_tokens)
+            request.num_valid_kv_tokens = valid
+            if not request.is_finished:
+                self.abort_requests([request.request_id])
+                outputs.append(EngineCoreOutput(request.request_id, [], finish_reason="abort"))
+            elif request.num_inflight_steps == 0 and request.request_id in self.requests:
+                self._release(request)
+        return outputs
+
     def _release(self, request: Request) -> None:
-        self.block_manager.free(request.request_id)
+        self.block_manager.free(request.request_id, request.num_valid_kv_tokens)
         self._finished_ids.append(request.request_id)
         del self.requests[request.request_id]

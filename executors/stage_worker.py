@@ -8,16 +8,19 @@ states. The last stage computes logits only for the requests that sample and run
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
 from engine_core.config import EngineConfig
-from engine_core.messages import NewRequest, StepBatch, StepOutput
+from engine_core.messages import NewRequest, SampledToken, StepBatch, StepOutput
 from engine_core.sampling_params import SamplingParams
 from executors.sampler import Sampler, SamplingRow
 from models import AttentionMetadata, load_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,7 +132,19 @@ class StageWorker:
             return StepOutput(step_id, [], [])
         index = torch.tensor(last_token_index, device=hidden.device)
         logits = self.model.compute_logits(hidden[index])  # [num_rows, vocab]
-        return StepOutput(step_id, row_ids, self.sampler(logits, rows))
+        try:
+            sampled = self.sampler(logits, rows)
+        except Exception:  # find the rows at fault; the others are sampled as usual
+            sampled = [self._sample_row(logits[i:i + 1], row) for i, row in enumerate(rows)]
+        return StepOutput(step_id, row_ids, sampled)
+
+    def _sample_row(self, logits: torch.Tensor, row: SamplingRow) -> SampledToken:
+        """Sample one row alone ([1, vocab] logits); a failure becomes that row's error."""
+        try:
+            return self.sampler(logits, [row])[0]
+        except Exception as exc:
+            logger.exception("sampling failed for one request")
+            return SampledToken(-1, error=f"sampling failed: {type(exc).__name__}: {exc}")
 
 
 def _new_state(new: NewRequest) -> _RequestState:

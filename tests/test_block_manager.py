@@ -469,3 +469,15 @@ BlockManagerMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None
 )
 TestBlockManagerMachine = BlockManagerMachine.TestCase
+
+
+def test_free_with_unwritten_tail_uncaches_only_those_blocks() -> None:
+    """A step that was allocated (and hashed) but never ran: its blocks must leave the cache."""
+    bm = KVBlockManager(10, 4)
+    prompt = list(range(1, 13))  # 3 full blocks
+    bm.allocate("a", prompt, 8, 0)  # blocks 0-1 written by a step that ran
+    bm.allocate("a", prompt, 4, 8)  # block 2 hashed, but its step never runs
+    bm.free("a", num_valid_tokens=8)
+    assert bm.num_free_blocks == 9
+    hits, num_computed = bm.get_computed_blocks(prompt)
+    assert num_computed == 8 and len(hits) == 2
