@@ -62,7 +62,7 @@ def test_sampling_fault_fails_only_its_request(text_model, reference, monkeypatc
     monkeypatch.setattr(Sampler, "__call__", planted)
     llm = LLM(text_model, dtype="float32")
     bad = SamplingParams(temperature=0.8, seed=666, max_tokens=12)
-    outputs = llm.generate(PROMPTS + ["x = 1"], [GREEDY] * 3 + [bad], use_tqdm=False)
+    outputs = llm.generate([*PROMPTS, "x = 1"], [GREEDY, GREEDY, GREEDY, bad], use_tqdm=False)
     assert tokens(outputs[:3]) == reference["short"]
     failed = outputs[3].outputs[0]
     assert failed.finish_reason == "error" and failed.token_ids == []
@@ -83,7 +83,7 @@ def test_output_processing_fault_fails_only_its_request(text_model, reference, m
     monkeypatch.setattr(OutputProcessor, "_check_stop_strings", planted)
     llm = LLM(text_model, dtype="float32")
     bad = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, stop=["BOOM"])
-    outputs = llm.generate(PROMPTS + ["x = 1"], [GREEDY] * 3 + [bad], use_tqdm=False)
+    outputs = llm.generate([*PROMPTS, "x = 1"], [GREEDY, GREEDY, GREEDY, bad], use_tqdm=False)
     assert tokens(outputs[:3]) == reference["short"]
     failed = outputs[3].outputs[0]
     assert failed.finish_reason == "error" and "planted detokenizer fault" in failed.error
