@@ -300,7 +300,8 @@ def _logprobs(
     sampled_logprob = logprobs.gather(1, sampled)  # [num_logprob_rows, 1]
     sampled_rank = (logprobs > sampled_logprob).sum(dim=-1) + 1  # [num_logprob_rows]
 
-    max_k = max(rows[i].params.logprobs or 0 for i in idx)
+    # A model with fewer tokens than asked for returns them all.
+    max_k = min(max(rows[i].params.logprobs or 0 for i in idx), logprobs.shape[1])
     top_logprobs, top_ids = logprobs.topk(max_k, dim=-1)  # [num_logprob_rows, max_k]
 
     # One device-to-host transfer per tensor, then plain lists.
@@ -314,7 +315,7 @@ def _logprobs(
         top_logprobs.tolist(),
     )
     for i, token_id, logprob, rank, ids, values in columns:
-        k = rows[i].params.logprobs or 0
+        k = min(rows[i].params.logprobs or 0, max_k)
         out[i] = TokenLogprobs(
             token_ids=[token_id, *ids[:k]],
             logprobs=[logprob, *values[:k]],

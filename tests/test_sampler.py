@@ -150,6 +150,14 @@ def test_logprob_rank_of_a_non_top_token() -> None:
     assert token.logprobs.ranks == [2, 1]
 
 
+def test_more_logprobs_than_the_vocabulary_returns_them_all() -> None:
+    logits = torch.tensor([[0.0, 3.0, 2.0], [1.0, 0.0, 0.5]])
+    rows = [make_row(temperature=0, logprobs=20), make_row(temperature=0, logprobs=2)]
+    first, second = Sampler()(logits, rows)
+    assert first.logprobs.token_ids == [1, 1, 2, 0] and first.logprobs.ranks == [1, 1, 2, 3]
+    assert second.logprobs.token_ids == [0, 0, 2]
+
+
 # --- filters and temperature -------------------------------------------------------------------
 
 # Distinct probabilities, none tied, with the top-p / min-p boundaries far from any cut.
