@@ -535,7 +535,7 @@ class _FakeLLM:
 
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(scheduler=SimpleNamespace(max_model_len=64),
-                                      model_dir="fake")
+                                      model=SimpleNamespace(vocab_size=512), model_dir="fake")
         self.stats = SchedulerStats()
         self.num_restarts = 0
         self.is_running = True

@@ -63,6 +63,7 @@ from engine_core.server.protocol import (
     usage,
     validation_error,
 )
+from engine_core.validation import validate_sampling_params
 from models.tokenizer import PROMPT_CHARS_SAFETY_FACTOR
 
 if TYPE_CHECKING:
@@ -259,13 +260,16 @@ class OpenAIServing:
                 param=param)
         return requested
 
-    @staticmethod
-    def _sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                         logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, request: CompletionRequest | ChatCompletionRequest,
+                         max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams, checked against the model too (stop_token_ids in the
+        vocabulary), so that every bad value is a 400 before a stream starts."""
         try:
-            return request.sampling_params(max_tokens, logprobs)
+            params = request.sampling_params(max_tokens, logprobs)
+            validate_sampling_params(params, self.llm.config)
         except ValueError as exc:
             raise RequestError(str(exc), param=param_of(str(exc))) from None
+        return params
 
     def _observe(self, prompt: _Prompt, output: RequestOutput) -> None:
         """Metrics and the log line of one snapshot of `prompt`'s output."""
