@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.checkpoints import make_checkpoint
@@ -220,60 +220,65 @@ JUNK = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=3)
                     | st.dictionaries(st.text(max_size=6), kids, max_size=3), max_leaves=8)
 NOT_NULL = JUNK.filter(lambda v: v is not None)  # null max_tokens would fill the context: slow
 TEXT = st.text(max_size=40)
-TOKEN_IDS = st.lists(st.integers(0, 600), min_size=0, max_size=8)
+TOKEN_IDS = st.lists(st.integers(3, 511), min_size=1, max_size=8) | st.lists(
+    st.integers(0, 600), max_size=8)  # the vocabulary has 512 ids
 
 
-def _maybe(plausible: st.SearchStrategy, junk: st.SearchStrategy = JUNK) -> st.SearchStrategy:
-    return st.one_of(plausible, plausible, junk)
-
-
+# Each field's plausible values (which may still be invalid together: stream_options without
+# stream, min_tokens > max_tokens, token ids past the vocabulary, an empty prompt).
 SHARED = {
-    "model": _maybe(st.just(MODEL)),
-    "n": _maybe(st.integers(1, 3)),
-    "temperature": _maybe(st.floats(0, 2)),
-    "top_p": _maybe(st.floats(0, 1)),
-    "top_k": _maybe(st.integers(-1, 50)),
-    "min_p": _maybe(st.floats(0, 1)),
-    "seed": _maybe(st.integers(0, 2**64 - 1)),
-    "presence_penalty": _maybe(st.floats(-2, 2)),
-    "frequency_penalty": _maybe(st.floats(-2, 2)),
-    "repetition_penalty": _maybe(st.floats(0.5, 2)),
-    "stop": _maybe(TEXT | st.lists(TEXT, max_size=3)),
-    "stop_token_ids": _maybe(TOKEN_IDS),
-    "min_tokens": _maybe(st.integers(0, 4)),
-    "ignore_eos": _maybe(st.booleans()),
-    "skip_special_tokens": _maybe(st.booleans()),
-    "include_stop_str_in_output": _maybe(st.booleans()),
-    "return_token_ids": _maybe(st.booleans()),
-    "stream_options": _maybe(st.fixed_dictionaries({"include_usage": st.booleans()})),
-    "logit_bias": _maybe(st.just({})),
-    "user": _maybe(TEXT),
+    "model": st.just(MODEL),
+    "n": st.integers(1, 3),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(-1, 50),
+    "min_p": st.floats(0, 1),
+    "seed": st.integers(0, 2**64 - 1),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "stop": TEXT | st.lists(TEXT, max_size=3),
+    "stop_token_ids": TOKEN_IDS,
+    "min_tokens": st.integers(0, 4),
+    "ignore_eos": st.booleans(),
+    "skip_special_tokens": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "return_token_ids": st.booleans(),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "logit_bias": st.just({}),
+    "user": TEXT,
 }
 COMPLETION_FIELDS = {
-    "prompt": _maybe(TEXT | TOKEN_IDS | st.lists(TEXT, max_size=3)
-                     | st.lists(TOKEN_IDS, max_size=3)),
-    "max_tokens": _maybe(st.integers(1, 4), NOT_NULL),
-    "logprobs": _maybe(st.integers(0, 5)),
-    "echo": _maybe(st.booleans()),
-    "suffix": _maybe(st.none() | TEXT),
-    "best_of": _maybe(st.none() | st.integers(1, 3)),
+    **SHARED,
+    "prompt": TEXT | TOKEN_IDS | st.lists(TEXT, max_size=3) | st.lists(TOKEN_IDS, max_size=3),
+    "max_tokens": st.integers(1, 4),
+    "logprobs": st.integers(0, 5),
+    "echo": st.booleans(),
+    "suffix": st.none() | st.just("") | TEXT,
+    "best_of": st.none() | st.just(1),
 }
-CONTENT = TEXT | st.lists(st.fixed_dictionaries(
-    {"type": _maybe(st.just("text")), "text": _maybe(TEXT)}), max_size=3)
+CONTENT = TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}),
+                          max_size=3)
 MESSAGE = st.fixed_dictionaries(
-    {"role": _maybe(st.sampled_from(["system", "user", "assistant", "developer", "tool"])),
-     "content": _maybe(CONTENT)}, optional={"name": _maybe(TEXT)})
+    {"role": st.sampled_from(["system", "user", "assistant", "developer", "tool"]),
+     "content": CONTENT | st.none()}, optional={"name": TEXT})
 CHAT_FIELDS = {
-    "messages": _maybe(st.lists(MESSAGE, max_size=3)),
-    "max_tokens": _maybe(st.integers(1, 4), NOT_NULL),
-    "max_completion_tokens": _maybe(st.integers(1, 4), NOT_NULL),
-    "logprobs": _maybe(st.booleans()),
-    "top_logprobs": _maybe(st.integers(0, 5)),
-    "response_format": _maybe(st.fixed_dictionaries({"type": st.just("text")})),
-    "add_generation_prompt": _maybe(st.booleans()),
-    "chat_template_kwargs": _maybe(st.dictionaries(st.text(max_size=8), JUNK, max_size=2)),
-    "tools": _maybe(st.none()),
+    **SHARED,
+    "messages": st.lists(MESSAGE, min_size=1, max_size=3),
+    "max_tokens": st.integers(1, 4),
+    "max_completion_tokens": st.integers(1, 4),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 5),
+    "response_format": st.fixed_dictionaries({"type": st.just("text")}),
+    "add_generation_prompt": st.booleans(),
+    "chat_template_kwargs": st.dictionaries(st.text(max_size=8), JUNK, max_size=2),
+    "tools": st.none(),
 }
+# Fields whose absence or null means "fill the context": junk for them is never null (slow).
+NEVER_NULL = frozenset({"max_tokens", "max_completion_tokens"})
+REQUIRED = {"/v1/completions": ("prompt", "max_tokens"), "/v1/chat/completions": (
+    "messages", "max_tokens")}
 
 
 @dataclass
@@ -287,20 +292,36 @@ class FuzzCase:
         return f"FuzzCase({self.body[:300]!r})"
 
 
+def _junk_for(name: str) -> st.SearchStrategy:
+    return NOT_NULL if name in NEVER_NULL else JUNK
+
+
 @st.composite
-def bodies(draw: st.DrawFn, fields: dict, required: dict) -> FuzzCase:
-    """A JSON body: mostly an object of the endpoint's fields (each plausible or junk; the
-    required ones mostly present), sometimes junk JSON or bytes that are not JSON at all."""
-    kind = draw(st.sampled_from(["object"] * 8 + ["junk", "bytes"]))
+def bodies(draw: st.DrawFn, route: str) -> FuzzCase:
+    """A JSON body for `route`. Kinds: "valid" (every field plausible), "one-junk" (one field
+    junk), "junky" (each field junk one time in three), JSON junk, and bytes that may not be
+    JSON at all. The required fields are always present in objects (as plausible or junk)."""
+    fields = COMPLETION_FIELDS if route == COMPLETIONS else CHAT_FIELDS
+    required = REQUIRED[route]
+    kind = draw(st.sampled_from(["valid"] * 4 + ["one-junk"] * 3 + ["junky"] * 2
+                                + ["json-junk", "bytes"]))
     if kind == "bytes":
         return FuzzCase(draw(st.binary(max_size=40)), False)
-    if kind == "junk":
+    if kind == "json-junk":
         value = draw(JUNK)
     else:
+        def pick(name: str) -> st.SearchStrategy:
+            plausible = fields[name]
+            return st.one_of(plausible, plausible, _junk_for(name)) if kind == "junky" \
+                else plausible
+
         value = draw(st.fixed_dictionaries(
-            {k: st.one_of(v, v, v, JUNK) for k, v in required.items()},
-            optional={**SHARED, **fields, "stream": _maybe(st.booleans())}))
-    if isinstance(value, dict):  # unknown fields are ignored
+            {name: pick(name) for name in required},
+            optional={name: pick(name) for name in fields if name not in required}))
+        if kind == "one-junk":
+            name = draw(st.sampled_from(sorted(fields)))
+            value[name] = draw(_junk_for(name))
+        # unknown fields are ignored
         value.update(draw(st.dictionaries(st.text(max_size=8).map(lambda s: "x-" + s), JUNK,
                                           max_size=2)))
     text = json.dumps(value, ensure_ascii=draw(st.booleans()), allow_nan=True)
@@ -317,19 +338,21 @@ FUZZ = settings(max_examples=150, deadline=None, database=None,
 
 def _fuzz_post(http: httpx.Client, route: str, case: FuzzCase) -> None:
     response = http.post(route, content=case.body, headers={"Content-Type": "application/json"})
+    event(f"HTTP {response.status_code}{' stream' if case.stream else ''}")
+    if response.status_code != 200:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            event(f"param {response.json()['error']['param']}")
     _check_answer(response, case.stream, case)
 
 
 @FUZZ
-@given(case=bodies(COMPLETION_FIELDS, {"prompt": COMPLETION_FIELDS["prompt"],
-                                       "max_tokens": COMPLETION_FIELDS["max_tokens"]}))
+@given(case=bodies(COMPLETIONS))
 def test_fuzz_completions(server, http, expected_text, case):
     _fuzz_post(http, COMPLETIONS, case)
 
 
 @FUZZ
-@given(case=bodies(CHAT_FIELDS, {"messages": CHAT_FIELDS["messages"],
-                                 "max_tokens": CHAT_FIELDS["max_tokens"]}))
+@given(case=bodies(CHAT))
 def test_fuzz_chat_completions(server, http, expected_text, case):
     _fuzz_post(http, CHAT, case)
 
