@@ -428,6 +428,21 @@ def test_overflowing_numbers_are_400_before_streaming(http, field, value, endpoi
             (case, response.text)
 
 
+def test_request_size_caps(http, expected_text):
+    """Each prompt is an engine request and each stop is checked every step: both are capped."""
+    cases = [(COMPLETIONS, {**GOOD, "prompt": [[5]] * 1025}, "prompt"),
+             (COMPLETIONS, {**GOOD, "stop": ["a"] * 65}, "stop"),
+             (CHAT, {**GOOD_CHAT, "stop_token_ids": [5] * 1025, "stream": True},
+              "stop_token_ids")]
+    for route, body, param in cases:
+        response = http.post(route, json=body)
+        assert response.status_code == 400, response.text[:300]
+        assert _assert_openai_error(response, route)["param"] == param
+    assert http.post(COMPLETIONS, json={**GOOD, "prompt": [[5]] * 4, "max_tokens": 1,
+                                        "stop": ["a"] * 64}).status_code == 200
+    assert _greedy_text(http) == expected_text
+
+
 def test_20mb_body_is_413_fast_and_health_stays_fast(server, http, expected_text):
     prompt = "hello world " * (20_000_000 // 12)
     body = json.dumps({**GOOD, "prompt": prompt}).encode()

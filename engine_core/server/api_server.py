@@ -484,7 +484,9 @@ class OpenAIServing:
             text = self.llm.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=request.add_generation_prompt,
                 **(request.chat_template_kwargs or {}))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError) as exc:
+            # the template is the server's, but messages and chat_template_kwargs are the
+            # client's: a template that fails on them is a bad request
             raise RequestError(f"cannot apply the chat template: {exc}",
                                param="messages") from None
         if not isinstance(text, str):
