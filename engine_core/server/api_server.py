@@ -285,7 +285,7 @@ class OpenAIServing:
         reasons = sorted({c.finish_reason or "abort" for c in output.outputs})
         e2e = now - prompt.arrival
         ttft = (prompt.first_token_time or now) - prompt.arrival
-        if "abort" not in reasons:
+        if not {"abort", "error"} & set(reasons):  # only requests that ran to their end
             self.metrics.record_finished(reasons[0], ttft, e2e,
                                          max(len(c.token_ids) for c in output.outputs))
         logger.info("%s finished (%s): prompt_tokens=%d output_tokens=%d ttft=%.3fs e2e=%.3fs",
