@@ -345,20 +345,17 @@ def _fuzz_post(http: httpx.Client, route: str, case: FuzzCase) -> None:
     _check_answer(response, case.stream, case)
 
 
-@FUZZ
-@given(case=bodies(COMPLETIONS))
-def test_fuzz_completions(server, http, expected_text, case):
-    _fuzz_post(http, COMPLETIONS, case)
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT])
+def test_fuzz(server, http, expected_text, route):
+    """150 hypothesis bodies against `route`; then the server still serves: the same greedy
+    text as before, /health 200, and every KV block free once idle."""
 
+    @FUZZ
+    @given(case=bodies(route))
+    def fuzz(case: FuzzCase) -> None:
+        _fuzz_post(http, route, case)
 
-@FUZZ
-@given(case=bodies(CHAT))
-def test_fuzz_chat_completions(server, http, expected_text, case):
-    _fuzz_post(http, CHAT, case)
-
-
-def test_server_still_serves_after_fuzzing(server, http, expected_text):
-    """Runs after the fuzz tests (file order): same greedy text, healthy, every block free."""
+    fuzz()
     assert _greedy_text(http) == expected_text
     assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
     m = _wait_idle(http)
