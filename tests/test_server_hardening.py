@@ -540,6 +540,7 @@ def test_restart_engine(model_dir, tmp_path):
             response = asyncio.run(asyncio.wait_for(in_flight(), TIMEOUT))
             assert response.status_code == 500, response.text
             assert response.json()["error"]["code"] == "engine_dead"
+            assert client.get("/health").status_code == 503  # restarting
             deadline = time.monotonic() + 60
             while True:
                 with contextlib.suppress(httpx.HTTPError, RuntimeError):
@@ -624,6 +625,28 @@ def test_per_request_engine_error_is_500_and_others_go_on(model_dir):
         assert events[-2]["error"]["code"] == "internal_error"
     events = list(sse_events(fine_stream))
     assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+
+
+def test_build_app_limits_in_process(model_dir):
+    from engine_core.server import build_app
+    from models import load_tokenizer
+
+    llm = _FakeLLM(load_tokenizer(model_dir))
+    with pytest.raises(ValueError, match="api_key"):
+        build_app(llm, MODEL, protect_metrics=True)
+    app = build_app(llm, MODEL, max_request_bytes=200)
+
+    async def run() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     timeout=TIMEOUT) as client:
+            small = await client.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2})
+            large = await client.post(COMPLETIONS, json={"prompt": "x" * 300})
+            return small, large
+
+    small, large = asyncio.run(run())
+    assert small.status_code == 200
+    assert large.status_code == 413 and large.json()["error"]["code"] == 413
 
 
 def test_max_chars_per_token(model_dir):
