@@ -10,7 +10,7 @@ import asyncio
 import copy
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from engine_core.config import EngineArgs, EngineConfig
@@ -56,7 +56,11 @@ class AsyncLLM:
         self._ids = itertools.count()
         self.stats = SchedulerStats()
         self.error: BaseException | None = None
+        self.num_restarts = 0
+        self._dead = asyncio.Event()
         self._output_task: asyncio.Task | None = None
+        # Starts a fresh engine core like the first one (set by `create`); see `restart`.
+        self._start_client: Callable[[], Awaitable[AsyncEngineCoreClient]] | None = None
 
     @classmethod
     async def create(cls, engine_args: EngineArgs, *, transport: str = "ipc",
@@ -65,9 +69,13 @@ class AsyncLLM:
         `transport` is "ipc" (a private temp dir) or "tcp" (on `host`)."""
         config = engine_args.resolve()
         tokenizer = load_tokenizer(config.model_dir)
-        client = await AsyncEngineCoreClient.start(engine_args, transport=transport, host=host,
-                                                   timeout_s=startup_timeout_s)
-        llm = cls(config, tokenizer, client)
+
+        def start_client() -> Awaitable[AsyncEngineCoreClient]:
+            return AsyncEngineCoreClient.start(engine_args, transport=transport, host=host,
+                                               timeout_s=startup_timeout_s)
+
+        llm = cls(config, tokenizer, await start_client())
+        llm._start_client = start_client
         llm._output_task = asyncio.get_running_loop().create_task(llm._pump_outputs())
         return llm
 
@@ -82,6 +90,40 @@ class AsyncLLM:
             raise EngineDeadError(str(self.error))
         if not self.client.is_alive():
             raise EngineDeadError("the engine-core process is not running")
+
+    async def wait_until_dead(self) -> BaseException:
+        """Wait until the engine core has died or failed (the output pump set `error`), and
+        return that error. Returns at once if it is dead already."""
+        await self._dead.wait()
+        assert self.error is not None
+        return self.error
+
+    async def restart(self) -> None:
+        """Replace a dead engine core with a fresh one behind this same AsyncLLM.
+
+        The old engine-core process is stopped and reaped first (its requests have already
+        failed with EngineDeadError); new requests are served once this returns. Raises
+        RuntimeError if the engine is not dead or was not made by `create`, and whatever
+        `AsyncEngineCoreClient.start` raises if the new engine core does not come up (the
+        AsyncLLM then stays dead)."""
+        if self.error is None:
+            raise RuntimeError("restart() needs a dead engine core; this one is running")
+        if self._start_client is None:
+            raise RuntimeError("restart() needs an AsyncLLM made by AsyncLLM.create")
+        if self._output_task is not None:
+            self._output_task.cancel()
+            self._output_task = None
+        # Reap the old process off the event loop (a failed engine that is still alive is given
+        # its shutdown grace period, then killed); then close its sockets here, on the loop.
+        await asyncio.to_thread(self.client.proc.stop)
+        self.client.shutdown()
+        self.client = await self._start_client()
+        self.processor = OutputProcessor(self.tokenizer)
+        self.stats = SchedulerStats()
+        self.num_restarts += 1
+        self.error = None
+        self._dead.clear()
+        self._output_task = asyncio.get_running_loop().create_task(self._pump_outputs())
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int] | dict, add_special_tokens: bool = True
@@ -178,6 +220,7 @@ class AsyncLLM:
             self.error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(str(exc))
             for stream in self._streams.values():
                 stream.queue.put_nowait(self.error)
+            self._dead.set()
 
     def shutdown(self) -> None:
         """Stop the engine-core process. Idempotent."""

@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no log line per HTTP request (the per-request timing line stays)")
     srv.add_argument("--engine-transport", choices=["ipc", "tcp"], default="ipc",
                      help="how the server talks to its engine-core process")
+    srv.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                     help="largest request body accepted; a larger one gets HTTP 413 without "
+                          "being read into memory (default: %(default)s, 4 MiB)")
+    srv.add_argument("--protect-metrics", action="store_true",
+                     help="with --api-key, /metrics needs the key too (/health and /version "
+                          "stay open)")
+    srv.add_argument("--restart-engine", action="store_true",
+                     help="when the engine-core process dies, fail the requests in flight and "
+                          "start a fresh engine core (default: the server exits with code 1)")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
     return parser

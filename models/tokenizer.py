@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +18,22 @@ from tokenizers.decoders import DecodeStream
 # Prompt tokens a detokenizer starts from: enough for the first output token's spacing, few
 # enough that a long prompt does not slow every step down.
 _PROMPT_CONTEXT_TOKENS = 8
+
+# Texts longer than this are encoded with `encode_batch`, which releases the GIL while the Rust
+# side works (`encode` holds it), so a thread tokenizing a long prompt does not stall the others.
+_RELEASE_GIL_CHARS = 4096
+
+# How much a safe normalizer can shrink text: Unicode composition (NFC/NFKC) merges at most three
+# code points into one (Hangul L+V+T jamo, a letter with two combining marks); 4 leaves slack.
+# A prompt longer than max_model_len * max_chars_per_token * PROMPT_CHARS_SAFETY_FACTOR
+# characters cannot fit max_model_len tokens.
+PROMPT_CHARS_SAFETY_FACTOR = 4
+
+# Pipeline pieces that never drop input characters (they map, split, or add).
+_SAFE_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend"})
+_SAFE_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Digits", "Punctuation",
+                                  "UnicodeScripts"})
+_BYTE_FALLBACK_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
 def _token_content(token: Any) -> str | None:
@@ -59,9 +77,40 @@ class Tokenizer:
         """Number of token ids, added tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_chars_per_token(self) -> int | None:
+        """An upper bound on the input characters one token can cover, or None when the
+        tokenizer has no such bound.
+
+        It is the longest vocabulary or added-token string, counted in the characters it
+        stands for: a byte-level BPE string has one character per byte (an input character is
+        at least one byte), a sentencepiece `▁` stands for one space, a byte-fallback token
+        `<0xNN>` for at most one character. None when a piece of the pipeline can drop input
+        characters, so that no per-token bound exists: normalizers that strip or replace text
+        (Strip, StripAccents, BertNormalizer, Precompiled, a shrinking Replace), pre-tokenizers
+        that drop whitespace (Whitespace, BertPreTokenizer, a removing Split), WordPiece or
+        WordLevel models (a whole unknown word is one [UNK]), fused unknown tokens without
+        byte fallback, and added tokens that swallow the whitespace around them. Composing
+        normalizers (NFC, NFKC) can shrink text a little: callers multiply by
+        PROMPT_CHARS_SAFETY_FACTOR."""
+        spec = json.loads(self.backend.to_str())
+        if not (_safe_normalizer(spec.get("normalizer"))
+                and _safe_pre_tokenizer(spec.get("pre_tokenizer"))
+                and _model_has_bound(spec.get("model") or {})):
+            return None
+        for added in spec.get("added_tokens") or []:
+            if added.get("lstrip") or added.get("rstrip"):
+                return None
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        if not vocab:
+            return None
+        return max(1 if _BYTE_FALLBACK_TOKEN.match(token) else max(len(token), 1)
+                   for token in vocab)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with special tokens, BOS/EOS as the checkpoint configures."""
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; with special tokens, BOS/EOS as the checkpoint configures.
+        A long text is encoded with the GIL released, so it may run in a worker thread."""
+        ids = self._encode(text, add_special_tokens)
         if not add_special_tokens:
             return ids
         bos, eos = self.bos_token_id, self._eos_token_id
@@ -70,12 +119,17 @@ class Tokenizer:
             if self.add_bos_token and not has_bos:
                 ids = [bos, *ids]
             elif self.add_bos_token is False and has_bos:
-                plain = self.backend.encode(text, add_special_tokens=False).ids
+                plain = self._encode(text, False)
                 if plain[:1] != [bos]:  # the BOS came from the post-processor
                     ids = ids[1:]
         if eos is not None and self.add_eos_token and (not ids or ids[-1] != eos):
             ids = [*ids, eos]
         return ids
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) > _RELEASE_GIL_CHARS:
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -106,6 +160,41 @@ class Tokenizer:
             )
         except TemplateError as e:
             raise ValueError(f"chat template error: {e}") from e
+
+
+def _safe_normalizer(spec: dict[str, Any] | None) -> bool:
+    """Whether a tokenizer.json normalizer keeps every input character (up to composition)."""
+    if spec is None:
+        return True
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_safe_normalizer(n) for n in spec.get("normalizers") or [])
+    if kind == "Replace":  # safe when it maps one literal string to one at least as long
+        pattern = (spec.get("pattern") or {}).get("String")
+        return pattern is not None and len(spec.get("content") or "") >= len(pattern)
+    return kind in _SAFE_NORMALIZERS
+
+
+def _safe_pre_tokenizer(spec: dict[str, Any] | None) -> bool:
+    """Whether a tokenizer.json pre-tokenizer keeps every character of its input."""
+    if spec is None:
+        return True
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_safe_pre_tokenizer(p) for p in spec.get("pretokenizers") or [])
+    if kind == "Split":
+        return spec.get("behavior") != "Removed"
+    return kind in _SAFE_PRE_TOKENIZERS
+
+
+def _model_has_bound(spec: dict[str, Any]) -> bool:
+    """Whether each token of the model covers at most its own string's characters."""
+    kind = spec.get("type")
+    if kind == "BPE":
+        return bool(spec.get("byte_fallback")) or not spec.get("fuse_unk")
+    if kind == "Unigram":  # unknown characters are fused into one token unless they fall back
+        return bool(spec.get("byte_fallback")) or spec.get("unk_id") is None
+    return False
 
 
 def _default_template(template: Any) -> str | None:

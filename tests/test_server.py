@@ -1,8 +1,8 @@
 """`pp-engine serve` end to end: real server processes on 127.0.0.1, the official `openai` client.
 
 Greedy outputs must equal the offline `LLM`'s; bad input gets OpenAI-style errors and the server
-keeps serving; disconnects free KV blocks; a dead engine core fails requests fast and turns
-/health to 503.
+keeps serving; disconnects free KV blocks; a dead engine core fails requests fast and the server
+exits with code 1.
 """
 
 from __future__ import annotations
@@ -473,16 +473,8 @@ def test_engine_death_fails_requests_fast(model_dir, tmp_path):
         assert time.monotonic() - start < 20
         assert plain.status_code == 500 and plain.json()["error"]["code"] == "engine_dead"
         assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
-        deadline = time.monotonic() + 10
-        while httpx.get(server.url + "/health", timeout=5).status_code != 503:
-            assert time.monotonic() < deadline, "/health still 200 after the engine died"
-            time.sleep(0.2)
-        start = time.monotonic()
-        response = httpx.post(server.url + COMPLETIONS, json=GOOD, timeout=10)
-        assert response.status_code in (500, 503) and "error" in response.json()
-        stream = httpx.post(server.url + CHAT, json={**GOOD_CHAT, "stream": True}, timeout=10)
-        assert stream.status_code in (500, 503)
-        assert time.monotonic() - start < 5
+        # then the server shuts down with exit code 1 (see tests/test_server_hardening.py)
+        assert server.proc.wait(30) == 1
     finally:
         server.stop()
 

@@ -7,12 +7,21 @@ Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (all beh
 Each prompt of a request is one engine request. Its outputs arrive as cumulative snapshots;
 streamed responses send what is new in each (text, and the new tokens' logprobs). A client that
 disconnects aborts its requests, so their KV blocks are freed at once.
+
+One request must never hurt the others: bodies are capped (`--max-request-bytes`, a 413), a text
+prompt that cannot fit the context is refused by its length before it is tokenized, long prompts
+are tokenized (and chat templates rendered) in a worker thread so /health and other streams keep
+flowing, every bad value is a 400 before a stream starts, and a request the engine fails on its
+own (finish_reason "error") gets a 500 while the others go on. If the engine core dies, the
+requests in flight get errors and `pp-engine serve` exits with code 1 (or, with
+`--restart-engine`, starts a fresh engine core).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.metadata
 import json
@@ -25,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -36,6 +45,7 @@ from engine_core.async_llm import AsyncLLM, EngineDeadError
 from engine_core.config import EngineArgs
 from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
+from engine_core.server.limits import DEFAULT_MAX_REQUEST_BYTES, RequestBodyLimit
 from engine_core.server.metrics import ServerMetrics
 from engine_core.server.protocol import (
     ChatCompletionRequest,
@@ -53,12 +63,22 @@ from engine_core.server.protocol import (
     usage,
     validation_error,
 )
+from engine_core.validation import validate_sampling_params
+from models.tokenizer import PROMPT_CHARS_SAFETY_FACTOR
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = logging.getLogger("engine_core.server")
 
 _DONE_EVENT = "data: [DONE]\n\n"
+# Work on more input than this (characters of text, or token ids) runs in a worker thread, off
+# the event loop; below it a thread hop would cost more than the work.
+_OFFLOAD_INPUT_SIZE = 4096
+_TOKENIZER_THREADS = 2
 _RequestT = TypeVar("_RequestT", bound=BaseModel)
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 def package_version() -> str:
@@ -143,6 +163,21 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, _T]) 
     raise _ClientDisconnected
 
 
+class _RequestFailed(RequestError):
+    """The engine finished this request with finish_reason "error" (the others go on)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=500, type="server_error", code="internal_error")
+
+
+def _raise_if_failed(request_id: str, output: RequestOutput) -> None:
+    """_RequestFailed if the engine failed a sequence of this request."""
+    for completion in output.outputs:
+        if completion.finish_reason == "error":
+            raise _RequestFailed(f"the engine failed request {request_id}: "
+                                 f"{completion.error or 'unknown error'}")
+
+
 class OpenAIServing:
     """The request handlers behind the routes, over one `AsyncLLM`."""
 
@@ -152,6 +187,34 @@ class OpenAIServing:
         self.metrics = metrics
         self.max_model_len = llm.config.scheduler.max_model_len
         self.created = int(time.time())
+        # A text longer than this many characters cannot fit max_model_len tokens (None: the
+        # tokenizer gives no bound, and only tokenizing tells).
+        per_token = llm.tokenizer.max_chars_per_token if llm.tokenizer is not None else None
+        self.max_prompt_chars = (self.max_model_len * per_token * PROMPT_CHARS_SAFETY_FACTOR
+                                 if per_token is not None else None)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            _TOKENIZER_THREADS, thread_name_prefix="pp-engine-tokenize")
+
+    def close(self) -> None:
+        """Stop the tokenizer threads (work already running finishes on its own)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, size: int, fn: Callable[_P, _T], *args: _P.args,
+                   **kwargs: _P.kwargs) -> _T:
+        """fn(*args, **kwargs): in a tokenizer thread when `size` (the input it works on) is
+        large, so a long prompt never stalls the event loop; inline otherwise."""
+        if size <= _OFFLOAD_INPUT_SIZE:
+            return fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def _check_chars(self, num_chars: int, param: str, what: str = "the prompt has") -> None:
+        """400 for text that is provably too long for the context, before tokenizing it."""
+        if self.max_prompt_chars is not None and num_chars > self.max_prompt_chars:
+            raise RequestError(
+                f"{what} {num_chars} characters, more than the {self.max_model_len} tokens of "
+                f"this model's context can hold (at most {self.max_prompt_chars} characters); "
+                f"shorten it", param=param)
 
     # ---- shared -------------------------------------------------------------------------------
     @staticmethod
@@ -174,6 +237,8 @@ class OpenAIServing:
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool, param: str,
                   where: str = "") -> list[int]:
+        if isinstance(prompt, str):
+            self._check_chars(len(prompt), param, f"{where}the prompt has")
         try:
             return self.llm.tokenize(prompt, add_special_tokens)[1]
         except ValueError as exc:
@@ -195,13 +260,16 @@ class OpenAIServing:
                 param=param)
         return requested
 
-    @staticmethod
-    def _sampling_params(request: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                         logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, request: CompletionRequest | ChatCompletionRequest,
+                         max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams, checked against the model too (stop_token_ids in the
+        vocabulary), so that every bad value is a 400 before a stream starts."""
         try:
-            return request.sampling_params(max_tokens, logprobs)
+            params = request.sampling_params(max_tokens, logprobs)
+            validate_sampling_params(params, self.llm.config)
         except ValueError as exc:
             raise RequestError(str(exc), param=param_of(str(exc))) from None
+        return params
 
     def _observe(self, prompt: _Prompt, output: RequestOutput) -> None:
         """Metrics and the log line of one snapshot of `prompt`'s output."""
@@ -217,7 +285,7 @@ class OpenAIServing:
         reasons = sorted({c.finish_reason or "abort" for c in output.outputs})
         e2e = now - prompt.arrival
         ttft = (prompt.first_token_time or now) - prompt.arrival
-        if "abort" not in reasons:
+        if not {"abort", "error"} & set(reasons):  # only requests that ran to their end
             self.metrics.record_finished(reasons[0], ttft, e2e,
                                          max(len(c.token_ids) for c in output.outputs))
         logger.info("%s finished (%s): prompt_tokens=%d output_tokens=%d ttft=%.3fs e2e=%.3fs",
@@ -234,6 +302,7 @@ class OpenAIServing:
                 async for output in self.llm.generate(prompt.token_ids, prompt.params,
                                                       prompt.request_id):
                     self._observe(prompt, output)
+                    _raise_if_failed(prompt.request_id, output)
                     queue.put_nowait((index, output))
                 queue.put_nowait((index, None))
             except asyncio.CancelledError:
@@ -241,8 +310,9 @@ class OpenAIServing:
                             prompt.num_output_tokens)
                 raise
             except Exception as exc:
-                logger.info("%s failed after %d output tokens: %s", prompt.request_id,
-                            prompt.num_output_tokens, exc)
+                log = logger.error if isinstance(exc, _RequestFailed) else logger.info
+                log("%s failed after %d output tokens: %s", prompt.request_id,
+                    prompt.num_output_tokens, exc)
                 queue.put_nowait((index, exc))
 
         tasks = [asyncio.create_task(produce(i, p)) for i, p in enumerate(prompts)]
@@ -284,16 +354,12 @@ class OpenAIServing:
         self._check_request(request)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         texts = request.prompts()
-        prompts = []
-        for i, text in enumerate(texts):
-            where = f"prompt {i}: " if len(texts) > 1 else ""
-            token_ids = self._tokenize(text, True, "prompt", where)
-            max_tokens = self._max_tokens(request.max_tokens, len(token_ids), "max_tokens")
-            params = self._sampling_params(request, max_tokens, request.logprobs)
-            prompt = _Prompt(f"{request_id}-{i}", token_ids, params, arrival)
-            if request.echo:
-                prompt.echo_text = text if isinstance(text, str) else self._decode(token_ids)
-            prompts.append(prompt)
+        for i, text in enumerate(texts):  # cheap length checks first, before any tokenizing
+            if isinstance(text, str):
+                where = f"prompt {i}: " if len(texts) > 1 else ""
+                self._check_chars(len(text), "prompt", f"{where}the prompt has")
+        prompts = await self._run(sum(len(t) for t in texts), self._completion_prompts,
+                                  request, request_id, texts, arrival)
         created = int(time.time())
         if request.stream:
             return self._stream(self._completion_events(request, request_id, created, prompts))
@@ -314,6 +380,21 @@ class OpenAIServing:
         num_prompt = sum(len(p.token_ids) for p in prompts)
         return JSONResponse(completion_chunk(request_id, created, self.model_name, choices,
                                              usage(num_prompt, num_generated)))
+
+    def _completion_prompts(self, request: CompletionRequest, request_id: str,
+                            texts: list[str | list[int]], arrival: float) -> list[_Prompt]:
+        """Tokenize and check each prompt of a completion request (may run in a thread)."""
+        prompts = []
+        for i, text in enumerate(texts):
+            where = f"prompt {i}: " if len(texts) > 1 else ""
+            token_ids = self._tokenize(text, True, "prompt", where)
+            max_tokens = self._max_tokens(request.max_tokens, len(token_ids), "max_tokens")
+            params = self._sampling_params(request, max_tokens, request.logprobs)
+            prompt = _Prompt(f"{request_id}-{i}", token_ids, params, arrival)
+            if request.echo:
+                prompt.echo_text = text if isinstance(text, str) else self._decode(token_ids)
+            prompts.append(prompt)
+        return prompts
 
     def _decode(self, token_ids: list[int]) -> str:
         tokenizer = self.llm.tokenizer
@@ -367,14 +448,9 @@ class OpenAIServing:
             raise RequestError("this model has no tokenizer.json, and chat needs one; use "
                                "/v1/completions with token-id prompts", param="messages")
         messages = [m.to_template() for m in request.messages]
-        try:
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=request.add_generation_prompt,
-                **(request.chat_template_kwargs or {}))
-        except (ValueError, TypeError) as exc:
-            raise RequestError(f"cannot apply the chat template: {exc}",
-                               param="messages") from None
-        token_ids = self._tokenize(text, False, "messages")
+        num_chars = sum(len(m["content"]) for m in messages)
+        self._check_chars(num_chars, "messages", "the messages have")
+        token_ids = await self._run(num_chars, self._chat_prompt, request, messages)
         param = "max_completion_tokens" if request.max_completion_tokens is not None \
             else "max_tokens"
         max_tokens = self._max_tokens(request.requested_max_tokens, len(token_ids), param)
@@ -399,6 +475,23 @@ class OpenAIServing:
             "id": request_id, "object": "chat.completion", "created": created,
             "model": self.model_name, "choices": choices,
             "usage": usage(len(token_ids), num_generated)})
+
+    def _chat_prompt(self, request: ChatCompletionRequest, messages: list[dict[str, Any]]
+                     ) -> list[int]:
+        """Render the chat template and tokenize the result (may run in a thread)."""
+        assert self.llm.tokenizer is not None
+        try:
+            text = self.llm.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=request.add_generation_prompt,
+                **(request.chat_template_kwargs or {}))
+        except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError) as exc:
+            # the template is the server's, but messages and chat_template_kwargs are the
+            # client's: a template that fails on them is a bad request
+            raise RequestError(f"cannot apply the chat template: {exc}",
+                               param="messages") from None
+        if not isinstance(text, str):
+            raise RequestError("the chat template did not render to text", param="messages")
+        return self._tokenize(text, False, "messages")
 
     async def _chat_events(self, request: ChatCompletionRequest, request_id: str, created: int,
                            prompts: list[_Prompt]) -> AsyncIterator[str]:
@@ -473,13 +566,30 @@ def _api_key_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
     return check
 
 
-def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None, *,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              protect_metrics: bool = False) -> FastAPI:
     """The OpenAI-compatible app over `llm` (which the caller owns and shuts down).
-    With `api_key`, every /v1 route needs `Authorization: Bearer <api_key>`."""
+
+    With `api_key`, every /v1 route needs `Authorization: Bearer <api_key>`, and so does
+    /metrics when `protect_metrics` is set; /health and /version stay open. A request body over
+    `max_request_bytes` gets a 413 without being read into memory."""
+    if protect_metrics and not api_key:
+        raise ValueError("protect_metrics needs an api_key (--protect-metrics needs --api-key)")
     version = package_version()
-    app = FastAPI(title="pp-engine OpenAI-compatible server", version=version)
     metrics = ServerMetrics(llm, served_model_name)
     serving = OpenAIServing(llm, served_model_name, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            serving.close()
+
+    app = FastAPI(title="pp-engine OpenAI-compatible server", version=version,
+                  lifespan=lifespan)
+    app.add_middleware(RequestBodyLimit, max_bytes=max_request_bytes)
     app.state.serving = serving
 
     async def handle(work: Callable[[Request], Awaitable[Response]], request: Request
@@ -489,8 +599,8 @@ def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None)
         except Exception as exc:
             return serving.error_response(exc)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))]
-                   if api_key else [])
+    auth = [Depends(_api_key_check(api_key))] if api_key else []
+    v1 = APIRouter(prefix="/v1", dependencies=auth)
 
     @v1.post("/completions")
     async def create_completion(request: Request) -> Response:
@@ -517,7 +627,7 @@ def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None)
     async def show_version() -> dict[str, str]:
         return {"version": version}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=auth if protect_metrics else [])
     async def show_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -553,24 +663,56 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: str,
-                 sock: socket.socket) -> None:
+                 sock: socket.socket) -> int:
+    """Serve until told to stop (0) or until the engine core dies for good (1)."""
     import uvicorn
 
     llm = await AsyncLLM.create(engine_args, transport=args.engine_transport)
+    supervisor: asyncio.Task[int] | None = None
     try:
-        app = build_app(llm, model_name, args.api_key)
+        app = build_app(llm, model_name, args.api_key, max_request_bytes=args.max_request_bytes,
+                        protect_metrics=args.protect_metrics)
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level, loop="uvloop",
                                 access_log=not args.disable_uvicorn_access_log,
                                 timeout_graceful_shutdown=5)
+        server = uvicorn.Server(config)
+        supervisor = asyncio.create_task(_supervise_engine(llm, server, args.restart_engine))
         logger.info("serving %s (max_model_len=%d) on http://%s:%d", model_name,
                     llm.config.scheduler.max_model_len, args.host, args.port)
-        await uvicorn.Server(config).serve(sockets=[sock])
+        await server.serve(sockets=[sock])
     finally:
+        if supervisor is not None and not supervisor.done():
+            supervisor.cancel()
         llm.shutdown()
+    return supervisor.result() if supervisor.done() and not supervisor.cancelled() else 0
+
+
+async def _supervise_engine(llm: AsyncLLM, server: uvicorn.Server, restart: bool) -> int:
+    """Watch the engine core. When it dies, the requests in flight have already been failed by
+    AsyncLLM; then either restart it (`restart`) and keep watching, or stop uvicorn and return
+    the exit code 1, so an orchestrator sees the server die with its engine."""
+    while True:
+        error = await llm.wait_until_dead()
+        if not restart:
+            logger.error("the engine core died (%s); shutting the server down", error)
+            server.should_exit = True
+            return 1
+        logger.error("the engine core died (%s); restarting it (restart #%d)", error,
+                     llm.num_restarts + 1)
+        try:
+            await llm.restart()
+        except Exception as exc:
+            logger.error("could not restart the engine core (%s); shutting the server down",
+                         exc)
+            server.should_exit = True
+            return 1
+        logger.info("the engine core is running again (restarts so far: %d)",
+                    llm.num_restarts)
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """`pp-engine serve`: start the engine core, then serve until SIGINT/SIGTERM.
+    """`pp-engine serve`: start the engine core, then serve until SIGINT/SIGTERM (exit code 0)
+    or until the engine core dies without `--restart-engine` (exit code 1).
     ValueError (bad arguments, no model, port in use) before anything starts."""
     import uvloop
 
@@ -587,14 +729,19 @@ def run_server(args: argparse.Namespace) -> int:
     logging.getLogger("engine_core").addHandler(handler)
     logging.getLogger("engine_core").setLevel(args.uvicorn_log_level.upper()
                                               if args.uvicorn_log_level != "trace" else "DEBUG")
+    if args.protect_metrics and not args.api_key:
+        raise ValueError("--protect-metrics needs --api-key")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     sock = _listen(args.host, args.port)
     # uvicorn re-raises a captured SIGTERM once it has shut down; exit through the `finally`
     # that stops the engine core instead of dying on the spot.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    exit_code = 0
     try:
-        uvloop.run(_serve(args, engine_args, model_name, sock))
+        exit_code = uvloop.run(_serve(args, engine_args, model_name, sock))
     except KeyboardInterrupt:
         pass
     finally:
         sock.close()
-    return 0
+    return exit_code

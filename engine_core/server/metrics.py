@@ -42,6 +42,8 @@ class _EngineStatsCollector(Collector):
              stats.kv_usage),
             ("num_free_kv_blocks", "Free KV cache blocks.", stats.num_free_blocks),
             ("num_kv_blocks", "Usable KV cache blocks.", stats.num_total_blocks),
+            ("engine_restarts", "Times the engine core was restarted after it died.",
+             self.llm.num_restarts),
         )
         for name, doc, value in gauges:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])

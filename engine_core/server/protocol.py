@@ -18,6 +18,9 @@ from engine_core.sampling_params import MAX_LOGPROBS, SamplingParams
 
 __all__ = [
     "MAX_N",
+    "MAX_PROMPTS",
+    "MAX_STOP_STRINGS",
+    "MAX_STOP_TOKEN_IDS",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
@@ -36,6 +39,11 @@ __all__ = [
 ]
 
 MAX_N = 16  # the most choices one request may ask for
+# Caps on what one request may ask of the shared engine and event loop: each prompt is an
+# engine request, and every stop string and stop token id is checked at every step.
+MAX_PROMPTS = 1024
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 1024
 _MIN_LOGPROB = -9999.0  # -inf is not JSON; report it as this, like vLLM
 
 
@@ -133,6 +141,12 @@ class _SamplingRequest(_Strict):
     def check_supported(self) -> None:
         if self.logit_bias:
             raise RequestError("logit_bias is not supported", param="logit_bias")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got "
+                               f"{len(self.stop)}", param="stop")
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got "
+                               f"{len(self.stop_token_ids)}", param="stop_token_ids")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream=true",
                                param="stream_options")
@@ -180,6 +194,9 @@ class CompletionRequest(_SamplingRequest):
             raise RequestError("prompt is empty; give a string or token ids", param="prompt")
         if isinstance(prompt[0], int):
             return [prompt]
+        if len(prompt) > MAX_PROMPTS:
+            raise RequestError(f"prompt may hold at most {MAX_PROMPTS} prompts, got "
+                               f"{len(prompt)}", param="prompt")
         return list(prompt)
 
 
