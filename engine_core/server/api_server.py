@@ -556,7 +556,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: 
                  sock: socket.socket) -> None:
     import uvicorn
 
-    llm = await AsyncLLM.create(engine_args, transport=args.engine_transport)
+    llm = await AsyncLLM.create(engine_args, transport=args.engine_transport,
+                                zmq_keys=args.zmq_keys, insecure_tcp=args.insecure_tcp)
     try:
         app = build_app(llm, model_name, args.api_key)
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level, loop="uvloop",
