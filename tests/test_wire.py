@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -259,12 +260,12 @@ def test_keys_cli(tmp_path):
     for name in ("server", "client"):
         assert stat.S_IMODE(os.stat(f"{keys}/{name}.key_secret").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(keys).st_mode) == 0o700
-    before = open(f"{keys}/server.key_secret").read()
+    before = Path(keys, "server.key_secret").read_text()
     again = _make_keys(keys)
     assert again.returncode == 2 and "--force" in again.stderr
-    assert open(f"{keys}/server.key_secret").read() == before
+    assert Path(keys, "server.key_secret").read_text() == before
     assert _make_keys(keys, "--force").returncode == 0
-    assert open(f"{keys}/server.key_secret").read() != before
+    assert Path(keys, "server.key_secret").read_text() != before
 
 
 def test_tcp_with_curve(text_model, expected_tokens, tmp_path, zmq_ctx):
