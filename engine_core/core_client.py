@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 LIVENESS_POLL_S = 1.0
 SHUTDOWN_TIMEOUT_S = 10.0
 UNREACHABLE_RETRY_S = 0.05  # the engine's input socket is (re)connecting
+INPUT_INBOUND_BYTES = 4096  # only the engine's hello arrives here (CURVE framing included)
 
 
 class EngineProcess:
@@ -90,9 +91,11 @@ class EngineProcess:
         """The ZAP handler `ctx` needs before its server sockets bind (None without keys)."""
         return CurveAuthenticator(ctx, self.keys) if self.keys is not None else None
 
-    def bind_router(self, socket: zmq.Socket, name: str) -> str:
-        """Set up and bind one of the front-end's ROUTERs; returns its concrete address."""
+    def bind_router(self, socket: zmq.Socket, name: str, max_inbound_bytes: int = -1) -> str:
+        """Set up and bind one of the front-end's ROUTERs; returns its concrete address. A peer
+        that sends a message over `max_inbound_bytes` (-1: no limit) is disconnected."""
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, max_inbound_bytes)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer fails loudly
         socket.setsockopt(zmq.SNDHWM, 0)  # the front-end bounds what it admits, not the socket
         secure_server(socket, self.keys)
@@ -107,7 +110,7 @@ class EngineProcess:
         died, TimeoutError if it did not get ready in time."""
         handshake = ctx.socket(zmq.ROUTER)
         try:
-            handshake_address = self.bind_router(handshake, "handshake")
+            handshake_address = self.bind_router(handshake, "handshake", 1 << 20)
             self.process = multiprocessing.get_context("spawn").Process(
                 target=run_engine_core, args=(handshake_address, 0, self.zmq_keys),
                 name="pp-engine-core", daemon=True)
@@ -266,7 +269,7 @@ class EngineCoreProcClient(_ClientBase):
         self.output_socket = self.ctx.socket(zmq.ROUTER)
         self.step_timeout_s = step_timeout_s
         try:
-            self.input_address = proc.bind_router(self.input_socket, "input")
+            self.input_address = proc.bind_router(self.input_socket, "input", INPUT_INBOUND_BYTES)
             self.output_address = proc.bind_router(self.output_socket, "output")
             ready = proc.start(self.ctx, self.input_socket, self.output_address, timeout_s)
         except BaseException:
@@ -360,7 +363,8 @@ class AsyncEngineCoreClient(_ClientBase):
         proc = EngineProcess(engine_args, transport, host, zmq_keys, insecure_tcp)
         client = cls(proc, zmq.asyncio.Context())
         try:
-            client.input_address = proc.bind_router(client.input_socket, "input")
+            client.input_address = proc.bind_router(client.input_socket, "input",
+                                                    INPUT_INBOUND_BYTES)
             client.output_address = proc.bind_router(client.output_socket, "output")
             ready = await asyncio.to_thread(proc.start, client.sync_ctx, client.input_socket,
                                             client.output_address, timeout_s)

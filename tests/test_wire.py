@@ -9,6 +9,7 @@ import random
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import msgspec
 import pytest
 import zmq
 import zmq.auth
+from zmq.auth.thread import AuthenticationThread
 
 from engine_core import LLM, SamplingParams
 from engine_core.async_llm import AsyncLLM
@@ -33,6 +35,7 @@ from tests.text_checkpoint import add_tokenizer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "def hello(world):"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
@@ -301,9 +304,35 @@ def test_tcp_with_curve(text_model, expected_tokens, tmp_path, zmq_ctx):
         assert _generate(llm) == expected_tokens and client.error is None
     finally:
         _shutdown_and_check(llm)
+    assert not any(isinstance(t, AuthenticationThread) for t in threading.enumerate())
 
 
 def test_tcp_keys_must_exist(text_model, tmp_path):
     with pytest.raises(ValueError, match="pp-engine keys"):
         LLM(text_model, dtype="float32", engine_process=True, engine_transport="tcp",
             zmq_keys=str(tmp_path / "missing"))
+
+
+def test_serve_over_tcp_needs_keys_and_works_with_them(text_model, tmp_path):
+    import httpx
+
+    from tests.test_server import ServerProcess
+
+    base = [sys.executable, "-m", "engine_core.cli", "serve", text_model, "--port", "0",
+            "--dtype", "float32", "--engine-transport", "tcp"]
+    refused = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pp-engine keys" in refused.stderr
+    assert "--insecure-tcp" in refused.stderr
+
+    keys = str(tmp_path / "keys")
+    assert _make_keys(keys).returncode == 0
+    server = ServerProcess(text_model, str(tmp_path / "server.log"), "--engine-transport", "tcp",
+                           "--zmq-keys", keys)
+    try:
+        engine_pid = server.engine_pid()
+        body = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": "tiny-llama", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}).json()
+        assert body["choices"][0]["finish_reason"] == "length"
+    finally:
+        server.stop()
+    assert _gone(engine_pid)
