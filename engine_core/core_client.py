@@ -47,6 +47,7 @@ from engine_core.transport import (
     NO_KEYS_HELP,
     CurveAuthenticator,
     WarningLimiter,
+    load_client_keys,
     load_server_keys,
     secure_server,
 )
@@ -77,6 +78,8 @@ class EngineProcess:
         self.transport, self.host = transport, host
         self.zmq_keys = zmq_keys if transport == "tcp" else None  # ipc needs none
         self.keys = load_server_keys(zmq_keys) if self.zmq_keys is not None else None
+        if self.zmq_keys is not None:
+            load_client_keys(self.zmq_keys)  # the local engine will need them: fail here, early
         self.identity = b"E" + secrets.token_bytes(15)  # never starts with 0 (libzmq reserves it)
         self._ipc_dir = tempfile.mkdtemp(prefix="pp-engine-") if transport == "ipc" else None
         self.process: multiprocessing.process.BaseProcess | None = None
@@ -353,6 +356,7 @@ class AsyncEngineCoreClient(_ClientBase):
         self.auth = proc.authenticator(self.sync_ctx)
         self.input_socket = self.sync_ctx.socket(zmq.ROUTER)
         self.output_socket = ctx.socket(zmq.ROUTER)
+        self.input_address = self.output_address = ""  # bound in start()
         self.num_kv_blocks = 0
 
     @classmethod

@@ -45,7 +45,7 @@ from engine_core.messages import (
     HandshakeReady,
     SchedulerStats,
 )
-from engine_core.transport import WarningLimiter, load_client_keys, secure_client
+from engine_core.transport import CurveKeys, WarningLimiter, load_client_keys, secure_client
 from engine_core.validation import MAX_REQUEST_ID_CHARS
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def run_engine_core(handshake_address: str, engine_index: int = 0,
         ctx.term()
 
 
-def _connect(ctx: zmq.Context, address: str, identity: bytes, keys) -> zmq.Socket:
+def _connect(ctx: zmq.Context, address: str, identity: bytes,
+             keys: CurveKeys | None) -> zmq.Socket:
     """A DEALER with the engine's routing id, connected to one of the front-end's ROUTERs."""
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.ROUTING_ID, identity)
@@ -205,7 +206,7 @@ class EngineCoreLoop:
             request = self.request_decoder.decode(payload)
         except msgspec.ValidationError as exc:  # well-formed msgpack, invalid request
             request_id = _recover_request_id(payload)
-            self.bad_frames.warning("rejected an invalid request %s (%d bytes): %s",
+            self.bad_frames.warning("rejected an invalid request %r (%d bytes): %s",
                                     request_id, len(payload), exc)
             if request_id is not None:
                 self._reject(request_id, f"invalid request: {exc}")
@@ -217,7 +218,7 @@ class EngineCoreLoop:
         try:
             self.engine.add_request(request)
         except ValueError as exc:  # the front-end validates first; this is a last line
-            logger.warning("rejected request %s: %s", request.request_id[:64], exc)
+            self.bad_frames.warning("rejected request %r: %s", request.request_id[:64], exc)
             self._reject(request.request_id, str(exc))
 
     def _reject(self, request_id: str, message: str) -> None:

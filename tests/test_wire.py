@@ -158,6 +158,7 @@ def test_rogue_reader_on_the_input_socket_gets_nothing(text_model, zmq_ctx):
     llm = LLM(text_model, dtype="float32", engine_process=True)
     try:
         client = llm.engine
+        assert stat.S_IMODE(os.stat(client.proc._ipc_dir).st_mode) == 0o700
         rogues = []
         for identity in (None, b"rogue-reader"):
             rogue = zmq_ctx.socket(zmq.DEALER)
