@@ -206,8 +206,9 @@ class EngineCoreLoop:
             request = self.request_decoder.decode(payload)
         except msgspec.ValidationError as exc:  # well-formed msgpack, invalid request
             request_id = _recover_request_id(payload)
-            self.bad_frames.warning("rejected an invalid request %r (%d bytes): %s",
-                                    request_id, len(payload), exc)
+            self.bad_frames.warning("rejected an invalid add input (%d bytes, request_id %s): %s",
+                                    len(payload), "unreadable" if request_id is None
+                                    else repr(request_id), exc)
             if request_id is not None:
                 self._reject(request_id, f"invalid request: {exc}")
             return
