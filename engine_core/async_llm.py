@@ -64,15 +64,18 @@ class AsyncLLM:
 
     @classmethod
     async def create(cls, engine_args: EngineArgs, *, transport: str = "ipc",
-                     host: str = "127.0.0.1", startup_timeout_s: float = 600.0) -> AsyncLLM:
+                     host: str = "127.0.0.1", startup_timeout_s: float = 600.0,
+                     zmq_keys: str | None = None, insecure_tcp: bool = False) -> AsyncLLM:
         """Resolve the config, spawn the engine-core process and wait until it is READY.
-        `transport` is "ipc" (a private temp dir) or "tcp" (on `host`)."""
+        `transport` is "ipc" (a private temp dir) or "tcp" (on `host`: CurveZMQ with the
+        `zmq_keys` directory, or unsecured only with `insecure_tcp`)."""
         config = engine_args.resolve()
         tokenizer = load_tokenizer(config.model_dir)
 
         def start_client() -> Awaitable[AsyncEngineCoreClient]:
             return AsyncEngineCoreClient.start(engine_args, transport=transport, host=host,
-                                               timeout_s=startup_timeout_s)
+                                               timeout_s=startup_timeout_s, zmq_keys=zmq_keys,
+                                               insecure_tcp=insecure_tcp)
 
         llm = cls(config, tokenizer, await start_client())
         llm._start_client = start_client

@@ -76,6 +76,18 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(args)
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from engine_core.transport import create_keys
+
+    try:
+        paths = create_keys(args.directory, force=args.force)
+    except FileExistsError as exc:
+        raise ValueError(str(exc)) from None
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pp-engine",
@@ -113,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--disable-uvicorn-access-log", action="store_true",
                      help="no log line per HTTP request (the per-request timing line stays)")
     srv.add_argument("--engine-transport", choices=["ipc", "tcp"], default="ipc",
-                     help="how the server talks to its engine-core process")
+                     help="how the server talks to its engine-core process: ipc (a private "
+                          "0700 directory; default) or tcp (needs --zmq-keys or --insecure-tcp)")
+    srv.add_argument("--zmq-keys", default=None, metavar="DIR",
+                     help="CurveZMQ key directory made by `pp-engine keys DIR`: authenticate "
+                          "and encrypt every tcp socket between server and engine core")
+    srv.add_argument("--insecure-tcp", action="store_true",
+                     help="allow --engine-transport tcp without --zmq-keys (anyone who can "
+                          "reach the port can read prompts and inject outputs)")
     srv.add_argument("--max-request-bytes", type=int, default=4 << 20,
                      help="largest request body accepted; a larger one gets HTTP 413 without "
                           "being read into memory (default: %(default)s, 4 MiB)")
@@ -125,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "start a fresh engine core (default: the server exits with code 1)")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
+
+    keys = sub.add_parser("keys", help="write CurveZMQ key pairs for tcp between server and "
+                                       "engine core",
+                          description="Write a 'server' key pair (for the front-end, which "
+                                      "binds) and a 'client' pair (for engine cores) into DIR, "
+                                      "secret files mode 0600; existing keys are kept unless "
+                                      "--force. Then run `pp-engine serve --engine-transport tcp "
+                                      "--zmq-keys DIR`.")
+    keys.add_argument("directory", metavar="DIR", help="where to write the keys (made 0700)")
+    keys.add_argument("--force", action="store_true", help="replace existing keys")
+    keys.set_defaults(func=_keys)
     return parser
 
 

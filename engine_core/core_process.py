@@ -2,14 +2,26 @@
 
 Startup handshake (every wait bounded):
 
-    front-end                         engine core
-       | <------------ HELLO --------------- |   (connects to the handshake address)
-       | -- INIT: addresses + engine args -> |
+    front-end (binds)                      engine core (connects)
+       | <------------ HELLO ----------------- |   handshake DEALER -> ROUTER
+       | -- INIT: addresses, engine identity,  |
+       |    engine args ---------------------> |
        |                       [load model, allocate KV cache]
-       | <------------ READY ---------------- |   (config hash; or the error that stopped it)
+       | <-- b"hello" on the input socket ---- |   so the front-end can route to it
+       | <------------ READY ------------------ |   (config hash; or the error that stopped it)
 
-Then requests arrive on the input socket as two frames, a kind (`add` / `abort` / `shutdown`)
-and a msgspec payload; `EngineCoreOutputs` leave on the output socket. Only token ids cross.
+The wire: the front-end binds a ROUTER for input and a ROUTER for output; the engine connects a
+DEALER to each, both with the routing id `HandshakeInit.engine_identity`, a random secret the
+front-end chose. Inputs arrive as two frames, a kind (`add` / `abort` / `shutdown`) and a
+msgspec payload, sent only to that identity (a stranger attached to the socket gets nothing);
+`EngineCoreOutputs` leave as one frame and the front-end drops any frame whose sender identity
+is not its engine's. Only token ids cross. Every frame is decoded inside a try: a malformed or
+unknown frame is logged (capped) and dropped, and a request that decodes but is invalid is
+answered alone with `finish_reason="error"`; the engine keeps serving.
+
+Over tcp every socket (handshake, input, output) is CurveZMQ when the front-end was given a key
+directory: the engine gets that directory as a process argument and connects as a CURVE client
+(see `transport.py`). One front-end ROUTER can hold several engines, one identity each.
 """
 
 from __future__ import annotations
@@ -33,26 +45,43 @@ from engine_core.messages import (
     HandshakeReady,
     SchedulerStats,
 )
+from engine_core.transport import CurveKeys, WarningLimiter, load_client_keys, secure_client
+from engine_core.validation import MAX_REQUEST_ID_CHARS
 
 logger = logging.getLogger(__name__)
 
 KIND_ADD, KIND_ABORT, KIND_SHUTDOWN = b"add", b"abort", b"shutdown"
+KIND_HELLO = b"hello"  # engine -> front-end, once, on the input socket
 HANDSHAKE_TIMEOUT_MS = 30_000
 IDLE_POLL_MS = 500  # how often an idle engine checks that its parent is still alive
 
 
-def run_engine_core(handshake_address: str, engine_index: int = 0) -> None:
-    """Entry point of the engine-core process (also usable for a remote, headless engine)."""
+def run_engine_core(handshake_address: str, engine_index: int = 0,
+                    zmq_keys: str | None = None) -> None:
+    """Entry point of the engine-core process (also usable for a remote, headless engine).
+
+    `zmq_keys`: a CurveZMQ key directory (`pp-engine keys`); with it every connection,
+    the handshake's included, is a CURVE client of the front-end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
+    keys = load_client_keys(zmq_keys) if zmq_keys is not None else None
     ctx = zmq.Context()
     handshake = ctx.socket(zmq.DEALER)
     handshake.setsockopt(zmq.LINGER, 1000)
+    secure_client(handshake, keys)
     handshake.connect(handshake_address)
     handshake.send(msgspec.msgpack.encode(HandshakeHello(engine_index, os.getpid())))
-    if not handshake.poll(HANDSHAKE_TIMEOUT_MS):
+    init = None
+    if handshake.poll(HANDSHAKE_TIMEOUT_MS):
+        try:
+            init = msgspec.msgpack.decode(handshake.recv(), type=HandshakeInit)
+        except msgspec.DecodeError as exc:
+            logger.error("undecodable INIT from the front-end (%s); exiting", exc)
+    else:
         logger.error("no INIT from the front-end within %d ms; exiting", HANDSHAKE_TIMEOUT_MS)
+    if init is None:
+        handshake.close(linger=0)
+        ctx.term()
         return
-    init = msgspec.msgpack.decode(handshake.recv(), type=HandshakeInit)
     try:
         engine_args = msgspec.msgpack.decode(init.engine_args, type=EngineArgs)
         engine = EngineCore(engine_args.resolve())
@@ -62,12 +91,11 @@ def run_engine_core(handshake_address: str, engine_index: int = 0) -> None:
         handshake.close()
         ctx.term()
         return
-    input_socket = ctx.socket(zmq.PULL)
-    input_socket.connect(init.input_address)
-    output_socket = ctx.socket(zmq.PUSH)
+    input_socket = _connect(ctx, init.input_address, init.engine_identity, keys)
+    input_socket.send(KIND_HELLO)  # queued until connected; READY follows
+    output_socket = _connect(ctx, init.output_address, init.engine_identity, keys)
     output_socket.setsockopt(zmq.LINGER, 2000)
     output_socket.setsockopt(zmq.SNDTIMEO, IDLE_POLL_MS)  # never block forever on a gone peer
-    output_socket.connect(init.output_address)
     handshake.send(msgspec.msgpack.encode(HandshakeReady(
         config_hash=engine.config.config_hash(), num_kv_blocks=engine.executor.num_kv_blocks)))
     handshake.close()
@@ -80,6 +108,17 @@ def run_engine_core(handshake_address: str, engine_index: int = 0) -> None:
         ctx.term()
 
 
+def _connect(ctx: zmq.Context, address: str, identity: bytes,
+             keys: CurveKeys | None) -> zmq.Socket:
+    """A DEALER with the engine's routing id, connected to one of the front-end's ROUTERs."""
+    socket = ctx.socket(zmq.DEALER)
+    socket.setsockopt(zmq.ROUTING_ID, identity)
+    socket.setsockopt(zmq.LINGER, 0)
+    secure_client(socket, keys)
+    socket.connect(address)
+    return socket
+
+
 class EngineCoreLoop:
     """Busy loop of the engine-core process: take inputs, step, publish outputs."""
 
@@ -90,6 +129,7 @@ class EngineCoreLoop:
         self.output_socket = output_socket
         self.request_decoder = msgspec.msgpack.Decoder(EngineCoreRequest)
         self.abort_decoder = msgspec.msgpack.Decoder(AbortRequests)
+        self.bad_frames = WarningLimiter(logger)
         self.encoder = msgspec.msgpack.Encoder()
         self.stopping = False
         self.parent_pid = os.getppid()
@@ -122,24 +162,69 @@ class EngineCoreLoop:
             return False
         while True:
             try:
-                kind, payload = self.input_socket.recv_multipart(zmq.NOBLOCK)
+                frames = self.input_socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return True
-            if kind == KIND_ADD:
-                self._add(self.request_decoder.decode(payload))
-            elif kind == KIND_ABORT:
-                self.engine.abort_requests(self.abort_decoder.decode(payload).request_ids)
-            elif kind == KIND_SHUTDOWN:
-                self.stopping = True
+            try:
+                self._handle(frames)
+            except Exception as exc:  # a bug for one message must not end the engine
+                self.bad_frames.warning("failed to apply an input of %d frame(s): %r",
+                                        len(frames), exc)
+            if self.stopping:
                 return True
 
-    def _add(self, request: EngineCoreRequest) -> None:
+    def _handle(self, frames: list[bytes]) -> None:
+        """Apply one input message. Never raises for what arrived: a malformed frame is logged
+        (kind and sizes only, never the payload) and dropped."""
+        kind = frames[0][:16] if frames else b""
+        if len(frames) != 2:
+            self.bad_frames.warning("dropped an input of %d frame(s) (sizes %s, kind %r)",
+                                    len(frames), [len(f) for f in frames][:8], kind)
+            return
+        payload = frames[1]
+        if kind == KIND_ADD:
+            self._add(payload)
+        elif kind == KIND_ABORT:
+            try:
+                request_ids = self.abort_decoder.decode(payload).request_ids
+            except msgspec.DecodeError as exc:
+                self.bad_frames.warning("dropped an undecodable %r input (%d bytes): %s",
+                                        kind, len(payload), exc)
+                return
+            self.engine.abort_requests(request_ids)
+        elif kind == KIND_SHUTDOWN:
+            self.stopping = True
+        else:
+            self.bad_frames.warning("dropped an input of unknown kind %r (%d bytes)",
+                                    kind, len(payload))
+
+    def _add(self, payload: bytes) -> None:
+        """Decode and add one request. An invalid one (bad fields, or refused by
+        `EngineCore.add_request`) is finished alone with finish_reason "error" if its id can be
+        read, else logged and dropped."""
+        try:
+            request = self.request_decoder.decode(payload)
+        except msgspec.ValidationError as exc:  # well-formed msgpack, invalid request
+            request_id = _recover_request_id(payload)
+            self.bad_frames.warning("rejected an invalid add input (%d bytes, request_id %s): %s",
+                                    len(payload), "unreadable" if request_id is None
+                                    else repr(request_id), exc)
+            if request_id is not None:
+                self._reject(request_id, f"invalid request: {exc}")
+            return
+        except msgspec.DecodeError as exc:
+            self.bad_frames.warning("dropped an undecodable b'add' input (%d bytes): %s",
+                                    len(payload), exc)
+            return
         try:
             self.engine.add_request(request)
         except ValueError as exc:  # the front-end validates first; this is a last line
-            logger.warning("rejected request %s: %s", request.request_id, exc)
-            self._send(EngineCoreOutputs(outputs=[EngineCoreOutput(
-                request.request_id, [], finish_reason="abort")]))
+            self.bad_frames.warning("rejected request %r: %s", request.request_id[:64], exc)
+            self._reject(request.request_id, str(exc))
+
+    def _reject(self, request_id: str, message: str) -> None:
+        self._send(EngineCoreOutputs(outputs=[EngineCoreOutput(
+            request_id, [], finish_reason="error", error=message)]))
 
     def _publish(self, outputs: list[EngineCoreOutput]) -> None:
         stats = self._stats()
@@ -164,3 +249,18 @@ class EngineCoreLoop:
             except zmq.Again:  # the front-end is not reading: wait while it still exists
                 if os.getppid() != self.parent_pid:
                     raise RuntimeError("the front-end process is gone") from None
+
+
+def _recover_request_id(payload: bytes) -> str | None:
+    """The request_id of an add payload that failed validation, if one can be read safely."""
+    try:
+        request_id = msgspec.msgpack.decode(payload, type=_RequestIdOnly).request_id
+    except msgspec.DecodeError:
+        return None
+    return request_id if 0 < len(request_id) <= MAX_REQUEST_ID_CHARS else None
+
+
+class _RequestIdOnly(msgspec.Struct):
+    """Reads only the id of an `EngineCoreRequest` (other fields are skipped unvalidated)."""
+
+    request_id: str

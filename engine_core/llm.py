@@ -33,11 +33,13 @@ class LLM:
     max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks, kv_cache_memory,
     enable_prefix_caching, seed, pipeline_parallel_size, ... With `engine_process=True` the
     engine core runs in its own process behind the same ZMQ client the server uses
-    (`engine_transport` "ipc", or "tcp" on 127.0.0.1).
+    (`engine_transport` "ipc", or "tcp" on 127.0.0.1; tcp needs `zmq_keys`, a CurveZMQ key
+    directory made by `pp-engine keys DIR`, or an explicit `insecure_tcp=True`).
     """
 
     def __init__(self, model: str | None = None, *, engine_process: bool = False,
-                 engine_transport: str = "ipc", **engine_kwargs: Any) -> None:
+                 engine_transport: str = "ipc", zmq_keys: str | None = None,
+                 insecure_tcp: bool = False, **engine_kwargs: Any) -> None:
         if model is None:
             from models import default_model_dir
 
@@ -53,7 +55,8 @@ class LLM:
         if engine_process:  # the engine core in its own process, over ZMQ
             from engine_core.core_client import EngineCoreProcClient
 
-            self.engine = EngineCoreProcClient(self.engine_args, transport=engine_transport)
+            self.engine = EngineCoreProcClient(self.engine_args, transport=engine_transport,
+                                               zmq_keys=zmq_keys, insecure_tcp=insecure_tcp)
         else:
             self.engine = EngineCore(self.config)
         self.processor = OutputProcessor(self.tokenizer)

@@ -137,11 +137,12 @@ class HandshakeHello(msgspec.Struct):
 
 
 class HandshakeInit(msgspec.Struct):
-    """Front-end -> engine: where to connect and what to run."""
+    """Front-end -> engine: where to connect, as whom, and what to run."""
 
     input_address: str
     output_address: str
     engine_args: bytes  # msgspec-encoded EngineArgs
+    engine_identity: bytes  # the engine's ZMQ routing id on both sockets: a random secret
 
 
 class HandshakeReady(msgspec.Struct):

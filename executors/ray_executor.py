@@ -203,7 +203,12 @@ class RayExecutor(Executor):
 
 def _connect_ray(num_stages: int, threads_per_stage: int | None) -> bool:
     """Attach to a running Ray (initialised here, or RAY_ADDRESS set) or start a local one.
-    Returns True if this call started Ray (and so must stop it)."""
+    Returns True if this call started Ray (and so must stop it).
+
+    A local Ray serves only this host's stages, so it is started on the loopback address: its
+    nodes register, advertise and connect on 127.0.0.1 and its agents listen there. (Ray 2.60's
+    GCS and raylet gRPC ports still listen on every interface; Ray's token authentication, on by
+    default, guards them.)"""
     import ray
 
     if ray.is_initialized():
@@ -218,6 +223,7 @@ def _connect_ray(num_stages: int, threads_per_stage: int | None) -> bool:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
+        _node_ip_address="127.0.0.1",
         _system_config={
             "worker_niceness": 0,  # Ray's default nice 15 loses to any busy process
             "max_direct_call_object_size": 1 << 20,  # mid-size hidden states skip the store

@@ -26,7 +26,8 @@ def test_same_outputs_as_in_process(text_model):
     expected = local.generate(prompts, params, use_tqdm=False)
     local.shutdown()
     for transport in ("ipc", "tcp"):
-        remote = LLM(text_model, dtype="float32", engine_process=True, engine_transport=transport)
+        remote = LLM(text_model, dtype="float32", engine_process=True, engine_transport=transport,
+                     insecure_tcp=True)
         got = remote.generate(prompts, params, use_tqdm=False)
         again = remote.generate(prompts, params, use_tqdm=False)  # engine state stays sound
         remote.shutdown()

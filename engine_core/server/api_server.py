@@ -667,7 +667,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: 
     """Serve until told to stop (0) or until the engine core dies for good (1)."""
     import uvicorn
 
-    llm = await AsyncLLM.create(engine_args, transport=args.engine_transport)
+    llm = await AsyncLLM.create(engine_args, transport=args.engine_transport,
+                                zmq_keys=args.zmq_keys, insecure_tcp=args.insecure_tcp)
     supervisor: asyncio.Task[int] | None = None
     try:
         app = build_app(llm, model_name, args.api_key, max_request_bytes=args.max_request_bytes,
