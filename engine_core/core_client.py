@@ -44,11 +44,10 @@ from engine_core.messages import (
     HandshakeReady,
 )
 from engine_core.transport import (
-    NO_KEYS_HELP,
     CurveAuthenticator,
     WarningLimiter,
-    load_client_keys,
     load_server_keys,
+    require_keys_for_tcp,
     secure_server,
 )
 
@@ -72,14 +71,11 @@ class EngineProcess:
                  insecure_tcp: bool = False) -> None:
         if transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
-        if transport == "tcp" and zmq_keys is None and not insecure_tcp:
-            raise ValueError(f"the tcp engine transport needs CurveZMQ keys: {NO_KEYS_HELP}")
+        require_keys_for_tcp(transport, zmq_keys, insecure_tcp)
         self.engine_args = engine_args
         self.transport, self.host = transport, host
         self.zmq_keys = zmq_keys if transport == "tcp" else None  # ipc needs none
         self.keys = load_server_keys(zmq_keys) if self.zmq_keys is not None else None
-        if self.zmq_keys is not None:
-            load_client_keys(self.zmq_keys)  # the local engine will need them: fail here, early
         self.identity = b"E" + secrets.token_bytes(15)  # never starts with 0 (libzmq reserves it)
         self._ipc_dir = tempfile.mkdtemp(prefix="pp-engine-") if transport == "ipc" else None
         self.process: multiprocessing.process.BaseProcess | None = None

@@ -34,6 +34,7 @@ __all__ = [
     "create_keys",
     "load_client_keys",
     "load_server_keys",
+    "require_keys_for_tcp",
     "secure_client",
     "secure_server",
 ]
@@ -114,6 +115,16 @@ def load_client_keys(directory: str, name: str = CLIENT_NAME) -> CurveKeys:
     public, secret = _load(directory, name, secret=True)
     server_public, _ = _load(directory, SERVER_NAME, secret=False)
     return CurveKeys(public, secret, server_public)
+
+
+def require_keys_for_tcp(transport: str, zmq_keys: str | None, insecure_tcp: bool) -> None:
+    """ValueError (saying how to make keys) for a tcp transport with neither keys nor an
+    explicit `insecure_tcp`, or for a key directory that cannot serve both sides."""
+    if transport == "tcp" and zmq_keys is None and not insecure_tcp:
+        raise ValueError(f"the tcp engine transport needs CurveZMQ keys: {NO_KEYS_HELP}")
+    if transport == "tcp" and zmq_keys is not None:
+        load_server_keys(zmq_keys)
+        load_client_keys(zmq_keys)
 
 
 def secure_server(socket: zmq.Socket, keys: CurveKeys | None) -> None:

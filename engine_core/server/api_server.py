@@ -63,6 +63,7 @@ from engine_core.server.protocol import (
     usage,
     validation_error,
 )
+from engine_core.transport import require_keys_for_tcp
 from engine_core.validation import validate_sampling_params
 from models.tokenizer import PROMPT_CHARS_SAFETY_FACTOR
 
@@ -734,6 +735,7 @@ def run_server(args: argparse.Namespace) -> int:
         raise ValueError("--protect-metrics needs --api-key")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    require_keys_for_tcp(args.engine_transport, args.zmq_keys, args.insecure_tcp)
     sock = _listen(args.host, args.port)
     # uvicorn re-raises a captured SIGTERM once it has shut down; exit through the `finally`
     # that stops the engine core instead of dying on the spot.
