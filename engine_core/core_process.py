@@ -223,6 +223,8 @@ class EngineCoreLoop:
             self._reject(request.request_id, str(exc))
 
     def _reject(self, request_id: str, message: str) -> None:
+        if request_id in self.engine.scheduler.requests:
+            return  # a duplicate of a live request's id: answering it would end that request
         self._send(EngineCoreOutputs(outputs=[EngineCoreOutput(
             request_id, [], finish_reason="error", error=message)]))
 

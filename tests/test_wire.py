@@ -154,6 +154,29 @@ def test_engine_survives_input_fuzz(text_model, expected_tokens):
         _shutdown_and_check(llm)
 
 
+def test_duplicate_request_id_does_not_end_the_live_request(text_model):
+    llm = LLM(text_model, dtype="float32", engine_process=True)
+    try:
+        client = llm.engine
+        params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+        client.add_request(EngineCoreRequest("live", [1, 5, 9], params))
+        client.input_socket.send_multipart([client.engine_identity, KIND_ADD,
+                                            _invalid_request("live", temperature=-1.0)])
+        client.input_socket.send_multipart([client.engine_identity, KIND_ADD,
+                                            msgspec.msgpack.encode(EngineCoreRequest(
+                                                "live", [1, 2], params))])
+        tokens, finish = [], None
+        deadline = time.monotonic() + 60
+        while finish is None and time.monotonic() < deadline:
+            for output in client.step():
+                assert output.request_id == "live"
+                tokens += output.new_token_ids
+                finish = output.finish_reason
+        assert finish == "length" and len(tokens) == 60
+    finally:
+        _shutdown_and_check(llm)
+
+
 def test_rogue_reader_on_the_input_socket_gets_nothing(text_model, zmq_ctx):
     llm = LLM(text_model, dtype="float32", engine_process=True)
     try:
