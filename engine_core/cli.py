@@ -4,48 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
+from engine_core.arg_utils import add_engine_args, engine_kwargs
 from engine_core.sampling_params import SamplingParams
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Engine options, named as vLLM's flags."""
-    g = parser.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="KV blocks per stage (overrides --kv-cache-memory)")
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes per stage")
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                   action="store_false", help="turn prefix caching off")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    g.add_argument("--pp-layer-partition", default=None,
-                   help="layers per stage, e.g. '3,2' (default: even split)")
-    g.add_argument("--max-concurrent-batches", type=int, default=None,
-                   help="microbatches in flight (default: the pipeline size)")
-    g.add_argument("--threads-per-stage", type=int, default=None)
-    g.add_argument("--distributed-executor-backend", choices=["ray", "inprocess"], default=None,
-                   help="where stages run (default: ray when --pipeline-parallel-size > 1)")
-    g.add_argument("--ray-compiled-graph", action="store_true",
-                   help="pass hidden states through a Ray Compiled Graph (many-core/GPU nodes)")
-    g.add_argument("--no-pipelined-chunked-prefill", dest="pipelined_chunked_prefill",
-                   action="store_false",
-                   help="never keep two chunks of one prompt in flight at once")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = ["dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-             "num_kv_blocks", "kv_cache_memory", "enable_prefix_caching", "seed", "device",
-             "pipeline_parallel_size", "pp_layer_partition", "max_concurrent_batches",
-             "threads_per_stage", "distributed_executor_backend", "ray_compiled_graph",
-             "pipelined_chunked_prefill"]
-    return {name: getattr(args, name) for name in names}
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ from engine_core.messages import (
 )
 from engine_core.transport import CurveKeys, WarningLimiter, load_client_keys, secure_client
 from engine_core.validation import MAX_REQUEST_ID_CHARS
+from executors.factory import make_executor
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def run_engine_core(handshake_address: str, engine_index: int = 0,
         return
     try:
         engine_args = msgspec.msgpack.decode(init.engine_args, type=EngineArgs)
-        engine = EngineCore(engine_args.resolve())
+        config = engine_args.resolve()
+        engine = EngineCore(config, make_executor(config))
     except Exception as exc:
         handshake.send(msgspec.msgpack.encode(
             HandshakeReady(error=str(exc), error_type=type(exc).__name__)))

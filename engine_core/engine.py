@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import EngineConfig
+from engine_core.executor import Executor, StepFuture
 from engine_core.messages import EngineCoreOutput, EngineCoreRequest, StepBatch
 from engine_core.request import Request
 from engine_core.scheduler import Scheduler
 from engine_core.validation import validate_core_request
-from executors.base import Executor, StepFuture
 
 DEFAULT_STEP_TIMEOUT_S = 600.0
 
@@ -51,10 +51,12 @@ class LoopStats:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor: Executor | None = None,
+    def __init__(self, config: EngineConfig, executor: Executor,
                  step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S) -> None:
+        """Drive `executor` (built for `config`, e.g. by `executors.make_executor`); the engine
+        owns it from here on and shuts it down, also when this constructor raises."""
         self.config = config
-        self.executor = executor or make_executor(config)
+        self.executor = executor
         cache, sched = config.cache, config.scheduler
         blocks_per_max_request = math.ceil(sched.max_model_len / cache.block_size)
         if self.executor.num_kv_blocks - 1 < blocks_per_max_request:
@@ -144,14 +146,4 @@ class EngineCore:
         self.in_flight.clear()
         self.scheduler.drop_all()
         self.executor.shutdown()
-
-
-def make_executor(config: EngineConfig) -> Executor:
-    if config.parallel.executor_backend == "ray":
-        from executors.ray_executor import RayExecutor
-
-        return RayExecutor(config)
-    from executors.inprocess import InProcessExecutor
-
-    return InProcessExecutor(config)
 

@@ -18,6 +18,7 @@ from engine_core.output_processor import OutputProcessor
 from engine_core.outputs import RequestOutput
 from engine_core.sampling_params import SamplingParams
 from engine_core.validation import validate_prompt, validate_sampling_params
+from executors.factory import make_executor
 from models import load_tokenizer
 
 PromptType = str | dict[str, Any]
@@ -58,7 +59,7 @@ class LLM:
             self.engine = EngineCoreProcClient(self.engine_args, transport=engine_transport,
                                                zmq_keys=zmq_keys, insecure_tcp=insecure_tcp)
         else:
-            self.engine = EngineCore(self.config)
+            self.engine = EngineCore(self.config, make_executor(self.config))
         self.processor = OutputProcessor(self.tokenizer)
         eos = set(self.config.model.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

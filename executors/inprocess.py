@@ -9,8 +9,8 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from engine_core.config import EngineConfig
+from engine_core.executor import Executor
 from engine_core.messages import StepBatch, StepOutput
-from executors.base import Executor
 from executors.stage_worker import StageWorker
 
 

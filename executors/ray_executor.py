@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from engine_core.config import EngineConfig
+from engine_core.executor import Executor
 from engine_core.messages import StepBatch, StepOutput
-from executors.base import Executor
 
 logger = logging.getLogger(__name__)
 

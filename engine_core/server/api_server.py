@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine_core.arg_utils import engine_kwargs
 from engine_core.async_llm import AsyncLLM, EngineDeadError
 from engine_core.config import EngineArgs
 from engine_core.outputs import CompletionOutput, RequestOutput
@@ -718,7 +719,6 @@ def run_server(args: argparse.Namespace) -> int:
     ValueError (bad arguments, no model, port in use) before anything starts."""
     import uvloop
 
-    from engine_core.cli import engine_kwargs
     from models import default_model_dir
 
     model = args.model if args.model is not None else default_model_dir()

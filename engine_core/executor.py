@@ -1,4 +1,6 @@
-"""The executor interface: where pipeline stages run is hidden behind `submit`."""
+"""The executor interface the engine loop drives: where pipeline stages run is hidden behind
+`submit`. Implementations live in `executors/` (`executors.make_executor` picks one); the loop
+never imports them."""
 
 from __future__ import annotations
 
