@@ -4,12 +4,12 @@ and headless over tcp with CurveZMQ keys."""
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import pytest
 
 from engine_core import LLM, SamplingParams
+from engine_core.messages import EngineCoreRequest
 from tests.text_checkpoint import add_tokenizer
 
 
@@ -63,3 +63,35 @@ def test_offline_dp2_matches_dp1_and_balances(text_model):
     finally:
         llm.shutdown()
     assert all(_gone(pid) for pid in pids)
+
+
+def _step_until(client, condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition(client.engine_states()):
+        assert time.monotonic() < deadline, client.engine_states()
+        client.step()
+
+
+def test_offline_abort_reaches_the_owning_engine(text_model):
+    llm = LLM(text_model, dtype="float32", data_parallel_size=2)
+    client = llm.engine
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=900, ignore_eos=True)
+        for i in range(2):
+            client.add_requests([EngineCoreRequest(f"r{i}", [1, 5, 9, 7] * 8, params)])
+        owners = [client.client.owner_of(f"r{i}") for i in range(2)]
+        assert sorted(owners) == [0, 1]
+        _step_until(client, lambda states: all(s.stats.num_running == 1 for s in states))
+        client.abort_requests(["r0"])
+        # r0's engine frees every block; the other keeps running r1
+        _step_until(client, lambda states: states[owners[0]].stats.num_running == 0
+                    and states[owners[0]].stats.num_free_blocks
+                    == states[owners[0]].stats.num_total_blocks)
+        assert client.engine_states()[owners[1]].stats.num_running == 1
+        client.abort_requests(["r1"])
+        _step_until(client, lambda states: all(
+            s.stats.num_running == 0 and s.stats.num_free_blocks == s.stats.num_total_blocks
+            for s in states))
+        assert not client.has_unfinished_requests()
+    finally:
+        llm.shutdown()

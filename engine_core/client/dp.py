@@ -315,6 +315,11 @@ class DPEngineCoreClient:
                         [engine.identity, KIND_ABORT, self.encoder.encode(AbortRequests(ids))],
                         flags=zmq.NOBLOCK)
 
+    def owner_of(self, request_id: str) -> int | None:
+        """The rank of the engine that holds this unfinished request (None: none does)."""
+        engine = self._owner.get(request_id)
+        return engine.rank if engine is not None else None
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._owner) or bool(self._failed)
 
