@@ -3,9 +3,13 @@ and headless over tcp with CurveZMQ keys."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import signal
 import time
 
+import httpx
 import pytest
 
 from engine_core import LLM, SamplingParams
@@ -95,3 +99,79 @@ def test_offline_abort_reaches_the_owning_engine(text_model):
         assert not client.has_unfinished_requests()
     finally:
         llm.shutdown()
+
+
+# ---- served -----------------------------------------------------------------------------------
+def _engine_children(server) -> list[int]:
+    pids = []
+    for task in os.listdir(f"/proc/{server.proc.pid}/task"):
+        with open(f"/proc/{server.proc.pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                with open(f"/proc/{child}/cmdline", "rb") as cmd:
+                    if b"spawn_main" in cmd.read():
+                        pids.append(int(child))
+    return pids
+
+
+def _gauge(metrics: str, name: str, engine: str | None = None) -> float:
+    label = f'engine="{engine}",' if engine is not None else ""
+    pattern = rf'^ppengine:{name}\{{{label}model_name="[^"]*"\}} (\S+)$'
+    match = re.search(pattern, metrics, re.M) or re.search(
+        rf'^ppengine:{name}\{{model_name="[^"]*"(?:,engine="{engine}")?\}} (\S+)$', metrics,
+        re.M)
+    assert match, f"no {name} {engine} in\n{metrics}"
+    return float(match.group(1))
+
+
+def test_served_dp2_matches_offline_and_survives_one_engine_death(text_model, tmp_path):
+    from tests.test_server import MODEL, ServerProcess
+
+    offline = LLM(text_model, dtype="float32", max_model_len=1024)
+    prompts = PROMPTS[:4]
+    expected = [o.outputs[0].text for o in offline.generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)]
+    offline.shutdown()
+    server = ServerProcess(text_model, str(tmp_path / "server.log"), "-dp", "2",
+                           "--max-model-len", "1024")
+    try:
+        pids = _engine_children(server)
+        assert len(pids) == 2
+        url = server.url + "/v1/completions"
+        for prompt, want in zip(prompts, expected):
+            r = httpx.post(url, json={"model": MODEL, "prompt": prompt, "max_tokens": 12,
+                                      "temperature": 0.0}, timeout=60)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        long = {"model": MODEL, "prompt": "x", "max_tokens": 1000, "ignore_eos": True}
+
+        async def in_flight() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                tasks = [asyncio.create_task(http.post(url, json=long)) for _ in range(4)]
+                deadline = time.monotonic() + 30
+                while True:  # both engines busy, then kill one
+                    metrics = (await http.get(server.url + "/metrics")).text
+                    if all(_gauge(metrics, "engine_num_requests_running", e) >= 1
+                           for e in "01"):
+                        break
+                    assert time.monotonic() < deadline, metrics
+                    await asyncio.sleep(0.05)
+                os.kill(pids[0], signal.SIGKILL)
+                return await asyncio.gather(*tasks)
+
+        start = time.monotonic()
+        results = asyncio.run(asyncio.wait_for(in_flight(), 90))
+        codes = sorted(r.status_code for r in results)
+        assert codes == [200, 200, 500, 500], [r.text[:200] for r in results]
+        failed = [r for r in results if r.status_code == 500]
+        assert all("data-parallel engine" in r.json()["error"]["message"] for r in failed)
+        assert time.monotonic() - start < 60
+        # the survivor serves new requests; /health stays 200; /metrics counts one engine
+        r = httpx.post(url, json={"model": MODEL, "prompt": prompts[0], "max_tokens": 12,
+                                  "temperature": 0.0}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[0]
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        assert _gauge(metrics, "engines_alive") == 1.0
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+    assert all(_gone(pid) for pid in pids)
