@@ -4,9 +4,13 @@ and headless over tcp with CurveZMQ keys."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -15,6 +19,8 @@ import pytest
 from engine_core import LLM, SamplingParams
 from engine_core.messages import EngineCoreRequest
 from tests.text_checkpoint import add_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +181,125 @@ def test_served_dp2_matches_offline_and_survives_one_engine_death(text_model, tm
     finally:
         server.stop()
     assert all(_gone(pid) for pid in pids)
+
+
+# ---- two "nodes" on loopback ------------------------------------------------------------------
+def _headless(model: str, log_path: str, port: int, keys: str, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "engine_core.cli", "serve", model, "--headless", "-dp", "2",
+           "-dpl", "1", "-dpr", "1", "--data-parallel-address", "127.0.0.1",
+           "--data-parallel-rpc-port", str(port), "--zmq-keys", keys, "--dtype", "float32",
+           *extra]
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _head_args(port: int, keys: str) -> list[str]:
+    return ["-dp", "2", "-dpl", "1", "--data-parallel-address", "127.0.0.1",
+            "--data-parallel-rpc-port", str(port), "--zmq-keys", keys, "--max-model-len", "1024"]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+@pytest.fixture
+def keys(tmp_path) -> str:
+    directory = str(tmp_path / "keys")
+    subprocess.run([sys.executable, "-m", "engine_core.cli", "keys", directory], cwd=REPO,
+                   check=True, capture_output=True, timeout=60)
+    return directory
+
+
+def test_head_and_headless_over_curve_tcp(text_model, keys, tmp_path):
+    from tests.test_server import MODEL, ServerProcess, _free_port
+
+    port = _free_port()
+    headless = _headless(text_model, str(tmp_path / "headless.log"), port, keys,
+                         "--max-model-len", "1024")
+    server = None
+    try:
+        server = ServerProcess(text_model, str(tmp_path / "head.log"), *_head_args(port, keys))
+        url = server.url + "/v1/completions"
+
+        async def run_all() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*[http.post(url, json={
+                    "model": MODEL, "prompt": p, "max_tokens": 16, "temperature": 0.0})
+                    for p in PROMPTS[:8]])
+
+        results = asyncio.run(asyncio.wait_for(run_all(), 120))
+        assert all(r.status_code == 200 for r in results), [r.text[:200] for r in results]
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        assert _gauge(metrics, "engines_alive") == 2.0
+        assert all(_gauge(metrics, "engine_requests_routed", e) >= 1 for e in "01")
+        # the head dies (kill -9, its local engine too): the headless node exits by itself
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        assert headless.wait(30) is not None
+        engine_log = (tmp_path / "headless.log").read_text(errors="replace")
+        assert "dropped" in engine_log or "gone" in engine_log, engine_log[-2000:]
+    finally:
+        if server is not None:
+            server.stop()
+        _kill_group(headless)
+
+
+def test_headless_config_mismatch_is_refused_naming_the_field(text_model, keys, tmp_path):
+    from tests.test_server import _free_port
+
+    port = _free_port()
+    head_log = tmp_path / "head.log"
+    with open(head_log, "wb") as log:
+        head = subprocess.Popen(
+            [sys.executable, "-m", "engine_core.cli", "serve", text_model, "--port",
+             str(_free_port()), "--dtype", "float32", *_head_args(port, keys)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    headless = _headless(text_model, str(tmp_path / "headless.log"), port, keys,
+                         "--max-model-len", "512")
+    try:
+        assert headless.wait(90) == 1
+        engine_log = (tmp_path / "headless.log").read_text(errors="replace")
+        assert "scheduler.max_model_len" in engine_log, engine_log[-3000:]
+        deadline = time.monotonic() + 10
+        while "scheduler.max_model_len" not in head_log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, head_log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        assert head.poll() is None  # the head goes on waiting for a matching rank 1
+    finally:
+        _kill_group(head)
+        _kill_group(headless)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-dp", "2", "-dpl", "3"], "-dpl"),
+    (["--headless", "-dp", "2", "-dpl", "1", "-dpr", "2", "--data-parallel-rpc-port", "5",
+      "--insecure-tcp"], "-dpr"),
+    (["-dp", "2", "-dpl", "1", "--data-parallel-rpc-port", "6000"], "keys"),
+])
+def test_bad_flags_fail_fast(text_model, flags, message):
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "engine_core.cli", "serve", text_model,
+                             "--dtype", "float32", *flags], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_rpc_port_in_use_fails_fast(text_model, tmp_path):
+    from tests.test_server import _free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "engine_core.cli", "serve", text_model, "--port",
+             str(_free_port()), "--dtype", "float32", "-dp", "2",
+             "--data-parallel-rpc-port", str(port), "--insecure-tcp"],
+            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"127.0.0.1:{port}" in result.stderr
