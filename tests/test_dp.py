@@ -109,9 +109,11 @@ def test_offline_abort_reaches_the_owning_engine(text_model):
 
 # ---- served -----------------------------------------------------------------------------------
 def _engine_children(server) -> list[int]:
+    """The multiprocessing-spawned children of a server (a ServerProcess or a Popen)."""
+    pid = getattr(server, "proc", server).pid
     pids = []
-    for task in os.listdir(f"/proc/{server.proc.pid}/task"):
-        with open(f"/proc/{server.proc.pid}/task/{task}/children") as f:
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
             for child in f.read().split():
                 with open(f"/proc/{child}/cmdline", "rb") as cmd:
                     if b"spawn_main" in cmd.read():
@@ -235,10 +237,16 @@ def test_head_and_headless_over_curve_tcp(text_model, keys, tmp_path):
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
         assert _gauge(metrics, "engines_alive") == 2.0
         assert all(_gauge(metrics, "engine_requests_routed", e) >= 1 for e in "01")
-        # the head dies (kill -9, its local engine too): the headless node exits by itself
+        # the head dies (kill -9, its local engine too): the headless node exits by itself,
+        # its engine process with it
+        engine_pids = _engine_children(headless)
+        assert len(engine_pids) == 1
         os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait(10)
+        killed = time.monotonic()
         assert headless.wait(30) is not None
+        assert time.monotonic() - killed < 10
+        assert all(_gone(pid) for pid in engine_pids)
         engine_log = (tmp_path / "headless.log").read_text(errors="replace")
         assert "dropped" in engine_log or "gone" in engine_log, engine_log[-2000:]
     finally:
