@@ -134,8 +134,11 @@ class DataParallelConfig:
     start_rank: int = 0
     address: str = "127.0.0.1"
     rpc_port: int | None = None  # the head's handshake port (default: any free one)
+    routing: str = "load"  # "load" | "prefix" (see engine_core/client/prefix_router.py)
 
     def __post_init__(self) -> None:
+        if self.routing not in ("load", "prefix"):
+            raise ValueError(f"--dp-routing must be 'load' or 'prefix', got {self.routing!r}")
         for name in ("size", "start_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (name == "size"):

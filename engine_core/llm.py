@@ -37,13 +37,14 @@ class LLM:
     (`engine_transport` "ipc", or "tcp" on 127.0.0.1; tcp needs `zmq_keys`, a CurveZMQ key
     directory made by `pp-engine keys DIR`, or an explicit `insecure_tcp=True`).
     With `data_parallel_size=N` (N > 1), N engine-core processes serve the prompts, each
-    request routed to the least loaded one (`engine_core/client/dp.py`).
+    request routed to the least loaded one (`engine_core/client/dp.py`), or with
+    `dp_routing="prefix"` to the one holding most of its prompt's prefix.
     """
 
     def __init__(self, model: str | None = None, *, engine_process: bool = False,
                  engine_transport: str = "ipc", zmq_keys: str | None = None,
                  insecure_tcp: bool = False, data_parallel_size: int = 1,
-                 **engine_kwargs: Any) -> None:
+                 dp_routing: str = "load", **engine_kwargs: Any) -> None:
         if model is None:
             from models import default_model_dir
 
@@ -56,7 +57,7 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **engine_kwargs)
         self.config = self.engine_args.resolve()
         self.tokenizer = load_tokenizer(self.config.model_dir)
-        dp = DataParallelConfig(size=data_parallel_size)
+        dp = DataParallelConfig(size=data_parallel_size, routing=dp_routing)
         if dp.size > 1:  # N engine-core processes behind one client
             from engine_core.client.sync import SyncDPClient
 

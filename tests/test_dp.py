@@ -75,6 +75,37 @@ def test_offline_dp2_matches_dp1_and_balances(text_model):
     assert all(_gone(pid) for pid in pids)
 
 
+
+def shared_prefix_workload(num_groups: int = 3, per_group: int = 4, prefix_blocks: int = 6,
+                           block_size: int = 16) -> list[dict]:
+    """Groups of prompts that share a long prefix, interleaved (A1 B1 C1 A2 ...): with an odd
+    number of groups, alternating load routing spreads every group over both engines."""
+    prompts = []
+    for i in range(per_group):
+        for g in range(num_groups):
+            prefix = [(7 * g + 3 * j) % 200 + 10 for j in range(prefix_blocks * block_size)]
+            prompts.append({"prompt_token_ids": [*prefix, 300 + g, 400 + i, 500 + i]})
+    return prompts
+
+
+def _prefix_hit_rate(text_model: str, routing: str) -> float:
+    llm = LLM(text_model, dtype="float32", data_parallel_size=2, dp_routing=routing)
+    try:
+        prompts = shared_prefix_workload()
+        outputs = []
+        for prompt in prompts:  # one at a time: each request sees the cache of the ones before
+            outputs += llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return cached / sum(len(p["prompt_token_ids"]) for p in prompts)
+
+
+def test_prefix_routing_beats_load_routing_on_shared_prefixes(text_model):
+    load, prefix = _prefix_hit_rate(text_model, "load"), _prefix_hit_rate(text_model, "prefix")
+    assert prefix > load, (load, prefix)
+    assert prefix > 0.6, prefix
+
 def _step_until(client, condition, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition(client.engine_states()):

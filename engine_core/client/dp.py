@@ -12,7 +12,9 @@ is local, tcp on the given address as soon as one is remote (CurveZMQ with `--zm
 without keys only with `--insecure-tcp`).
 
 Routing: every user request (all its n sequences) goes to the live engine with the lowest
-`waiting * 4 + running + sends since its last report`; engines report their stats with every
+`waiting * 4 + running + sends since its last report` (with `routing="prefix"`, to the engine
+that was sent the most of its prompt's leading blocks, unless that one is much busier: see
+`prefix_router.py`); engines report their stats with every
 output batch and at least once a second when idle. The front-end remembers which engine owns
 each request, so aborts reach it, and attributes outputs to their engine by the sender's
 routing id. An engine that dies (its process exits, or a remote one is silent for
@@ -38,6 +40,7 @@ import zmq
 import zmq.asyncio
 
 from engine_core.client.base import EngineState
+from engine_core.client.prefix_router import PrefixIndex
 from engine_core.config import DataParallelConfig, EngineArgs, config_mismatch
 from engine_core.core_process import (
     KIND_ABORT,
@@ -73,6 +76,7 @@ LIVENESS_POLL_S = 1.0
 REMOTE_SILENCE_S = 10.0  # a remote engine that sent nothing (not even a heartbeat) is dead
 SHUTDOWN_TIMEOUT_S = 10.0
 WAITING_WEIGHT = 4  # a waiting request weighs this many running ones in the load score
+PREFIX_LOAD_SLACK = 8  # prefix routing yields to load when the holder is this much busier
 INPUT_INBOUND_BYTES = 4096  # only the engines' hellos arrive on the input socket
 
 
@@ -118,10 +122,14 @@ class DPEngineCoreClient:
         self.engine_args, self.dp, self.transport = engine_args, dp, transport
         self.zmq_keys = zmq_keys if transport == "tcp" else None
         self.keys = load_server_keys(zmq_keys) if self.zmq_keys is not None else None
-        self.expected_fields = engine_args.resolve().config_fields()
+        config = engine_args.resolve()
+        self.expected_fields = config.config_fields()
         self.engines = [_Engine(rank, b"E" + secrets.token_bytes(15)) for rank in range(dp.size)]
         self._by_identity = {e.identity: e for e in self.engines}
         self._owner: dict[str, _Engine] = {}
+        self.prefix_index = (PrefixIndex(dp.size, config.cache.block_size)
+                             if dp.routing == "prefix" and config.cache.enable_prefix_caching
+                             else None)
         self._failed: list[EngineCoreOutput] = []
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
@@ -285,6 +293,14 @@ class DPEngineCoreClient:
         if not live:
             raise RuntimeError(self._dead_message())
         engine = min(live, key=lambda e: (e.score(), e.num_routed))
+        if self.prefix_index is not None:
+            hashes = self.prefix_index.hashes(requests[0].prompt_token_ids)
+            best = max(live, key=lambda e: (self.prefix_index.match(e.rank, hashes),
+                                            -e.score()))
+            if (self.prefix_index.match(best.rank, hashes) > 0
+                    and best.score() - engine.score() <= PREFIX_LOAD_SLACK):
+                engine = best
+            self.prefix_index.record(engine.rank, hashes)
         for request in requests:
             self._owner[request.request_id] = engine
             engine.requests.add(request.request_id)
@@ -395,6 +411,8 @@ class DPEngineCoreClient:
                                                  error=message))
         engine.requests.clear()
         engine.stats = SchedulerStats()
+        if self.prefix_index is not None:
+            self.prefix_index.forget(engine.rank)
 
     def _dead_message(self) -> str:
         return f"all {len(self.engines)} data-parallel engine cores are dead"
