@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 KIND_ADD, KIND_ABORT, KIND_SHUTDOWN = b"add", b"abort", b"shutdown"
 KIND_HELLO = b"hello"  # engine -> front-end, once, on the input socket
+KIND_PING = b"ping"  # front-end -> engine: a no-op that tells the front-end the engine is there
 HANDSHAKE_TIMEOUT_MS = 30_000
 IDLE_POLL_MS = 500  # how often an idle engine checks that its parent is still alive
 HEARTBEAT_MS = 1000  # an idle headless engine still sends its stats this often
@@ -249,6 +250,8 @@ class EngineCoreLoop:
             self.engine.abort_requests(request_ids)
         elif kind == KIND_SHUTDOWN:
             self.stopping = True
+        elif kind == KIND_PING:
+            pass
         else:
             self.bad_frames.warning("dropped an input of unknown kind %r (%d bytes)",
                                     kind, len(payload))

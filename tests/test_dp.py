@@ -342,3 +342,66 @@ def test_rpc_port_in_use_fails_fast(text_model, tmp_path):
             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"127.0.0.1:{port}" in result.stderr
+
+
+def test_headless_engine_death_and_rejoin(text_model, keys, tmp_path):
+    """kill -9 the headless engine: only its request fails, fast; a new headless process with
+    the same rank rejoins the running head, gets work, and stops with the head."""
+    from tests.test_server import MODEL, ServerProcess, _free_port
+
+    port = _free_port()
+    first = _headless(text_model, str(tmp_path / "headless1.log"), port, keys,
+                      "--max-model-len", "1024")
+    server = second = None
+    try:
+        server = ServerProcess(text_model, str(tmp_path / "head.log"), *_head_args(port, keys))
+        url = server.url + "/v1/completions"
+        long = {"model": MODEL, "prompt": "x", "max_tokens": 1000, "ignore_eos": True}
+        victim = _engine_children(first)
+
+        async def in_flight() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                tasks = [asyncio.create_task(http.post(url, json=long)) for _ in range(2)]
+                deadline = time.monotonic() + 30
+                while True:
+                    metrics = (await http.get(server.url + "/metrics")).text
+                    if all(_gauge(metrics, "engine_num_requests_running", e) >= 1
+                           for e in "01"):
+                        break
+                    assert time.monotonic() < deadline, metrics
+                    await asyncio.sleep(0.05)
+                os.kill(victim[0], signal.SIGKILL)
+                killed = time.monotonic()
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                assert time.monotonic() - killed < 8  # the dead engine's request fails fast
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(asyncio.wait_for(in_flight(), 90))
+        assert sorted(r.status_code for r in results) == [200, 500]
+        assert first.wait(15) is not None  # its launcher exits with its only engine
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        assert _gauge(metrics, "engines_alive") == 1.0
+        routed_before = _gauge(metrics, "engine_requests_routed", "1")
+        second = _headless(text_model, str(tmp_path / "headless2.log"), port, keys,
+                           "--max-model-len", "1024")
+        deadline = time.monotonic() + 60
+        while _gauge(httpx.get(server.url + "/metrics", timeout=10).text,
+                     "engines_alive") < 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.25)
+        for prompt in PROMPTS[:6]:
+            r = httpx.post(url, json={"model": MODEL, "prompt": prompt, "max_tokens": 8},
+                           timeout=60)
+            assert r.status_code == 200
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        assert _gauge(metrics, "engine_requests_routed", "1") > routed_before
+        rejoined = _engine_children(second)
+        server.stop()
+        assert second.wait(30) == 0  # told to stop by the head
+        assert all(_gone(pid) for pid in rejoined)
+    finally:
+        if server is not None:
+            server.stop()
+        _kill_group(first)
+        if second is not None:
+            _kill_group(second)

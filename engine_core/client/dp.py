@@ -18,8 +18,10 @@ that was sent the most of its prompt's leading blocks, unless that one is much b
 output batch and at least once a second when idle. The front-end remembers which engine owns
 each request, so aborts reach it, and attributes outputs to their engine by the sender's
 routing id. An engine that dies (its process exits, or a remote one is silent for
-`REMOTE_SILENCE_S`) fails only its own requests (finish_reason "error"); routing skips it. When
-none is left the client is dead (`get_outputs` raises RuntimeError).
+`REMOTE_SILENCE_S`, or its connection dropped) fails only its own requests (finish_reason
+"error"); routing skips it. A remote engine restarted with the rank of a dead one rejoins (the
+handshake socket stays open while there are remote ranks). When none is left the client is
+dead (`get_outputs` raises RuntimeError).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from engine_core.core_process import (
     KIND_ABORT,
     KIND_ADD,
     KIND_HELLO,
+    KIND_PING,
     KIND_SHUTDOWN,
     engine_version,
     run_engine_core,
@@ -143,6 +146,8 @@ class DPEngineCoreClient:
         self.output_socket = self.ctx.socket(zmq.ROUTER)
         self.handshake_address = self.input_address = self.output_address = ""
         self._closed = False
+        self._peers: dict[bytes, _Engine] = {}  # handshake routing id -> rank it said HELLO for
+        self._refusals: dict[int, str] = {}  # rank -> why its last engine was refused
 
     @classmethod
     async def start(cls, engine_args: EngineArgs, dp: DataParallelConfig, *,
@@ -173,6 +178,8 @@ class DPEngineCoreClient:
             sock.setsockopt(zmq.MAXMSGSIZE, inbound)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a vanished host drops its connection
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
             secure_server(sock, self.keys)
             address = self._address(name, port)
             try:
@@ -193,8 +200,7 @@ class DPEngineCoreClient:
             engine.process.start()
             engine.pid = engine.process.pid
         deadline = time.monotonic() + timeout_s
-        peers: dict[bytes, _Engine] = {}  # handshake routing id -> the rank it said HELLO for
-        refusals: dict[int, str] = {}
+        peers, refusals = self._peers, self._refusals
         poller = zmq.Poller()
         poller.register(self.handshake_socket, zmq.POLLIN)
         poller.register(self.input_socket, zmq.POLLIN)
@@ -203,13 +209,7 @@ class DPEngineCoreClient:
             if self.handshake_socket in events:
                 self._on_handshake(self.handshake_socket.recv_multipart(), peers, refusals)
             if self.input_socket in events:
-                frames = self.input_socket.recv_multipart()
-                engine = self._by_identity.get(frames[0]) if len(frames) == 2 else None
-                if engine is not None and frames[1] == KIND_HELLO:
-                    engine.greeted = True
-                    self._ready_if_complete(engine)
-                else:
-                    self.bad_frames.warning("dropped a frame on the input socket during startup")
+                self._on_input(self.input_socket.recv_multipart())
             for engine in self.engines[:self.dp.local]:
                 if not engine.alive and not engine.process.is_alive():
                     raise RuntimeError(f"data-parallel engine {engine.rank} (pid {engine.pid}) "
@@ -220,8 +220,34 @@ class DPEngineCoreClient:
                 why = "".join(f"; rank {r} was refused: {m}" for r, m in refusals.items())
                 raise TimeoutError(f"data-parallel engine(s) {missing} did not get ready within "
                                    f"{timeout_s:g} s at {self.handshake_address}{why}")
-        self.handshake_socket.close(linger=0)
-        self.handshake_socket = None
+        if not self.dp.has_remote:  # else it stays open: a restarted remote engine rejoins
+            self.handshake_socket.close(linger=0)
+            self.handshake_socket = None
+
+    def _on_input(self, frames: list[bytes]) -> None:
+        """A frame on the input socket: only an engine's hello (before READY completes) is
+        expected there."""
+        engine = self._by_identity.get(frames[0]) if len(frames) == 2 else None
+        if engine is not None and frames[1] == KIND_HELLO:
+            engine.greeted = True
+            self._ready_if_complete(engine)
+        else:
+            self.bad_frames.warning("dropped a frame of %d part(s) on the input socket",
+                                    len(frames))
+
+    def _serve_rejoins(self) -> None:
+        """After startup: handshakes of remote engines restarted with the rank of a dead one
+        (non-blocking; called from `get_outputs`)."""
+        if self.handshake_socket is None:
+            return
+        while self.handshake_socket.poll(0):
+            try:
+                self._on_handshake(self.handshake_socket.recv_multipart(), self._peers,
+                                   self._refusals)
+            except (ValueError, RuntimeError) as exc:  # never for remote engines; be safe
+                logger.error("handshake failed: %s", exc)
+        while self.input_socket.poll(0):
+            self._on_input(self.input_socket.recv_multipart())
 
     def _on_handshake(self, frames: list[bytes], peers: dict[bytes, _Engine],
                       refusals: dict[int, str]) -> None:
@@ -261,8 +287,10 @@ class DPEngineCoreClient:
         if engine.accepted and engine.greeted and not engine.alive:
             engine.alive = True
             engine.last_seen = time.monotonic()
-            logger.info("data-parallel engine %d ready (host %s, pid %s)", engine.rank,
-                        engine.host or "local", engine.pid)
+            engine.stats, engine.sends_since_report = SchedulerStats(), 0
+            logger.info("data-parallel engine %d %s (host %s, pid %s)", engine.rank,
+                        "rejoined" if engine.num_routed else "ready", engine.host or "local",
+                        engine.pid)
 
     def _on_hello(self, sender: bytes, hello: HandshakeHello,
                   peers: dict[bytes, _Engine]) -> None:
@@ -273,8 +301,12 @@ class DPEngineCoreClient:
             self.bad_frames.warning("dropped a HELLO for rank %d (pid %d): not expected", rank,
                                     hello.pid)
             return
-        if engine.process is None:
+        if engine.process is None:  # remote: (re)joining; a fresh routing id each time
             engine.pid, engine.host = hello.pid, hello.host
+            engine.accepted = engine.greeted = False
+            del self._by_identity[engine.identity]
+            engine.identity = b"E" + secrets.token_bytes(15)
+            self._by_identity[engine.identity] = engine
         if hello.version != engine_version():
             logger.warning("data-parallel engine %d runs pp-engine %s, the front-end %s",
                            rank, hello.version, engine_version())
@@ -344,6 +376,7 @@ class DPEngineCoreClient:
         """The next batch from any engine (plus the failures of engines found dead).
         RuntimeError once every engine is dead."""
         while True:
+            self._serve_rejoins()
             self._check_engines()
             if self._failed:
                 failed, self._failed = self._failed, []
@@ -397,10 +430,17 @@ class DPEngineCoreClient:
             elif engine.process is None and now - engine.last_seen > REMOTE_SILENCE_S:
                 self._fail(engine, f"nothing heard from it ({engine.host}, pid {engine.pid}) "
                                    f"for {REMOTE_SILENCE_S:g} s")
+            elif engine.process is None and now - engine.last_seen > LIVENESS_POLL_S:
+                try:  # its connection is gone (the ROUTER forgot its id) if this fails
+                    self.input_socket.send_multipart([engine.identity, KIND_PING, b""],
+                                                     flags=zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    self._fail(engine, f"its connection dropped ({engine.host}, pid "
+                                       f"{engine.pid}: {exc})")
 
     def _fail(self, engine: _Engine, reason: str) -> None:
         """Declare `engine` dead: each of its requests ends with finish_reason "error"."""
-        engine.alive = False
+        engine.alive = engine.accepted = engine.greeted = False
         message = f"data-parallel engine {engine.rank} died: {reason}"
         alive = sum(e.alive for e in self.engines)
         logger.error("%s; %d request(s) fail, %d engine(s) left", message,
