@@ -14,10 +14,13 @@ import sys
 import time
 
 import httpx
+import msgspec
 import pytest
+import zmq
+import zmq.auth
 
 from engine_core import LLM, SamplingParams
-from engine_core.messages import EngineCoreRequest
+from engine_core.messages import EngineCoreRequest, HandshakeHello
 from tests.text_checkpoint import add_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +77,13 @@ def test_offline_dp2_matches_dp1_and_balances(text_model):
         llm.shutdown()
     assert all(_gone(pid) for pid in pids)
 
+
+
+def test_offline_dp_startup_error_is_a_value_error(text_model):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="KV cache"):
+        LLM(text_model, dtype="float32", data_parallel_size=2, num_kv_blocks=3)
+    assert time.monotonic() - start < 60
 
 
 def shared_prefix_workload(num_groups: int = 3, per_group: int = 4, prefix_blocks: int = 6,
@@ -382,6 +392,22 @@ def test_headless_engine_death_and_rejoin(text_model, keys, tmp_path):
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
         assert _gauge(metrics, "engines_alive") == 1.0
         routed_before = _gauge(metrics, "engine_requests_routed", "1")
+        # rank 1 is free, but a peer without a client key from the directory gets no INIT
+        ctx = zmq.Context()
+        try:
+            plain, wrong_key = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+            public, secret = zmq.curve_keypair()
+            wrong_key.curve_publickey, wrong_key.curve_secretkey = public, secret
+            wrong_key.curve_serverkey = zmq.auth.load_certificate(
+                os.path.join(keys, "server.key"))[0]
+            hello = msgspec.msgpack.encode(HandshakeHello(1, os.getpid()))
+            for rogue in (plain, wrong_key):
+                rogue.setsockopt(zmq.LINGER, 0)
+                rogue.connect(f"tcp://127.0.0.1:{port}")
+                rogue.send(hello)
+            assert plain.poll(1500) == 0 and wrong_key.poll(500) == 0
+        finally:
+            ctx.destroy(linger=0)
         second = _headless(text_model, str(tmp_path / "headless2.log"), port, keys,
                            "--max-model-len", "1024")
         deadline = time.monotonic() + 60

@@ -481,18 +481,21 @@ class DPEngineCoreClient:
         """Ask every live engine to stop, then reap the local processes (terminate, then kill,
         if they do not exit in time). Remote engines exit on the shutdown message, or when
         their connection drops."""
+        told = set()
         for engine in self.engines:
             if engine.alive:
                 with contextlib.suppress(zmq.ZMQError):
                     self.input_socket.send_multipart([engine.identity, KIND_SHUTDOWN, b""],
                                                      flags=zmq.NOBLOCK)
+                    told.add(engine.rank)
             engine.alive = False
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
         for engine in self.engines:
             process = engine.process
             if process is None or process.pid is None:
                 continue
-            process.join(max(0.0, deadline - time.monotonic()))
+            if engine.rank in told:  # else (never ready, say) there is nothing to wait for
+                process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.terminate()
                 process.join(5)
