@@ -431,3 +431,54 @@ def test_headless_engine_death_and_rejoin(text_model, keys, tmp_path):
         _kill_group(first)
         if second is not None:
             _kill_group(second)
+
+
+def test_served_all_engines_dead_exits_1(text_model, tmp_path):
+    from tests.test_server import ServerProcess
+
+    server = ServerProcess(text_model, str(tmp_path / "server.log"), "-dp", "2",
+                           "--max-model-len", "1024")
+    try:
+        pids = _engine_children(server)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert server.proc.wait(30) == 1, server.log()
+    finally:
+        server.stop()
+
+
+def test_missing_remote_rank_times_out_naming_rank_and_address(text_model):
+    from engine_core.client.dp import DPEngineCoreClient
+    from engine_core.config import DataParallelConfig, EngineArgs
+    from tests.test_server import _free_port
+
+    port = _free_port()
+    dp = DataParallelConfig(size=2, size_local=1, rpc_port=port)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=rf"\[1\].*127\.0\.0\.1:{port}"):
+        asyncio.run(DPEngineCoreClient.start(EngineArgs(text_model, dtype="float32"), dp,
+                                             insecure_tcp=True, timeout_s=8))
+    assert time.monotonic() - start < 30
+
+
+def test_garbage_on_the_output_socket_is_dropped(text_model):
+    llm = LLM(text_model, dtype="float32", data_parallel_size=2)
+    client = llm.engine.client
+    ctx = zmq.Context()
+    try:
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.connect(client.output_address)
+        for frame in (b"\xc1", b"", msgspec.msgpack.encode({"outputs": 3})):
+            rogue.send(frame)
+        rogue.send_multipart([b"a", b"b", b"c"])
+        got = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 12 for o in got)
+        deadline = time.monotonic() + 10
+        while client.bad_frames.count < 4:
+            assert time.monotonic() < deadline, client.bad_frames.count
+            llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)  # reads the socket meanwhile
+        assert all(s.alive for s in client.engine_states())
+    finally:
+        ctx.destroy(linger=0)
+        llm.shutdown()
