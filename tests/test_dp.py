@@ -482,3 +482,31 @@ def test_garbage_on_the_output_socket_is_dropped(text_model):
     finally:
         ctx.destroy(linger=0)
         llm.shutdown()
+
+
+def test_served_restart_engine_restarts_every_engine(text_model, tmp_path):
+    from tests.test_server import MODEL, ServerProcess
+
+    server = ServerProcess(text_model, str(tmp_path / "server.log"), "-dp", "2",
+                           "--max-model-len", "1024", "--restart-engine")
+    try:
+        old = _engine_children(server)
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:  # the front-end notices, restarts both, and serves again
+            assert server.proc.poll() is None, server.log()
+            new = [p for p in _engine_children(server) if p not in old]
+            with contextlib.suppress(httpx.HTTPError):
+                metrics = httpx.get(server.url + "/metrics", timeout=5).text
+                if len(new) == 2 and _gauge(metrics, "engines_alive") == 2.0:
+                    break
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.25)
+        assert _gauge(metrics, "engine_restarts") == 1.0
+        r = httpx.post(server.url + "/v1/completions", json={
+            "model": MODEL, "prompt": PROMPTS[0], "max_tokens": 8}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        server.stop()
+    assert all(_gone(pid) for pid in old + new)
