@@ -70,6 +70,10 @@ def add_data_parallel_args(parser: argparse.ArgumentParser) -> None:
                    help="load: the least loaded engine; prefix: the engine holding the most "
                         "of the prompt's leading KV blocks, unless it is much busier "
                         "(default: %(default)s)")
+    g.add_argument("--data-parallel-backend", choices=["mp", "ray"], default="mp",
+                   help="mp: local engine processes; ray: Ray actors on the cluster of "
+                        "RAY_ADDRESS (or a local Ray), over tcp on --data-parallel-address "
+                        "(default: %(default)s)")
     g.add_argument("--headless", action="store_true",
                    help="start this host's engine cores only (no API server); they connect to "
                         "the head at --data-parallel-address:--data-parallel-rpc-port")
@@ -81,4 +85,5 @@ def data_parallel_config(args: argparse.Namespace) -> DataParallelConfig:
                               size_local=args.data_parallel_size_local,
                               start_rank=args.data_parallel_start_rank,
                               address=args.data_parallel_address,
-                              rpc_port=args.data_parallel_rpc_port, routing=args.dp_routing)
+                              rpc_port=args.data_parallel_rpc_port, routing=args.dp_routing,
+                              backend=args.data_parallel_backend)

@@ -135,8 +135,12 @@ class DataParallelConfig:
     address: str = "127.0.0.1"
     rpc_port: int | None = None  # the head's handshake port (default: any free one)
     routing: str = "load"  # "load" | "prefix" (see engine_core/client/prefix_router.py)
+    backend: str = "mp"  # "mp": local processes | "ray": Ray actors (client/ray_launcher.py)
 
     def __post_init__(self) -> None:
+        if self.backend not in ("mp", "ray"):
+            raise ValueError(f"--data-parallel-backend must be 'mp' or 'ray', "
+                             f"got {self.backend!r}")
         if self.routing not in ("load", "prefix"):
             raise ValueError(f"--dp-routing must be 'load' or 'prefix', got {self.routing!r}")
         for name in ("size", "start_rank"):

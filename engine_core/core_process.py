@@ -26,6 +26,7 @@ directory: the engine gets that directory as a process argument and connects as 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -75,7 +76,8 @@ def run_engine_core(handshake_address: str, engine_index: int = 0,
     arguments (the front-end's INIT then only checks that the configs agree); None: run the
     front-end's. `watch_front_end`: exit when the connection to the front-end drops (a headless
     engine has no front-end parent process to watch)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
+    with contextlib.suppress(ValueError):  # not the main thread (a Ray actor, say)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
     keys = load_client_keys(zmq_keys) if zmq_keys is not None else None
     ctx = zmq.Context()
     handshake = ctx.socket(zmq.DEALER)

@@ -38,13 +38,16 @@ class LLM:
     directory made by `pp-engine keys DIR`, or an explicit `insecure_tcp=True`).
     With `data_parallel_size=N` (N > 1), N engine-core processes serve the prompts, each
     request routed to the least loaded one (`engine_core/client/dp.py`), or with
-    `dp_routing="prefix"` to the one holding most of its prompt's prefix.
+    `dp_routing="prefix"` to the one holding most of its prompt's prefix;
+    `data_parallel_backend="ray"` runs the engines as Ray actors (tcp: needs `zmq_keys` or
+    `insecure_tcp`).
     """
 
     def __init__(self, model: str | None = None, *, engine_process: bool = False,
                  engine_transport: str = "ipc", zmq_keys: str | None = None,
                  insecure_tcp: bool = False, data_parallel_size: int = 1,
-                 dp_routing: str = "load", **engine_kwargs: Any) -> None:
+                 dp_routing: str = "load", data_parallel_backend: str = "mp",
+                 **engine_kwargs: Any) -> None:
         if model is None:
             from models import default_model_dir
 
@@ -57,7 +60,8 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **engine_kwargs)
         self.config = self.engine_args.resolve()
         self.tokenizer = load_tokenizer(self.config.model_dir)
-        dp = DataParallelConfig(size=data_parallel_size, routing=dp_routing)
+        dp = DataParallelConfig(size=data_parallel_size, routing=dp_routing,
+                                backend=data_parallel_backend)
         if dp.size > 1:  # N engine-core processes behind one client
             from engine_core.client.sync import SyncDPClient
 

@@ -510,3 +510,23 @@ def test_served_restart_engine_restarts_every_engine(text_model, tmp_path):
     finally:
         server.stop()
     assert all(_gone(pid) for pid in old + new)
+
+
+@pytest.mark.slow
+def test_ray_backend_matches_dp1(text_model, keys):
+    """--data-parallel-backend ray: each rank an engine-core Ray actor (a local Ray here), over
+    CurveZMQ tcp; the same greedy outputs as DP=1."""
+    single = LLM(text_model, dtype="float32")
+    expected = single.generate(PROMPTS[:6], GREEDY, use_tqdm=False)
+    single.shutdown()
+    llm = LLM(text_model, dtype="float32", data_parallel_size=2, data_parallel_backend="ray",
+              zmq_keys=keys)
+    try:
+        pids = [s.pid for s in llm.engine.engine_states()]
+        got = llm.generate(PROMPTS[:6], GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == \
+            [o.outputs[0].token_ids for o in expected]
+        assert all(s.num_routed >= 2 for s in llm.engine.engine_states())
+    finally:
+        llm.shutdown()
+    assert all(_gone(pid) for pid in pids)

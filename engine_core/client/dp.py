@@ -120,7 +120,8 @@ class DPEngineCoreClient:
         if dp.start_rank != 0:
             raise ValueError("the front-end's local engines are ranks 0..L-1: "
                              "--data-parallel-start-rank (-dpr) is for --headless only")
-        transport = "tcp" if dp.has_remote or dp.rpc_port is not None else transport
+        transport = ("tcp" if dp.has_remote or dp.rpc_port is not None or dp.backend == "ray"
+                     else transport)
         require_keys_for_tcp(transport, zmq_keys, insecure_tcp)
         self.engine_args, self.dp, self.transport = engine_args, dp, transport
         self.zmq_keys = zmq_keys if transport == "tcp" else None
@@ -146,6 +147,7 @@ class DPEngineCoreClient:
         self.output_socket = self.ctx.socket(zmq.ROUTER)
         self.handshake_address = self.input_address = self.output_address = ""
         self._closed = False
+        self.launcher = None  # a RayEngineLauncher with --data-parallel-backend ray
         self._peers: dict[bytes, _Engine] = {}  # handshake routing id -> rank it said HELLO for
         self._refusals: dict[int, str] = {}  # rank -> why its last engine was refused
 
@@ -193,7 +195,16 @@ class DPEngineCoreClient:
         """Spawn the local ranks, then HELLO -> INIT -> READY (+ the hello on the input socket)
         with every rank, local and remote, within timeout_s."""
         spawn = multiprocessing.get_context("spawn")
+        if self.dp.backend == "ray" and self.dp.local:
+            from engine_core.client.ray_launcher import RayEngineLauncher
+
+            self.launcher = RayEngineLauncher(self.dp.local)
         for engine in self.engines[:self.dp.local]:
+            if self.launcher is not None:
+                engine.process = self.launcher.start(self.handshake_address, engine.rank,
+                                                     self.zmq_keys)
+                engine.pid = engine.process.pid
+                continue
             engine.process = spawn.Process(
                 target=run_engine_core, name=f"pp-engine-core-dp{engine.rank}",
                 args=(self.handshake_address, engine.rank, self.zmq_keys), daemon=True)
@@ -508,6 +519,9 @@ class DPEngineCoreClient:
         if self._closed:
             return
         self.stop_engines()
+        if self.launcher is not None:
+            self.launcher.close()
+            self.launcher = None
         self._closed = True
         for sock in (self.handshake_socket, self.input_socket, self.output_socket):
             if sock is not None:

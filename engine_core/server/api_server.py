@@ -739,7 +739,7 @@ def run_server(args: argparse.Namespace) -> int:
         return run_headless(engine_args, dp, args.zmq_keys, args.insecure_tcp)
     if args.protect_metrics and not args.api_key:
         raise ValueError("--protect-metrics needs --api-key")
-    if dp.has_remote:
+    if dp.has_remote or (dp.backend == "ray" and dp.size > 1):  # tcp between the engines
         require_keys_for_tcp("tcp", args.zmq_keys, args.insecure_tcp)
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
