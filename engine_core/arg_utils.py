@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["add_engine_args", "engine_kwargs"]
+from engine_core.config import DataParallelConfig
+
+__all__ = ["add_data_parallel_args", "add_engine_args", "data_parallel_config", "engine_kwargs"]
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -47,3 +49,41 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
              "threads_per_stage", "distributed_executor_backend", "ray_compiled_graph",
              "pipelined_chunked_prefill"]
     return {name: getattr(args, name) for name in names}
+
+
+def add_data_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """Data-parallel options of `pp-engine serve` (vLLM's names)."""
+    g = parser.add_argument_group("data parallel")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="engine cores in all, each a full engine (default: %(default)s)")
+    g.add_argument("--data-parallel-size-local", "-dpl", type=int, default=None,
+                   help="engine cores on this host (default: all; 0 on a head that only "
+                        "serves the API)")
+    g.add_argument("--data-parallel-start-rank", "-dpr", type=int, default=0,
+                   help="first rank of this host's engines (--headless; the head's are 0..)")
+    g.add_argument("--data-parallel-address", default="127.0.0.1",
+                   help="the head's address: it binds there, headless engines connect there "
+                        "(default: %(default)s)")
+    g.add_argument("--data-parallel-rpc-port", type=int, default=None,
+                   help="the head's handshake port (needed with remote engines)")
+    g.add_argument("--dp-routing", choices=["load", "prefix"], default="load",
+                   help="load: the least loaded engine; prefix: the engine holding the most "
+                        "of the prompt's leading KV blocks, unless it is much busier "
+                        "(default: %(default)s)")
+    g.add_argument("--data-parallel-backend", choices=["mp", "ray"], default="mp",
+                   help="mp: local engine processes; ray: Ray actors on the cluster of "
+                        "RAY_ADDRESS (or a local Ray), over tcp on --data-parallel-address "
+                        "(default: %(default)s)")
+    g.add_argument("--headless", action="store_true",
+                   help="start this host's engine cores only (no API server); they connect to "
+                        "the head at --data-parallel-address:--data-parallel-rpc-port")
+
+
+def data_parallel_config(args: argparse.Namespace) -> DataParallelConfig:
+    """The parsed data-parallel flags; ValueError (naming the flag) if they do not fit."""
+    return DataParallelConfig(size=args.data_parallel_size,
+                              size_local=args.data_parallel_size_local,
+                              start_rank=args.data_parallel_start_rank,
+                              address=args.data_parallel_address,
+                              rpc_port=args.data_parallel_rpc_port, routing=args.dp_routing,
+                              backend=args.data_parallel_backend)

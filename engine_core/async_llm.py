@@ -13,7 +13,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from engine_core.config import EngineArgs, EngineConfig
+from engine_core.client.base import AsyncEngineClient
+from engine_core.config import DataParallelConfig, EngineArgs, EngineConfig
 from engine_core.core_client import AsyncEngineCoreClient
 from engine_core.messages import EngineCoreOutputs, SchedulerStats
 from engine_core.output_processor import OutputProcessor
@@ -43,7 +44,7 @@ class AsyncLLM:
     """
 
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None,
-                 client: AsyncEngineCoreClient) -> None:
+                 client: AsyncEngineClient) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.client = client
@@ -60,19 +61,31 @@ class AsyncLLM:
         self._dead = asyncio.Event()
         self._output_task: asyncio.Task | None = None
         # Starts a fresh engine core like the first one (set by `create`); see `restart`.
-        self._start_client: Callable[[], Awaitable[AsyncEngineCoreClient]] | None = None
+        self._start_client: Callable[[], Awaitable[AsyncEngineClient]] | None = None
 
     @classmethod
     async def create(cls, engine_args: EngineArgs, *, transport: str = "ipc",
                      host: str = "127.0.0.1", startup_timeout_s: float = 600.0,
-                     zmq_keys: str | None = None, insecure_tcp: bool = False) -> AsyncLLM:
+                     zmq_keys: str | None = None, insecure_tcp: bool = False,
+                     data_parallel: DataParallelConfig | None = None) -> AsyncLLM:
         """Resolve the config, spawn the engine-core process and wait until it is READY.
         `transport` is "ipc" (a private temp dir) or "tcp" (on `host`: CurveZMQ with the
-        `zmq_keys` directory, or unsecured only with `insecure_tcp`)."""
+        `zmq_keys` directory, or unsecured only with `insecure_tcp`). With `data_parallel`
+        (more than one engine, or remote ones), N engine cores serve behind this one front-end
+        (`client/dp.py`); everything else is unchanged."""
         config = engine_args.resolve()
         tokenizer = load_tokenizer(config.model_dir)
+        use_dp = data_parallel is not None and (
+            data_parallel.size > 1 or data_parallel.has_remote
+            or data_parallel.rpc_port is not None)
 
-        def start_client() -> Awaitable[AsyncEngineCoreClient]:
+        def start_client() -> Awaitable[AsyncEngineClient]:
+            if use_dp:
+                from engine_core.client.dp import DPEngineCoreClient
+
+                return DPEngineCoreClient.start(engine_args, data_parallel, transport=transport,
+                                                zmq_keys=zmq_keys, insecure_tcp=insecure_tcp,
+                                                timeout_s=startup_timeout_s)
             return AsyncEngineCoreClient.start(engine_args, transport=transport, host=host,
                                                timeout_s=startup_timeout_s, zmq_keys=zmq_keys,
                                                insecure_tcp=insecure_tcp)
@@ -118,7 +131,7 @@ class AsyncLLM:
             self._output_task = None
         # Reap the old process off the event loop (a failed engine that is still alive is given
         # its shutdown grace period, then killed); then close its sockets here, on the loop.
-        await asyncio.to_thread(self.client.proc.stop)
+        await asyncio.to_thread(self.client.stop_engines)
         self.client.shutdown()
         self.client = await self._start_client()
         self.processor = OutputProcessor(self.tokenizer)
@@ -171,8 +184,7 @@ class AsyncLLM:
         self._streams[request_id] = stream
         finished = False
         try:
-            for core_request in core_requests:
-                self.client.add_request(core_request)
+            self.client.add_requests(core_requests)  # all n sequences: one engine
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):

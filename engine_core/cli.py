@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine_core.arg_utils import add_engine_args, engine_kwargs
+from engine_core.arg_utils import add_data_parallel_args, add_engine_args, engine_kwargs
 from engine_core.sampling_params import SamplingParams
 
 
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when the engine-core process dies, fail the requests in flight and "
                           "start a fresh engine core (default: the server exits with code 1)")
     add_engine_args(srv)
+    add_data_parallel_args(srv)
     srv.set_defaults(func=_serve)
 
     keys = sub.add_parser("keys", help="write CurveZMQ key pairs for tcp between server and "

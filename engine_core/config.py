@@ -94,6 +94,82 @@ class EngineConfig:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def config_fields(self) -> dict[str, str]:
+        """What goes into `config_hash`, flattened: dotted field name -> JSON of its value."""
+        fields: dict[str, str] = {}
+
+        def flatten(prefix: str, value: object) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    flatten(f"{prefix}.{key}" if prefix else str(key), item)
+            else:
+                fields[prefix] = json.dumps(value, sort_keys=True, default=str)
+
+        flatten("", dataclasses.asdict(self))
+        return fields
+
+
+def config_mismatch(expected: dict[str, str], actual: dict[str, str]) -> str | None:
+    """None if the two `config_fields` agree, else a message naming every differing field
+    (expected value first)."""
+    names = sorted(n for n in set(expected) | set(actual) if expected.get(n) != actual.get(n))
+    if not names:
+        return None
+    return "config mismatch: " + "; ".join(
+        f"{n} is {actual.get(n, 'missing')} here but {expected.get(n, 'missing')} on the "
+        f"front-end" for n in names[:8])
+
+
+@dataclass(frozen=True)
+class DataParallelConfig:
+    """How many engine cores serve one front-end, and where (vLLM's flag names).
+
+    `size` engines in all (ranks 0..size-1); `size_local` of them run on this host with ranks
+    `start_rank`..`start_rank+size_local-1` (on the head, start_rank is 0: local ranks come
+    first). Remote (headless) engines connect to the head's handshake socket at
+    `address:rpc_port`; with any remote engine every socket is tcp on `address`."""
+
+    size: int = 1
+    size_local: int | None = None  # default: all of them
+    start_rank: int = 0
+    address: str = "127.0.0.1"
+    rpc_port: int | None = None  # the head's handshake port (default: any free one)
+    routing: str = "load"  # "load" | "prefix" (see engine_core/client/prefix_router.py)
+    backend: str = "mp"  # "mp": local processes | "ray": Ray actors (client/ray_launcher.py)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("mp", "ray"):
+            raise ValueError(f"--data-parallel-backend must be 'mp' or 'ray', "
+                             f"got {self.backend!r}")
+        if self.routing not in ("load", "prefix"):
+            raise ValueError(f"--dp-routing must be 'load' or 'prefix', got {self.routing!r}")
+        for name in ("size", "start_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name == "size"):
+                raise ValueError(f"data_parallel_{name} must be an int >= "
+                                 f"{int(name == 'size')}, got {value!r}")
+        local = self.local
+        if not isinstance(local, int) or local < 0 or local > self.size:
+            raise ValueError(f"--data-parallel-size-local (-dpl) must be between 0 and "
+                             f"--data-parallel-size (-dp) {self.size}, got {local!r}")
+        if self.start_rank + local > self.size:
+            raise ValueError(f"--data-parallel-start-rank (-dpr) {self.start_rank} with "
+                             f"{local} local engine(s) goes past the last rank {self.size - 1}")
+        if self.rpc_port is not None and not 0 < self.rpc_port < 65536:
+            raise ValueError(f"--data-parallel-rpc-port must be in 1..65535, "
+                             f"got {self.rpc_port}")
+        if not self.address:
+            raise ValueError("--data-parallel-address must not be empty")
+
+    @property
+    def local(self) -> int:
+        return self.size if self.size_local is None else self.size_local
+
+    @property
+    def has_remote(self) -> bool:
+        """True if some ranks run on other hosts (then every socket is tcp)."""
+        return self.local < self.size
+
 
 @dataclass(frozen=True)
 class EngineArgs:

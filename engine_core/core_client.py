@@ -26,6 +26,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from engine_core.client.base import EngineState
 from engine_core.config import EngineArgs
 from engine_core.core_process import (
     KIND_ABORT,
@@ -42,6 +43,7 @@ from engine_core.messages import (
     HandshakeHello,
     HandshakeInit,
     HandshakeReady,
+    SchedulerStats,
 )
 from engine_core.transport import (
     CurveAuthenticator,
@@ -197,9 +199,24 @@ class _ClientBase:
         self.decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
         self.unfinished: set[str] = set()
         self.error: str | None = None
+        self.stats = SchedulerStats()
+        self.num_routed = 0
 
     def is_alive(self) -> bool:
         return self.error is None and self.proc.is_alive()
+
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        """Queue the sequences of one user request (see `client/base.py`)."""
+        for request in requests:
+            self.add_request(request)
+
+    def engine_states(self) -> list[EngineState]:
+        """The one engine, as `client/base.py` describes it (stats: the last received)."""
+        return [EngineState(0, self.is_alive(), self.stats, self.num_routed, self.pid)]
+
+    def stop_engines(self) -> None:
+        """Stop and reap the engine-core process (blocking)."""
+        self.proc.stop()
 
     @property
     def pid(self) -> int | None:
@@ -213,6 +230,7 @@ class _ClientBase:
 
     def _frames_add(self, request: EngineCoreRequest) -> list[bytes]:
         self.unfinished.add(request.request_id)
+        self.num_routed += 1
         return [self.proc.identity, KIND_ADD, self.encoder.encode(request)]
 
     def _frames_abort(self, request_ids: list[str]) -> list[bytes]:
@@ -243,6 +261,8 @@ class _ClientBase:
                 self.unfinished.discard(output.request_id)
         if batch.error is not None:
             self.error = batch.error
+        if batch.stats is not None:
+            self.stats = batch.stats
         return batch
 
     def _dead_message(self) -> str:

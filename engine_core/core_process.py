@@ -26,14 +26,18 @@ directory: the engine gets that directory as a process argument and connects as 
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import logging
 import os
 import signal
+import socket
+import time
 
 import msgspec
 import zmq
 
-from engine_core.config import EngineArgs
+from engine_core.config import EngineArgs, config_mismatch
 from engine_core.engine import EngineCore
 from engine_core.messages import (
     AbortRequests,
@@ -53,24 +57,35 @@ logger = logging.getLogger(__name__)
 
 KIND_ADD, KIND_ABORT, KIND_SHUTDOWN = b"add", b"abort", b"shutdown"
 KIND_HELLO = b"hello"  # engine -> front-end, once, on the input socket
+KIND_PING = b"ping"  # front-end -> engine: a no-op that tells the front-end the engine is there
 HANDSHAKE_TIMEOUT_MS = 30_000
 IDLE_POLL_MS = 500  # how often an idle engine checks that its parent is still alive
+HEARTBEAT_MS = 1000  # an idle headless engine still sends its stats this often
 
 
 def run_engine_core(handshake_address: str, engine_index: int = 0,
-                    zmq_keys: str | None = None) -> None:
-    """Entry point of the engine-core process (also usable for a remote, headless engine).
+                    zmq_keys: str | None = None, engine_args: bytes | None = None,
+                    watch_front_end: bool = False) -> int:
+    """Entry point of the engine-core process (also of a remote, headless engine); returns
+    its exit code (0 after a requested shutdown).
 
+    `engine_index`: the data-parallel rank this engine asks for in its HELLO.
     `zmq_keys`: a CurveZMQ key directory (`pp-engine keys`); with it every connection,
-    the handshake's included, is a CURVE client of the front-end."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
+    the handshake's included, is a CURVE client of the front-end.
+    `engine_args`: msgspec-encoded `EngineArgs` of a headless engine, which runs its own
+    arguments (the front-end's INIT then only checks that the configs agree); None: run the
+    front-end's. `watch_front_end`: exit when the connection to the front-end drops (a headless
+    engine has no front-end parent process to watch)."""
+    with contextlib.suppress(ValueError):  # not the main thread (a Ray actor, say)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
     keys = load_client_keys(zmq_keys) if zmq_keys is not None else None
     ctx = zmq.Context()
     handshake = ctx.socket(zmq.DEALER)
     handshake.setsockopt(zmq.LINGER, 1000)
     secure_client(handshake, keys)
     handshake.connect(handshake_address)
-    handshake.send(msgspec.msgpack.encode(HandshakeHello(engine_index, os.getpid())))
+    handshake.send(msgspec.msgpack.encode(HandshakeHello(
+        engine_index, os.getpid(), socket.gethostname(), engine_version())))
     init = None
     if handshake.poll(HANDSHAKE_TIMEOUT_MS):
         try:
@@ -78,54 +93,85 @@ def run_engine_core(handshake_address: str, engine_index: int = 0,
         except msgspec.DecodeError as exc:
             logger.error("undecodable INIT from the front-end (%s); exiting", exc)
     else:
-        logger.error("no INIT from the front-end within %d ms; exiting", HANDSHAKE_TIMEOUT_MS)
+        logger.error("engine %d: no INIT from the front-end at %s within %d ms; exiting",
+                     engine_index, handshake_address, HANDSHAKE_TIMEOUT_MS)
     if init is None:
         handshake.close(linger=0)
         ctx.term()
-        return
+        return 1
     try:
-        engine_args = msgspec.msgpack.decode(init.engine_args, type=EngineArgs)
-        config = engine_args.resolve()
+        args = msgspec.msgpack.decode(engine_args if engine_args is not None
+                                      else init.engine_args, type=EngineArgs)
+        config = args.resolve()
+        mismatch = (config_mismatch(init.config_fields, config.config_fields())
+                    if init.config_fields else None)
+        if mismatch is not None:
+            raise ConfigMismatchError(f"engine {engine_index} refused: {mismatch}")
         engine = EngineCore(config, make_executor(config))
     except Exception as exc:
+        if isinstance(exc, ConfigMismatchError):
+            logger.error("%s", exc)
         handshake.send(msgspec.msgpack.encode(
             HandshakeReady(error=str(exc), error_type=type(exc).__name__)))
         handshake.close()
         ctx.term()
-        return
+        return 1
     input_socket = _connect(ctx, init.input_address, init.engine_identity, keys)
+    monitor = input_socket.get_monitor_socket(zmq.EVENT_DISCONNECTED) if watch_front_end \
+        else None
     input_socket.send(KIND_HELLO)  # queued until connected; READY follows
     output_socket = _connect(ctx, init.output_address, init.engine_identity, keys)
     output_socket.setsockopt(zmq.LINGER, 2000)
     output_socket.setsockopt(zmq.SNDTIMEO, IDLE_POLL_MS)  # never block forever on a gone peer
     handshake.send(msgspec.msgpack.encode(HandshakeReady(
-        config_hash=engine.config.config_hash(), num_kv_blocks=engine.executor.num_kv_blocks)))
+        config_hash=engine.config.config_hash(), num_kv_blocks=engine.executor.num_kv_blocks,
+        config_fields=engine.config.config_fields())))
     handshake.close()
+    loop = EngineCoreLoop(engine, input_socket, output_socket, monitor)
     try:
-        EngineCoreLoop(engine, input_socket, output_socket).run()
+        loop.run()
     finally:
         engine.shutdown()
+        if monitor is not None:
+            input_socket.disable_monitor()
+            monitor.close(linger=0)
         input_socket.close(linger=0)
         output_socket.close()
         ctx.term()
+    return 0 if loop.stopping else 1
+
+
+class ConfigMismatchError(ValueError):
+    """The engine's own config differs from the front-end's (names the fields)."""
+
+
+def engine_version() -> str:
+    """The installed pp-engine version, sent in HELLO ("unknown" from a source tree)."""
+    try:
+        return importlib.metadata.version("pp-engine")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _connect(ctx: zmq.Context, address: str, identity: bytes,
              keys: CurveKeys | None) -> zmq.Socket:
     """A DEALER with the engine's routing id, connected to one of the front-end's ROUTERs."""
-    socket = ctx.socket(zmq.DEALER)
-    socket.setsockopt(zmq.ROUTING_ID, identity)
-    socket.setsockopt(zmq.LINGER, 0)
-    secure_client(socket, keys)
-    socket.connect(address)
-    return socket
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.setsockopt(zmq.LINGER, 0)
+    # ZMTP heartbeats: a peer host that vanished without closing the connection is noticed
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
+    secure_client(sock, keys)
+    sock.connect(address)
+    return sock
 
 
 class EngineCoreLoop:
     """Busy loop of the engine-core process: take inputs, step, publish outputs."""
 
     def __init__(self, engine: EngineCore, input_socket: zmq.Socket,
-                 output_socket: zmq.Socket) -> None:
+                 output_socket: zmq.Socket, monitor: zmq.Socket | None = None) -> None:
         self.engine = engine
         self.input_socket = input_socket
         self.output_socket = output_socket
@@ -136,6 +182,10 @@ class EngineCoreLoop:
         self.stopping = False
         self.parent_pid = os.getppid()
         self._last_stats: SchedulerStats | None = None
+        self._last_send = time.monotonic()
+        # A headless engine's: EVENT_DISCONNECTED of the input socket. Such an engine also sends
+        # its stats at least every HEARTBEAT_MS (the front-end's sign that it lives).
+        self.monitor = monitor
 
     def run(self) -> None:
         parent = self.parent_pid
@@ -154,8 +204,14 @@ class EngineCoreLoop:
                     return
             if outputs or inputs_changed:
                 self._publish(outputs)
+            elif (self.monitor is not None
+                  and time.monotonic() - self._last_send > HEARTBEAT_MS / 1000):
+                self._send(EngineCoreOutputs(stats=self._stats()))  # "still alive"
             if os.getppid() != parent:
                 logger.error("the front-end process is gone; exiting")
+                return
+            if self.monitor is not None and self.monitor.poll(0):
+                logger.error("the connection to the front-end dropped; exiting")
                 return
 
     def _take_inputs(self, timeout_ms: int) -> bool:
@@ -196,6 +252,8 @@ class EngineCoreLoop:
             self.engine.abort_requests(request_ids)
         elif kind == KIND_SHUTDOWN:
             self.stopping = True
+        elif kind == KIND_PING:
+            pass
         else:
             self.bad_frames.warning("dropped an input of unknown kind %r (%d bytes)",
                                     kind, len(payload))
@@ -246,6 +304,7 @@ class EngineCoreLoop:
 
     def _send(self, message: EngineCoreOutputs) -> None:
         data = self.encoder.encode(message)
+        self._last_send = time.monotonic()
         while True:
             try:
                 self.output_socket.send(data)

@@ -82,6 +82,11 @@ class EngineCore:
         validate_core_request(core_request, self.config)
         self.scheduler.add_request(Request(core_request, self.config.scheduler.max_model_len))
 
+    def add_requests(self, core_requests: list[EngineCoreRequest]) -> None:
+        """Queue the sequences of one user request (see `client/base.py`)."""
+        for core_request in core_requests:
+            self.add_request(core_request)
+
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from engine_core.config import EngineArgs
+from engine_core.config import DataParallelConfig, EngineArgs
 from engine_core.engine import EngineCore
 from engine_core.interrupts import DeferredInterrupt
 from engine_core.output_processor import OutputProcessor
@@ -36,11 +36,18 @@ class LLM:
     engine core runs in its own process behind the same ZMQ client the server uses
     (`engine_transport` "ipc", or "tcp" on 127.0.0.1; tcp needs `zmq_keys`, a CurveZMQ key
     directory made by `pp-engine keys DIR`, or an explicit `insecure_tcp=True`).
+    With `data_parallel_size=N` (N > 1), N engine-core processes serve the prompts, each
+    request routed to the least loaded one (`engine_core/client/dp.py`), or with
+    `dp_routing="prefix"` to the one holding most of its prompt's prefix;
+    `data_parallel_backend="ray"` runs the engines as Ray actors (tcp: needs `zmq_keys` or
+    `insecure_tcp`).
     """
 
     def __init__(self, model: str | None = None, *, engine_process: bool = False,
                  engine_transport: str = "ipc", zmq_keys: str | None = None,
-                 insecure_tcp: bool = False, **engine_kwargs: Any) -> None:
+                 insecure_tcp: bool = False, data_parallel_size: int = 1,
+                 dp_routing: str = "load", data_parallel_backend: str = "mp",
+                 **engine_kwargs: Any) -> None:
         if model is None:
             from models import default_model_dir
 
@@ -53,7 +60,14 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **engine_kwargs)
         self.config = self.engine_args.resolve()
         self.tokenizer = load_tokenizer(self.config.model_dir)
-        if engine_process:  # the engine core in its own process, over ZMQ
+        dp = DataParallelConfig(size=data_parallel_size, routing=dp_routing,
+                                backend=data_parallel_backend)
+        if dp.size > 1:  # N engine-core processes behind one client
+            from engine_core.client.sync import SyncDPClient
+
+            self.engine = SyncDPClient(self.engine_args, dp, transport=engine_transport,
+                                       zmq_keys=zmq_keys, insecure_tcp=insecure_tcp)
+        elif engine_process:  # the engine core in its own process, over ZMQ
             from engine_core.core_client import EngineCoreProcClient
 
             self.engine = EngineCoreProcClient(self.engine_args, transport=engine_transport,
@@ -118,10 +132,9 @@ class LLM:
                 for (prompt, token_ids), params in zip(tokenized, params_list):
                     request_id = str(next(self._request_counter))
                     request_ids.append(request_id)
-                    for core_request in self.processor.add_request(
-                            request_id, prompt, token_ids, params, self._eos_token_ids,
-                            time.time()):
-                        self.engine.add_request(core_request)
+                    self.engine.add_requests(self.processor.add_request(
+                        request_id, prompt, token_ids, params, self._eos_token_ids,
+                        time.time()))
                 while len(finished) < len(request_ids):
                     core_outputs = self.engine.step()
                     num_output_tokens += sum(len(o.new_token_ids) for o in core_outputs)

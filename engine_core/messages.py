@@ -130,10 +130,13 @@ class AbortRequests(msgspec.Struct):
 
 
 class HandshakeHello(msgspec.Struct):
-    """Engine -> front-end, first message after connecting."""
+    """Engine -> front-end, first message after connecting: who it is (its data-parallel
+    rank, host, pid and pp-engine version)."""
 
-    engine_index: int
+    engine_index: int  # the data-parallel rank
     pid: int
+    host: str = ""
+    version: str = ""
 
 
 class HandshakeInit(msgspec.Struct):
@@ -143,6 +146,10 @@ class HandshakeInit(msgspec.Struct):
     output_address: str
     engine_args: bytes  # msgspec-encoded EngineArgs
     engine_identity: bytes  # the engine's ZMQ routing id on both sockets: a random secret
+    dp_size: int = 1  # the global data-parallel size
+    # `EngineConfig.config_fields()` of the front-end; an engine whose own config differs
+    # (a headless engine runs its own arguments) refuses to start, naming the field. {}: no check.
+    config_fields: dict[str, str] = {}
 
 
 class HandshakeReady(msgspec.Struct):
@@ -150,5 +157,6 @@ class HandshakeReady(msgspec.Struct):
 
     config_hash: str = ""
     num_kv_blocks: int = 0
+    config_fields: dict[str, str] = {}  # what went into config_hash, so a mismatch is named
     error: str | None = None
     error_type: str | None = None  # "ValueError" for bad arguments

@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine_core.arg_utils import engine_kwargs
+from engine_core.arg_utils import data_parallel_config, engine_kwargs
 from engine_core.async_llm import AsyncLLM, EngineDeadError
 from engine_core.config import EngineArgs
 from engine_core.outputs import CompletionOutput, RequestOutput
@@ -670,7 +670,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: 
     import uvicorn
 
     llm = await AsyncLLM.create(engine_args, transport=args.engine_transport,
-                                zmq_keys=args.zmq_keys, insecure_tcp=args.insecure_tcp)
+                                zmq_keys=args.zmq_keys, insecure_tcp=args.insecure_tcp,
+                                data_parallel=data_parallel_config(args))
     supervisor: asyncio.Task[int] | None = None
     try:
         app = build_app(llm, model_name, args.api_key, max_request_bytes=args.max_request_bytes,
@@ -726,13 +727,20 @@ def run_server(args: argparse.Namespace) -> int:
         os.path.normpath(model))
     engine_args = EngineArgs(model=model, **engine_kwargs(args))
     engine_args.resolve()  # fail fast on bad arguments
+    dp = data_parallel_config(args)  # ValueError for flags that do not fit
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("engine_core").addHandler(handler)
     logging.getLogger("engine_core").setLevel(args.uvicorn_log_level.upper()
                                               if args.uvicorn_log_level != "trace" else "DEBUG")
+    if args.headless:
+        from engine_core.client.headless import run_headless
+
+        return run_headless(engine_args, dp, args.zmq_keys, args.insecure_tcp)
     if args.protect_metrics and not args.api_key:
         raise ValueError("--protect-metrics needs --api-key")
+    if dp.has_remote or (dp.backend == "ray" and dp.size > 1):  # tcp between the engines
+        require_keys_for_tcp("tcp", args.zmq_keys, args.insecure_tcp)
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     require_keys_for_tcp(args.engine_transport, args.zmq_keys, args.insecure_tcp)

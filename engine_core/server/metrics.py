@@ -1,7 +1,9 @@
 """Prometheus metrics of one server (`GET /metrics`), in a registry of its own.
 
-Engine gauges are read from `llm.stats` at scrape time; the counters and histograms are fed by
-the request handlers through `ServerMetrics.record_*`. Every series carries a `model_name` label.
+Engine gauges are read from `llm.stats` (the sum over data-parallel engines) and, per engine
+(label `engine="i"`), from `llm.client.engine_states()` at scrape time; the counters and
+histograms are fed by the request handlers through `ServerMetrics.record_*`. Every series
+carries a `model_name` label.
 """
 
 from __future__ import annotations
@@ -48,6 +50,27 @@ class _EngineStatsCollector(Collector):
         for name, doc, value in gauges:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], float(value))
+            yield family
+        states = self.llm.client.engine_states()
+        alive = GaugeMetricFamily(PREFIX + "engines_alive", "Engine cores alive (data parallel).",
+                                  labels=["model_name"])
+        alive.add_metric([self.model_name], float(sum(s.alive for s in states)))
+        yield alive
+        per_engine = (
+            ("engine_alive", "1 if this engine core is alive.", lambda s: s.alive),
+            ("engine_num_requests_running", "Requests scheduled in this engine core.",
+             lambda s: s.stats.num_running),
+            ("engine_num_requests_waiting", "Requests waiting in this engine core.",
+             lambda s: s.stats.num_waiting),
+            ("engine_kv_cache_usage_perc", "Fraction of this engine core's KV blocks in use.",
+             lambda s: s.stats.kv_usage),
+            ("engine_requests_routed", "Requests the front-end sent to this engine core.",
+             lambda s: s.num_routed),
+        )
+        for name, doc, value in per_engine:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name", "engine"])
+            for state in states:
+                family.add_metric([self.model_name, str(state.index)], float(value(state)))
             yield family
 
 
