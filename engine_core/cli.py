@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--restart-engine", action="store_true",
                      help="when the engine-core process dies, fail the requests in flight and "
                           "start a fresh engine core (default: the server exits with code 1)")
+    srv.add_argument("--kv-transfer-config", default=None, metavar="JSON",
+                     help="make this a prefill/decode instance for `pp-engine proxy`, e.g. "
+                          "'{\"kv_role\": \"kv_producer\", \"kv_port\": 21001, "
+                          "\"proxy_address\": \"127.0.0.1:30001\", \"send_type\": \"PUT\"}'")
     add_engine_args(srv)
     add_data_parallel_args(srv)
     srv.set_defaults(func=_serve)

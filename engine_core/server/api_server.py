@@ -722,6 +722,12 @@ def run_server(args: argparse.Namespace) -> int:
 
     from models import default_model_dir
 
+    if getattr(args, "kv_transfer_config", None) is not None:
+        from engine_core.disagg.config import KVTransferConfig
+
+        KVTransferConfig.from_json(args.kv_transfer_config)  # ValueError naming the key
+        raise ValueError("--kv-transfer-config: serving as a disaggregated prefill/decode "
+                         "instance is not wired into `pp-engine serve` yet (issue 10)")
     model = args.model if args.model is not None else default_model_dir()
     model_name = args.served_model_name or args.model or os.path.basename(
         os.path.normpath(model))

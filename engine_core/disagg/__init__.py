@@ -1,0 +1,6 @@
+"""Disaggregated prefill/decode: a prompt is computed on a prefill instance, its KV cache moves
+to a decode instance, which generates the answer (issue 10; DESIGN.md section 7).
+
+One concept per module: `config` (the `--kv-transfer-config` JSON), `transfer_params` (what P
+hands D through the proxy), `leases` (P's blocks held for D until confirmed or expired).
+"""

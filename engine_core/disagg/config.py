@@ -1,0 +1,85 @@
+"""`--kv-transfer-config`: the JSON that makes an instance a prefill and/or decode instance."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["KV_ROLES", "SEND_TYPES", "KVTransferConfig"]
+
+KV_ROLES = ("kv_producer", "kv_consumer", "kv_both")
+SEND_TYPES = ("PUT", "GET", "PUT_ASYNC")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """How an instance takes part in prefill/decode disaggregation.
+
+    `kv_role`: kv_producer (prefills and sends KV), kv_consumer (receives KV and decodes) or
+    kv_both. `kv_port`: where this instance's KV endpoint listens. `proxy_address`: host:port of
+    the proxy's discovery socket. `send_type`: PUT (P pushes after prefill), GET (D pulls),
+    PUT_ASYNC (P pushes from a background sender). `kv_buffer_size`: bytes of KV a producer may
+    hold leased for decoders at once.
+    """
+
+    kv_role: str
+    kv_port: int
+    proxy_address: str
+    send_type: str = "PUT"
+    kv_buffer_size: float = 1e9
+
+    def __post_init__(self) -> None:
+        if self.kv_role not in KV_ROLES:
+            raise ValueError(f"kv_role must be one of {', '.join(KV_ROLES)}, "
+                             f"got {self.kv_role!r}")
+        if self.send_type not in SEND_TYPES:
+            raise ValueError(f"send_type must be one of {', '.join(SEND_TYPES)}, "
+                             f"got {self.send_type!r}")
+        if type(self.kv_port) is not int or not 0 < self.kv_port < 65536:
+            raise ValueError(f"kv_port must be an integer port in 1..65535, got {self.kv_port!r}")
+        if not isinstance(self.proxy_address, str):
+            raise ValueError(f"proxy_address must be 'host:port', got {self.proxy_address!r}")
+        host, _, port = self.proxy_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"proxy_address must be 'host:port', got {self.proxy_address!r}")
+        size = self.kv_buffer_size
+        if (isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size)
+                or size <= 0):
+            raise ValueError(f"kv_buffer_size must be a positive number of bytes, got {size!r}")
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.kv_role in ("kv_consumer", "kv_both")
+
+    @property
+    def proxy_host_port(self) -> tuple[str, int]:
+        host, _, port = self.proxy_address.rpartition(":")
+        return host, int(port)
+
+    @classmethod
+    def from_json(cls, text: str) -> KVTransferConfig:
+        """Parse the JSON of `--kv-transfer-config`; ValueError naming the key at fault."""
+        try:
+            data: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--kv-transfer-config is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("--kv-transfer-config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"--kv-transfer-config: unknown key {unknown[0]!r} "
+                             f"(known: {', '.join(sorted(known))})")
+        for key in ("kv_role", "kv_port", "proxy_address"):
+            if key not in data:
+                raise ValueError(f"--kv-transfer-config: missing key {key!r}")
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"--kv-transfer-config: {exc}") from None
