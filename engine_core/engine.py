@@ -24,6 +24,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import EngineConfig
@@ -32,6 +33,9 @@ from engine_core.messages import EngineCoreOutput, EngineCoreRequest, StepBatch
 from engine_core.request import Request
 from engine_core.scheduler import Scheduler
 from engine_core.validation import validate_core_request
+
+if TYPE_CHECKING:
+    from engine_core.disagg.connector import KVConnector
 
 DEFAULT_STEP_TIMEOUT_S = 600.0
 
@@ -52,11 +56,14 @@ class LoopStats:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor,
-                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S) -> None:
+                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
+                 kv_connector: KVConnector | None = None) -> None:
         """Drive `executor` (built for `config`, e.g. by `executors.make_executor`); the engine
-        owns it from here on and shuts it down, also when this constructor raises."""
+        owns it from here on and shuts it down, also when this constructor raises.
+        `kv_connector`: disaggregated prefill/decode (engine_core/disagg/); None: off."""
         self.config = config
         self.executor = executor
+        self.kv_connector = kv_connector
         cache, sched = config.cache, config.scheduler
         blocks_per_max_request = math.ceil(sched.max_model_len / cache.block_size)
         if self.executor.num_kv_blocks - 1 < blocks_per_max_request:
@@ -102,6 +109,8 @@ class EngineCore:
         if self.error is not None:
             raise RuntimeError(f"the engine has failed: {self.error}") from self.error
         start = time.perf_counter()
+        if self.kv_connector is not None:
+            self.kv_connector.before_step(self.scheduler)
         try:
             max_in_flight = self.config.scheduler.max_concurrent_batches
             while len(self.in_flight) < max_in_flight:
@@ -110,7 +119,8 @@ class EngineCore:
                     break
                 self.in_flight.append((batch, self._submit(batch)))
             if not self.in_flight:
-                if self.scheduler.has_unfinished_requests():  # would spin forever otherwise
+                if (self.scheduler.has_unfinished_requests()  # would spin forever otherwise
+                        and not self.scheduler.waiting_for_kv):
                     raise RuntimeError(
                         f"the scheduler can make no progress: {self.scheduler.num_running} "
                         f"running and {self.scheduler.num_waiting} waiting requests, nothing "
@@ -131,6 +141,8 @@ class EngineCore:
             self.scheduler.drop_all()
             raise RuntimeError(str(exc)) from exc
         outputs = self._take_pending() + self.scheduler.update(batch, output)
+        if self.kv_connector is not None:
+            self.kv_connector.after_step(self.scheduler, outputs)
         self.stats.num_steps += 1
         self.stats.total_s += time.perf_counter() - start
         return outputs
@@ -150,5 +162,7 @@ class EngineCore:
     def shutdown(self) -> None:
         self.in_flight.clear()
         self.scheduler.drop_all()
+        if self.kv_connector is not None:
+            self.kv_connector.shutdown()
         self.executor.shutdown()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import msgspec
 
+from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.sampling_params import SamplingParams
 
 __all__ = [
@@ -50,6 +51,10 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     sampling_params: SamplingParams
     eos_token_ids: list[int] = []
     arrival_time: float = 0.0
+    # Disaggregated prefill/decode (engine_core/disagg/): on a prefill instance, keep the
+    # prompt's KV for a decode instance; on a decode instance, where to get it from.
+    do_remote_decode: bool = False
+    kv_transfer_params: KVTransferParams | None = None
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -62,6 +67,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     stop_reason: int | None = None  # the stop token id that ended it, if any
     num_cached_tokens: int = 0
     error: str | None = None  # with finish_reason "error": what failed (for this request only)
+    kv_transfer_params: KVTransferParams | None = None  # a prefill instance's KV, for a decoder
 
 
 class NewRequest(msgspec.Struct, array_like=True):

@@ -12,6 +12,7 @@ class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
+    WAITING_FOR_REMOTE_KV = enum.auto()  # a decode instance's request, its KV on the way
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
@@ -48,6 +49,9 @@ class Request:
         self.eos_token_ids = frozenset(core_request.eos_token_ids)
         self.stop_token_ids = frozenset(params.stop_token_ids or ())
         self.arrival_time = core_request.arrival_time
+        self.do_remote_decode = core_request.do_remote_decode
+        self.remote_kv = core_request.kv_transfer_params
+        self.num_remote_kv_tokens = 0  # leading tokens whose KV arrived from a prefill instance
         self.all_token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         room = max(1, max_model_len - self.num_prompt_tokens)  # the last token needs no KV

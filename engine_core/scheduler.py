@@ -10,6 +10,11 @@ the waiting queue, and no new request is admitted in that step.
 With `max_concurrent_batches = N > 1` several microbatches are in flight. A request whose step is
 in flight has no tokens left to schedule and is skipped, and each microbatch is capped at about 1/N
 of the active requests and of the token budget, so the pipeline fills evenly.
+
+Disaggregated prefill/decode adds two small hooks. On a decode instance a request whose KV comes
+from a prefill instance gets its blocks at once and waits apart (WAITING_FOR_REMOTE_KV), out of
+scheduling, until `remote_kv_ready`; its transferred tokens then count as computed. On a prefill
+instance a finished `do_remote_decode` request keeps its blocks (`kv_held`) until `free_held_kv`.
 """
 
 from __future__ import annotations
@@ -39,13 +44,44 @@ class Scheduler:
         self._finished_ids: list[str] = []  # to tell the stages with the next batch
         self._step_ids = itertools.count()
         self.num_preemptions = 0
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (scheduled)
+        self.waiting_for_kv: dict[str, Request] = {}  # decode side: KV on the way
+        self.kv_held: dict[str, Request] = {}  # prefill side: finished, blocks kept for a decoder
 
     # ---- requests in and out ------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        remote = request.remote_kv
+        if remote is not None and remote.num_tokens > 0 and self._allocate(
+                request, remote.num_tokens, 0) is not None:
+            request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+            self.waiting_for_kv[request.request_id] = request
+        else:  # no blocks for it now: compute the prompt here
+            self.waiting.append(request)
+
+    def remote_kv_ready(self, request_id: str, ok: bool) -> None:
+        """The KV of a WAITING_FOR_REMOTE_KV request has arrived in its blocks (`ok`), or will
+        not (then the prompt is computed here). Either way it joins the waiting queue."""
+        request = self.waiting_for_kv.pop(request_id, None)
+        if request is None:
+            return
+        if request.is_finished:  # aborted meanwhile
+            request.num_valid_kv_tokens = 0
+            self._release(request)
+            return
+        if ok:
+            request.num_remote_kv_tokens = request.remote_kv.num_tokens
+        else:
+            self.block_manager.free(request_id, 0)
+        request.status = RequestStatus.WAITING
         self.waiting.append(request)
+
+    def free_held_kv(self, request_id: str) -> None:
+        """A decoder has the KV of this finished prefill (or its lease expired): free it."""
+        if self.kv_held.pop(request_id, None) is not None:
+            self.block_manager.free(request_id)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Finish these requests now. Blocks of a request with a step in flight are freed when that
@@ -54,7 +90,10 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.is_finished:
                 continue
+            was_waiting_for_kv = request.status == RequestStatus.WAITING_FOR_REMOTE_KV
             request.status = RequestStatus.FINISHED_ABORTED
+            if was_waiting_for_kv:
+                continue  # its KV may still be written into its blocks: remote_kv_ready frees
             if request in self.waiting:
                 self.waiting.remove(request)
             else:
@@ -69,13 +108,17 @@ class Scheduler:
         for request in self.requests.values():
             request.status = RequestStatus.FINISHED_ABORTED
             self.block_manager.free(request.request_id)
+        for request_id in self.kv_held:
+            self.block_manager.free(request_id)
         self.requests.clear()
         self.waiting.clear()
         self.running.clear()
+        self.waiting_for_kv.clear()
+        self.kv_held.clear()
         return dropped
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.waiting_for_kv)
 
     @property
     def num_running(self) -> int:
@@ -118,8 +161,11 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_inflight_steps:
                 break  # a preempted request whose last step has not returned yet
-            cached_blocks, num_cached = self.block_manager.get_computed_blocks(
-                request.all_token_ids)
+            if request.num_remote_kv_tokens:  # its blocks already hold a prefill's KV
+                cached_blocks, num_cached = [], request.num_remote_kv_tokens
+            else:
+                cached_blocks, num_cached = self.block_manager.get_computed_blocks(
+                    request.all_token_ids)
             num_new = min(request.num_tokens - num_cached, token_budget)
             if self._allocate(request, num_new, num_cached, cached_blocks) is None:
                 break
@@ -167,7 +213,7 @@ class Scheduler:
         self._finished_ids.append(request.request_id)
         request.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.num_remote_kv_tokens = 0
         request.num_synced_tokens = request.num_synced_blocks = 0
         self.waiting.appendleft(request)
 
@@ -194,6 +240,8 @@ class Scheduler:
                     num_computed_tokens=request.num_computed_tokens,
                     num_new_tokens=num_new,
                 ))
+            prompt_end = min(request.num_prompt_tokens, request.num_computed_tokens + num_new)
+            self.num_prompt_tokens_computed += max(0, prompt_end - request.num_computed_tokens)
             request.num_synced_tokens = request.num_tokens
             request.num_synced_blocks = len(block_ids)
             request.num_computed_tokens += num_new
@@ -260,6 +308,10 @@ class Scheduler:
         return outputs
 
     def _release(self, request: Request) -> None:
-        self.block_manager.free(request.request_id, request.num_valid_kv_tokens)
+        if request.do_remote_decode and request.status in (RequestStatus.FINISHED_STOPPED,
+                                                           RequestStatus.FINISHED_LENGTH):
+            self.kv_held[request.request_id] = request  # blocks kept until free_held_kv
+        else:
+            self.block_manager.free(request.request_id, request.num_valid_kv_tokens)
         self._finished_ids.append(request.request_id)
         del self.requests[request.request_id]

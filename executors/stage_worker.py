@@ -81,6 +81,24 @@ class StageWorker:
             for _ in range(num_layers)
         ]
 
+    def read_kv_blocks(self, block_ids: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Copies of this stage's KV in `block_ids`: (global layer index, K, V) per layer, each
+        `[len(block_ids), block_size, num_kv_heads, head_dim]`."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return [(self.layer_range[0] + i, k.index_select(0, index), v.index_select(0, index))
+                for i, (k, v) in enumerate(self.kv_caches)]
+
+    def holds_layer(self, layer: int) -> bool:
+        return self.layer_range[0] <= layer < self.layer_range[1]
+
+    def write_kv_blocks(self, block_ids: list[int], layer: int, k: torch.Tensor,
+                        v: torch.Tensor) -> None:
+        """Write received KV of global `layer` into `block_ids` (which this stage must hold)."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        k_cache, v_cache = self.kv_caches[layer - self.layer_range[0]]
+        k_cache.index_copy_(0, index, k.to(self.device, k_cache.dtype))
+        v_cache.index_copy_(0, index, v.to(self.device, v_cache.dtype))
+
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: StepBatch,

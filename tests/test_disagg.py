@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+import random
+import socket
+import time
 
+import msgspec
 import pytest
+import torch
 
 from engine_core.cli import main
+from engine_core.config import EngineArgs
 from engine_core.disagg.config import KVTransferConfig
+from engine_core.disagg.connector import KVConnector
+from engine_core.disagg.leases import LeaseTable
+from engine_core.engine import EngineCore
+from engine_core.messages import EngineCoreRequest
+from engine_core.sampling_params import SamplingParams
+from executors.inprocess import InProcessExecutor
+from executors.kv_endpoint import KVFrameError, KVLayerHeader, decode_layer, encode_layer
 
 GOOD = {"kv_role": "kv_producer", "kv_port": 21001, "proxy_address": "127.0.0.1:30001",
         "send_type": "PUT", "kv_buffer_size": 1e9}
@@ -49,3 +62,185 @@ def test_serve_with_bad_kv_transfer_config_exits_2_naming_the_key(capsys):
     bad = json.dumps({**GOOD, "send_typ": "PUT"})
     assert main(["serve", "--kv-transfer-config", bad]) == 2
     assert "send_typ" in capsys.readouterr().err
+
+
+# ---- P -> D KV hand-over between two in-process engines (send type GET) ----------------------
+
+
+
+BLOCK = 4
+PROMPT_LENGTHS = [1, 5, 8, 17, 30]
+MAX_TOKENS = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _engine(model_dir, role=None, lease_ttl_s=30.0, **kv):
+    config = EngineArgs(model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=64,
+                        max_model_len=128).resolve()
+    executor = InProcessExecutor(config)
+    connector = None
+    if role is not None:
+        kv_config = KVTransferConfig(kv_role=role, kv_port=_free_port(),
+                                     proxy_address="127.0.0.1:1", send_type="GET", **kv)
+        connector = KVConnector(config, kv_config, executor.stages, lease_ttl_s=lease_ttl_s,
+                                fetch_timeout_s=5.0)
+    return EngineCore(config, executor, kv_connector=connector)
+
+
+def _run(engine, requests, timeout_s=60.0):
+    """Add the requests, step until all finished; {request_id: (token_ids, final output)}."""
+    for request in requests:
+        engine.add_request(request)
+    tokens = {r.request_id: [] for r in requests}
+    final = {}
+    deadline = time.monotonic() + timeout_s
+    while len(final) < len(requests):
+        assert time.monotonic() < deadline, "the engine did not finish in time"
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                final[out.request_id] = out
+        if not engine.in_flight:
+            time.sleep(0.001)
+    return {rid: (tokens[rid], final[rid]) for rid in tokens}
+
+
+def _request(rid, prompt, max_tokens, **kw):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return EngineCoreRequest(rid, prompt, params, **kw)
+
+
+def _settle(engine, timeout_s=10.0):
+    """Step an idle engine until its leases are released and every block is free."""
+    bm = engine.block_manager
+    deadline = time.monotonic() + timeout_s
+    while bm.num_free_blocks != bm.num_usable_blocks and time.monotonic() < deadline:
+        engine.step()
+        time.sleep(0.01)
+    return bm.num_free_blocks == bm.num_usable_blocks
+
+
+@pytest.fixture(scope="module")
+def model_and_prompts(checkpoint_factory):
+    from models import load_model_config
+
+    model_dir = checkpoint_factory("llama")
+    rng = random.Random(0)
+    vocab = load_model_config(model_dir).vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENGTHS]
+    single = _engine(model_dir)
+    try:
+        ref = _run(single, [_request(f"r{i}", p, MAX_TOKENS) for i, p in enumerate(prompts)])
+    finally:
+        single.shutdown()
+    return model_dir, prompts, {rid: toks for rid, (toks, _) in ref.items()}
+
+
+def test_prefill_then_decode_is_token_identical(model_and_prompts):
+    model_dir, prompts, reference = model_and_prompts
+    p, d = _engine(model_dir, "kv_producer"), _engine(model_dir, "kv_consumer")
+    try:
+        first = _run(p, [_request(f"r{i}", pr, 1, do_remote_decode=True)
+                         for i, pr in enumerate(prompts)])
+        params = {rid: out.kv_transfer_params for rid, (_, out) in first.items()}
+        assert all(pp is not None for pp in params.values())
+        assert p.block_manager.num_free_blocks < p.block_manager.num_usable_blocks  # leased
+        decoded = _run(d, [_request(rid, prompts[int(rid[1:])], MAX_TOKENS,
+                                    kv_transfer_params=params[rid]) for rid in params])
+        for rid, (tokens, _) in decoded.items():
+            assert tokens == reference[rid], rid
+            assert first[rid][0] == reference[rid][:1]  # P's first token agrees
+        # D ran only the tail of each prompt: at most the last partial block and last token
+        assert d.scheduler.num_prompt_tokens_computed == sum(
+            len(pr) - params[f"r{i}"].num_tokens for i, pr in enumerate(prompts))
+        assert all(len(pr) - params[f"r{i}"].num_tokens <= BLOCK
+                   for i, pr in enumerate(prompts))
+        stats_p, stats_d = p.kv_connector.stats, d.kv_connector.stats
+        assert stats_p.sent_tokens == stats_d.received_tokens == sum(
+            pp.num_tokens for pp in params.values()) > 0
+        assert stats_d.received_bytes > 0
+        assert _settle(p) and _settle(d)  # D confirmed: P's leased blocks came back
+        assert len(p.kv_connector.leases) == 0
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_unknown_lease_or_wrong_hash_falls_back_and_serves(model_and_prompts):
+    model_dir, prompts, reference = model_and_prompts
+    p, d = _engine(model_dir, "kv_producer"), _engine(model_dir, "kv_consumer")
+    try:
+        first = _run(p, [_request("r4", prompts[4], 1, do_remote_decode=True)])
+        good = first["r4"][1].kv_transfer_params
+        bad_lease = msgspec_replace(good, lease_id="no-such-lease")
+        bad_hash = msgspec_replace(good, compat_hash="0" * 16)
+        out = _run(d, [_request("a", prompts[4], MAX_TOKENS, kv_transfer_params=bad_lease),
+                       _request("b", prompts[4], MAX_TOKENS, kv_transfer_params=bad_hash)])
+        assert out["a"][0] == out["b"][0] == reference["r4"]  # computed the prompt itself
+        assert p.kv_connector.stats.dropped_messages >= 1  # the unknown lease was refused
+        # the instance still serves a good transfer afterwards
+        out = _run(d, [_request("c", prompts[4], MAX_TOKENS, kv_transfer_params=good)])
+        assert out["c"][0] == reference["r4"]
+        assert _settle(p) and _settle(d)
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_lease_expiry_returns_producer_blocks(model_and_prompts):
+    model_dir, prompts, _ = model_and_prompts
+    p = _engine(model_dir, "kv_producer", lease_ttl_s=0.3)
+    try:
+        _run(p, [_request("r3", prompts[3], 1, do_remote_decode=True)])
+        assert len(p.kv_connector.leases) == 1
+        assert p.block_manager.num_free_blocks < p.block_manager.num_usable_blocks
+        assert _settle(p, timeout_s=5.0)  # no decoder came: the lease expired
+        assert len(p.kv_connector.leases) == 0
+    finally:
+        p.shutdown()
+
+
+def test_engine_without_connector_frees_blocks_as_before(model_and_prompts):
+    model_dir, prompts, reference = model_and_prompts
+    e = _engine(model_dir)
+    try:  # do_remote_decode without a connector is still freed (no lease will ever come)
+        out = _run(e, [_request("r2", prompts[2], MAX_TOKENS)])
+        assert out["r2"][0] == reference["r2"]
+        assert e.block_manager.num_free_blocks == e.block_manager.num_usable_blocks
+    finally:
+        e.shutdown()
+
+
+def test_truncated_or_malformed_kv_frames_are_rejected():
+    k = torch.randn(2, BLOCK, 2, 8)
+    header = KVLayerHeader("lease", "hash", 0, 1, 2 * BLOCK, "float32", list(k.shape))
+    frames = encode_layer(header, k, k + 1)
+    layer = decode_layer([bytes(f) for f in frames])
+    assert torch.equal(layer.k, k) and torch.equal(layer.v, k + 1)
+    with pytest.raises(KVFrameError, match="truncated"):
+        decode_layer([bytes(frames[0]), bytes(frames[1])[:-4], bytes(frames[2])])
+    with pytest.raises(KVFrameError):
+        decode_layer([b"garbage", bytes(frames[1]), bytes(frames[2])])
+    with pytest.raises(KVFrameError):
+        decode_layer(frames[:2])
+
+
+def test_lease_table_expiry_with_a_fake_clock():
+    now = [0.0]
+    table = LeaseTable(10.0, clock=lambda: now[0])
+    a = table.grant("a", [1, 2], 8)
+    b = table.grant("b", [3], 4)
+    assert table.release(b.lease_id) == b and table.release(b.lease_id) is None
+    now[0] = 9.9
+    assert table.expire() == []
+    now[0] = 10.0
+    assert table.expire() == [a] and len(table) == 0
+
+
+def msgspec_replace(struct, **changes):
+    return msgspec.structs.replace(struct, **changes)

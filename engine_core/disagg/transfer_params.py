@@ -1,0 +1,24 @@
+"""What a prefill instance hands a decode instance (through the proxy) about a request's KV."""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["KVTransferParams"]
+
+
+class KVTransferParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Where and how a decode instance gets a prefilled request's KV.
+
+    `kv_endpoint`: P's KV endpoint address (for GET). `block_ids`: P's blocks holding the first
+    `num_tokens` tokens of the prompt (whole blocks only). `compat_hash`: P's KV layout hash.
+    `lease_id`: names P's hold on those blocks; P frees them when D confirms the lease or it
+    expires.
+    """
+
+    kv_endpoint: str
+    block_ids: list[int]
+    num_tokens: int
+    compat_hash: str
+    lease_id: str
+    send_type: str = "PUT"
