@@ -54,7 +54,8 @@ class Scheduler:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         remote = request.remote_kv
-        if remote is not None and remote.num_tokens > 0 and self._allocate(
+        if remote is not None and not request.do_remote_decode and remote.num_tokens > 0 and \
+                self._allocate(
                 request, remote.num_tokens, 0) is not None:
             request.status = RequestStatus.WAITING_FOR_REMOTE_KV
             self.waiting_for_kv[request.request_id] = request

@@ -16,6 +16,7 @@ from engine_core.config import EngineArgs
 from engine_core.disagg.config import KVTransferConfig
 from engine_core.disagg.connector import KVConnector
 from engine_core.disagg.leases import LeaseTable
+from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.engine import EngineCore
 from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
@@ -79,14 +80,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _engine(model_dir, role=None, lease_ttl_s=30.0, **kv):
+def _engine(model_dir, role=None, lease_ttl_s=30.0, send_type="GET"):
     config = EngineArgs(model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=64,
                         max_model_len=128).resolve()
     executor = InProcessExecutor(config)
     connector = None
     if role is not None:
         kv_config = KVTransferConfig(kv_role=role, kv_port=_free_port(),
-                                     proxy_address="127.0.0.1:1", send_type="GET", **kv)
+                                     proxy_address="127.0.0.1:1", send_type=send_type)
         connector = KVConnector(config, kv_config, executor.stages, lease_ttl_s=lease_ttl_s,
                                 fetch_timeout_s=5.0)
     return EngineCore(config, executor, kv_connector=connector)
@@ -141,15 +142,25 @@ def model_and_prompts(checkpoint_factory):
     return model_dir, prompts, {rid: toks for rid, (toks, _) in ref.items()}
 
 
-def test_prefill_then_decode_is_token_identical(model_and_prompts):
+@pytest.mark.parametrize("send_type", ["GET", "PUT", "PUT_ASYNC"])
+def test_prefill_then_decode_is_token_identical(model_and_prompts, send_type):
     model_dir, prompts, reference = model_and_prompts
-    p, d = _engine(model_dir, "kv_producer"), _engine(model_dir, "kv_consumer")
+    p = _engine(model_dir, "kv_producer", send_type=send_type)
+    d = _engine(model_dir, "kv_consumer", send_type=send_type)
     try:
-        first = _run(p, [_request(f"r{i}", pr, 1, do_remote_decode=True)
+        def push_to(i):  # what the proxy gives P with PUT/PUT_ASYNC: where to push, as what
+            if send_type == "GET":
+                return None
+            return KVTransferParams(kv_endpoint=d.kv_connector.endpoint, block_ids=[],
+                                    num_tokens=0, compat_hash=d.kv_connector.compat_hash,
+                                    lease_id=f"transfer-{i}", send_type=send_type)
+        first = _run(p, [_request(f"r{i}", pr, 1, do_remote_decode=True,
+                                  kv_transfer_params=push_to(i))
                          for i, pr in enumerate(prompts)])
         params = {rid: out.kv_transfer_params for rid, (_, out) in first.items()}
         assert all(pp is not None for pp in params.values())
-        assert p.block_manager.num_free_blocks < p.block_manager.num_usable_blocks  # leased
+        if send_type == "GET":
+            assert p.block_manager.num_free_blocks < p.block_manager.num_usable_blocks  # leased
         decoded = _run(d, [_request(rid, prompts[int(rid[1:])], MAX_TOKENS,
                                     kv_transfer_params=params[rid]) for rid in params])
         for rid, (tokens, _) in decoded.items():
@@ -244,3 +255,32 @@ def test_lease_table_expiry_with_a_fake_clock():
 
 def msgspec_replace(struct, **changes):
     return msgspec.structs.replace(struct, **changes)
+
+
+def test_pushed_garbage_is_dropped_and_the_decoder_still_serves(model_and_prompts):
+    import zmq
+
+    model_dir, prompts, reference = model_and_prompts
+    d = _engine(model_dir, "kv_consumer", send_type="PUT")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.connect(d.kv_connector.endpoint)
+        k = torch.zeros(1, BLOCK, 2, 8)
+        wrong_hash = KVLayerHeader("x", "0" * 16, 0, 1, BLOCK, "float32", list(k.shape))
+        frames = [bytes(f) for f in encode_layer(wrong_hash, k, k)]
+        sock.send_multipart(frames)  # another KV layout
+        sock.send_multipart([frames[0], frames[1][:-1], frames[2]])  # truncated
+        sock.send_multipart([b"\x00garbage", b"more"])  # neither a layer nor a control message
+        deadline = time.monotonic() + 5
+        while d.kv_connector.stats.dropped_messages < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert d.kv_connector.stats.dropped_messages == 3
+        assert d.kv_connector._buffer == {}
+        out = _run(d, [_request("r3", prompts[3], MAX_TOKENS)])
+        assert out["r3"][0] == reference["r3"]
+        assert _settle(d)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        d.shutdown()

@@ -1,5 +1,8 @@
 """The engine side of KV transfer: a prefill instance lends its finished prompts' KV blocks, a
-decode instance fetches them into its own blocks. Send type GET: the decoder pulls.
+decode instance fetches them into its own blocks. Send type GET: the decoder pulls from the
+producer's endpoint; PUT: the producer pushes to the decoder's endpoint right after the prefill
+(from the engine thread); PUT_ASYNC: the same from a background sender thread. Pushed KV waits in
+the decoder's buffer (at most `kv_buffer_size` bytes) until its request arrives.
 
 The engine thread calls only `before_step` and `after_step`; each socket lives in one background
 thread of its own (the producer's KV endpoint, the consumer's fetcher), so the engine loop never
@@ -10,6 +13,7 @@ Wire (msgspec, never pickle), on a DEALER -> ROUTER socket pair:
 
     D -> P   [PullKV]                 P -> D   [KVLayerHeader, K, V] per layer, or [PullDone]
     D -> P   [ConfirmKV]              (P frees the lease's blocks)
+    P -> D   [KVLayerHeader, K, V] per layer, then [PushDone]          (PUT, PUT_ASYNC)
 """
 
 from __future__ import annotations
@@ -29,7 +33,13 @@ from engine_core.disagg.leases import LeaseTable
 from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.messages import EngineCoreOutput
 from engine_core.scheduler import Scheduler
-from executors.kv_endpoint import KVFrameError, KVLayerHeader, decode_layer, encode_layer
+from executors.kv_endpoint import (
+    KVFrameError,
+    KVLayer,
+    KVLayerHeader,
+    decode_layer,
+    encode_layer,
+)
 from executors.stage_worker import StageWorker
 
 __all__ = ["ConfirmKV", "KVConnector", "KVTransferStats", "PullDone", "PullKV"]
@@ -50,7 +60,12 @@ class PullDone(msgspec.Struct, tag=True):
     error: str | None = None
 
 
-_control = msgspec.msgpack.Decoder(PullKV | ConfirmKV | PullDone)
+class PushDone(msgspec.Struct, tag=True):
+    lease_id: str
+    num_layers: int
+
+
+_control = msgspec.msgpack.Decoder(PullKV | ConfirmKV | PullDone | PushDone)
 
 
 class KVTransferStats(msgspec.Struct):
@@ -89,19 +104,30 @@ class KVConnector:
             queue.SimpleQueue()
         self._fetched: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         self._fetching: set[str] = set()
+        # pushed KV (PUT, PUT_ASYNC) waiting for its request: lease id -> layers; done ones
+        self._buffer_cond = threading.Condition()
+        self._buffer: dict[str, list[KVLayer]] = {}
+        self._buffer_done: set[str] = set()
+        self._buffer_bytes = 0
+        self._sends: queue.SimpleQueue[tuple[str, KVTransferParams, str, int] | None] = \
+            queue.SimpleQueue()  # PUT_ASYNC jobs for the sender thread
+        self._sent: queue.SimpleQueue[str] = queue.SimpleQueue()  # their request ids, once sent
+        self._push_sockets: dict[str, zmq.Socket] = {}  # the engine thread's (PUT)
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         self._threads: list[threading.Thread] = []
         ready = threading.Event()
-        if kv_config.is_producer:
-            self._threads.append(threading.Thread(target=self._serve, args=(ready,),
-                                                  name="kv-endpoint", daemon=True))
+        self._threads.append(threading.Thread(target=self._serve, args=(ready,),
+                                              name="kv-endpoint", daemon=True))
         if kv_config.is_consumer:
             self._threads.append(threading.Thread(target=self._fetch_loop, name="kv-fetcher",
                                                   daemon=True))
+        if kv_config.is_producer and kv_config.send_type == "PUT_ASYNC":
+            self._threads.append(threading.Thread(target=self._send_loop, name="kv-sender",
+                                                  daemon=True))
         for thread in self._threads:
             thread.start()
-        if kv_config.is_producer and not ready.wait(10):
+        if not ready.wait(10):
             raise RuntimeError(f"the KV endpoint did not start on {self.endpoint}")
 
     # ---- engine thread ------------------------------------------------------------------------
@@ -118,6 +144,8 @@ class KVConnector:
         for lease in expired:
             logger.warning("KV lease %s of request %s expired", lease.lease_id, lease.request_id)
             scheduler.free_held_kv(lease.request_id)
+        while not self._sent.empty():
+            scheduler.free_held_kv(self._sent.get())
         while not self._fetched.empty():
             request_id, ok = self._fetched.get()
             self._fetching.discard(request_id)
@@ -142,6 +170,22 @@ class KVConnector:
                 continue
             num_blocks = (request.num_prompt_tokens - 1) // bs
             block_ids = scheduler.block_manager.block_ids(request_id)[:num_blocks]
+            target = request.remote_kv  # with PUT/PUT_ASYNC: the decoder to push to
+            if target is not None and self.kv_config.send_type != "GET":
+                if request_id in by_id:
+                    by_id[request_id].kv_transfer_params = KVTransferParams(
+                        kv_endpoint=self.endpoint, block_ids=block_ids,
+                        num_tokens=num_blocks * bs, compat_hash=self.compat_hash,
+                        lease_id=target.lease_id, send_type=self.kv_config.send_type)
+                if self.kv_config.send_type == "PUT":  # push now, then free
+                    self._push(self._push_sockets, target, self._read_blocks(block_ids),
+                               num_blocks * bs)
+                    nothing_to_lend.append(request_id)
+                else:  # PUT_ASYNC: leased until the sender thread has pushed it
+                    with self._lock:
+                        lease = self.leases.grant(request_id, block_ids, num_blocks * bs)
+                    self._sends.put((request_id, target, lease.lease_id, num_blocks * bs))
+                continue
             lease_id = ""
             if block_ids:
                 with self._lock:
@@ -159,9 +203,65 @@ class KVConnector:
     def shutdown(self) -> None:
         self._stop.set()
         self._fetches.put(None)
+        self._sends.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
+        for sock in self._push_sockets.values():
+            sock.close(linger=0)
         self._ctx.term()
+
+    # ---- producer: pushing (PUT from the engine thread, PUT_ASYNC from the sender) ------------
+    def _read_blocks(self, block_ids: list[int]) -> list:
+        layers = []
+        for stage in self.stages:
+            layers.extend(stage.read_kv_blocks(block_ids))
+        return layers
+
+    def _push(self, sockets: dict[str, zmq.Socket], target: KVTransferParams, layers: list,
+              num_tokens: int) -> None:
+        """Send `layers` ((global layer, K, V) of the request's blocks) to `target.kv_endpoint`
+        as `target.lease_id`. `sockets`: the calling thread's own DEALER sockets, by endpoint."""
+        start = time.perf_counter()
+        sock = sockets.get(target.kv_endpoint)
+        if sock is None:
+            sock = sockets[target.kv_endpoint] = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(target.kv_endpoint)
+        m = self.config.model
+        for layer, k, v in layers:
+            header = KVLayerHeader(target.lease_id, self.compat_hash, layer, m.num_layers,
+                                   num_tokens, self.config.dtype, list(k.shape))
+            frames = encode_layer(header, k, v)
+            sock.send_multipart(frames, copy=False)
+            self.stats.sent_bytes += sum(memoryview(f).nbytes for f in frames)
+        sock.send(msgspec.msgpack.encode(PushDone(target.lease_id, len(layers))))
+        self.stats.sent_tokens += num_tokens
+        self.stats.seconds += time.perf_counter() - start
+
+    def _send_loop(self) -> None:
+        """PUT_ASYNC: copy a leased request's blocks (under the lock, so an expiring lease never
+        frees blocks being read), push them, end the lease; the engine thread frees the blocks."""
+        sockets: dict[str, zmq.Socket] = {}
+        try:
+            while True:
+                job = self._sends.get()
+                if job is None:
+                    return
+                request_id, target, lease_id, num_tokens = job
+                with self._lock:
+                    lease = self.leases.get(lease_id)
+                    layers = self._read_blocks(list(lease.block_ids)) if lease else None
+                try:
+                    if layers is not None:
+                        self._push(sockets, target, layers, num_tokens)
+                except Exception:
+                    logger.exception("pushing the KV of request %s failed", request_id)
+                with self._lock:
+                    self.leases.release(lease_id)
+                self._sent.put(request_id)
+        finally:
+            for sock in sockets.values():
+                sock.close(linger=0)
 
     # ---- producer: the KV endpoint thread -----------------------------------------------------
     def _serve(self, ready: threading.Event) -> None:
@@ -173,7 +273,11 @@ class KVConnector:
             while not self._stop.is_set():
                 if not sock.poll(100):
                     continue
-                frames = sock.recv_multipart()
+                frames = sock.recv_multipart(copy=False)
+                if len(frames) == 4:  # a pushed layer: identity, header, K, V
+                    self._buffer_layer(frames[1:])
+                    continue
+                frames = [f.bytes for f in frames]
                 if len(frames) != 2:
                     self.stats.dropped_messages += 1
                     logger.warning("dropped a KV control message of %d frames", len(frames))
@@ -187,10 +291,65 @@ class KVConnector:
                     continue
                 if isinstance(message, ConfirmKV):
                     self._released.put(message.lease_id)
+                elif isinstance(message, PushDone):
+                    with self._buffer_cond:
+                        self._buffer_done.add(message.lease_id)
+                        self._buffer_cond.notify_all()
                 elif isinstance(message, PullKV):
                     self._send_lease(sock, identity, message)
         finally:
             sock.close()
+
+    def _buffer_layer(self, frames: list) -> None:
+        """Keep a pushed layer until its request comes; drop it if malformed, of another KV
+        layout, or over `kv_buffer_size`."""
+        try:
+            layer = decode_layer(frames)
+        except KVFrameError as exc:
+            self.stats.dropped_messages += 1
+            logger.warning("dropped a pushed KV message: %s", exc)
+            return
+        nbytes = 2 * layer.k.numel() * layer.k.element_size()
+        with self._buffer_cond:
+            error = None
+            if layer.header.compat_hash != self.compat_hash:
+                error = f"KV layout hash {layer.header.compat_hash}, ours is {self.compat_hash}"
+            elif self._buffer_bytes + nbytes > self.kv_config.kv_buffer_size:
+                error = f"the KV buffer is full ({self._buffer_bytes} bytes)"
+            if error is None:
+                self._buffer.setdefault(layer.header.lease_id, []).append(layer)
+                self._buffer_bytes += nbytes
+                self.stats.received_bytes += nbytes
+        if error is not None:
+            self.stats.dropped_messages += 1
+            logger.warning("dropped a pushed KV layer of %s: %s", layer.header.lease_id, error)
+
+    def _take_pushed(self, params: KVTransferParams, block_ids: list[int]) -> bool:
+        """Wait (bounded) for a pushed transfer to complete, then write it into `block_ids`."""
+        start = time.perf_counter()
+        with self._buffer_cond:
+            arrived = self._buffer_cond.wait_for(
+                lambda: params.lease_id in self._buffer_done, timeout=self.fetch_timeout_s)
+            layers = self._buffer.pop(params.lease_id, [])
+            self._buffer_done.discard(params.lease_id)
+            self._buffer_bytes -= sum(2 * la.k.numel() * la.k.element_size() for la in layers)
+        if not arrived:
+            logger.warning("pushed KV of %s did not arrive in %.1f s", params.lease_id,
+                           self.fetch_timeout_s)
+            return False
+        written = set()
+        for layer in layers:
+            if layer.header.shape[0] != len(block_ids):
+                continue
+            for stage in self.stages:
+                if stage.holds_layer(layer.header.layer):
+                    stage.write_kv_blocks(block_ids, layer.header.layer, layer.k, layer.v)
+                    written.add(layer.header.layer)
+        ok = written == set(range(self.config.model.num_layers))
+        if ok:
+            self.stats.received_tokens += params.num_tokens
+        self.stats.seconds += time.perf_counter() - start
+        return ok
 
     def _send_lease(self, sock: zmq.Socket, identity: bytes, pull: PullKV) -> None:
         start = time.perf_counter()
@@ -241,6 +400,8 @@ class KVConnector:
             logger.warning("KV params with layout hash %s, ours is %s: not fetched",
                            params.compat_hash, self.compat_hash)
             return False
+        if params.send_type != "GET":
+            return self._take_pushed(params, block_ids)
         start = time.perf_counter()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)

@@ -13,7 +13,8 @@ class KVTransferParams(msgspec.Struct, frozen=True, omit_defaults=True):
     `kv_endpoint`: P's KV endpoint address (for GET). `block_ids`: P's blocks holding the first
     `num_tokens` tokens of the prompt (whole blocks only). `compat_hash`: P's KV layout hash.
     `lease_id`: names P's hold on those blocks; P frees them when D confirms the lease or it
-    expires.
+    expires. With PUT/PUT_ASYNC it is the transfer id the proxy chose, and the *prefill* request
+    carries params too: D's `kv_endpoint` to push to and that `lease_id` (no blocks).
     """
 
     kv_endpoint: str
