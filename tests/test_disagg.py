@@ -284,3 +284,33 @@ def test_pushed_garbage_is_dropped_and_the_decoder_still_serves(model_and_prompt
         sock.close(linger=0)
         ctx.term()
         d.shutdown()
+
+
+def test_registry_refuses_mismatched_layout_and_names_missing_roles():
+    from engine_core.disagg.discovery import Heartbeat, NoInstanceError, Register, Registry
+
+    now = [0.0]
+    registry = Registry(heartbeat_timeout_s=5.0, clock=lambda: now[0])
+    fields = {"dtype": '"float32"', "block_size": "16", "num_kv_heads": "2"}
+    with pytest.raises(NoInstanceError, match="prefill"):
+        registry.pick_pair()
+    assert registry.register(Register("p0", "kv_producer", "tcp://a:1", "tcp://a:2",
+                                      fields)).error is None
+    with pytest.raises(NoInstanceError, match="decode"):
+        registry.pick_pair()
+    reply = registry.register(Register("d0", "kv_consumer", "tcp://b:1", "tcp://b:2",
+                                       {**fields, "block_size": "32"}))
+    assert reply.error is not None and "block_size" in reply.error
+    assert registry.register(Register("d0", "kv_consumer", "tcp://b:1", "tcp://b:2",
+                                      fields)).error is None
+    assert registry.register(Register("d1", "kv_consumer", "tcp://c:1", "tcp://c:2",
+                                      fields)).error is None
+    assert registry.heartbeat(Heartbeat("d0", num_running=3))
+    p, d = registry.pick_pair()
+    assert (p.register.instance_id, d.register.instance_id) == ("p0", "d1")  # least loaded
+    now[0] = 4.0
+    assert registry.heartbeat(Heartbeat("d0")) and not registry.heartbeat(Heartbeat("x"))
+    now[0] = 6.0  # p0 and d1 went silent
+    with pytest.raises(NoInstanceError, match="prefill"):
+        registry.pick_pair()
+    assert set(registry.instances) == {"d0"}
