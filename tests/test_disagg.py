@@ -314,3 +314,27 @@ def test_registry_refuses_mismatched_layout_and_names_missing_roles():
     with pytest.raises(NoInstanceError, match="prefill"):
         registry.pick_pair()
     assert set(registry.instances) == {"d0"}
+
+
+def test_dead_producer_or_abort_while_waiting_for_kv_ends_in_bounded_time(model_and_prompts):
+    model_dir, prompts, reference = model_and_prompts
+    d = _engine(model_dir, "kv_consumer")
+    d.kv_connector.fetch_timeout_s = 0.5
+    try:  # P is gone: its endpoint answers nothing
+        dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{_free_port()}", block_ids=[1, 2],
+                                num_tokens=2 * BLOCK, compat_hash=d.kv_connector.compat_hash,
+                                lease_id="gone", send_type="GET")
+        start = time.monotonic()
+        out = _run(d, [_request("a", prompts[4], MAX_TOKENS, kv_transfer_params=dead)])
+        assert out["a"][0] == reference["r4"]  # it computed the prompt itself
+        assert time.monotonic() - start < 10
+        assert _settle(d)
+        # aborted while its KV is on the way: freed once the fetch has given up, no leak
+        d.add_request(_request("b", prompts[4], MAX_TOKENS, kv_transfer_params=dead))
+        d.step()
+        assert "b" in d.scheduler.waiting_for_kv
+        d.abort_requests(["b"])
+        assert _settle(d, timeout_s=5.0)
+        assert not d.scheduler.has_unfinished_requests()
+    finally:
+        d.shutdown()
