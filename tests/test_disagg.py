@@ -171,11 +171,12 @@ def test_prefill_then_decode_is_token_identical(model_and_prompts, send_type):
             len(pr) - params[f"r{i}"].num_tokens for i, pr in enumerate(prompts))
         assert all(len(pr) - params[f"r{i}"].num_tokens <= BLOCK
                    for i, pr in enumerate(prompts))
+        assert _settle(p) and _settle(d)  # D confirmed: P's leased blocks came back
         stats_p, stats_d = p.kv_connector.stats, d.kv_connector.stats
-        assert stats_p.sent_tokens == stats_d.received_tokens == sum(
+        assert stats_p.sent_tokens == stats_d.received_tokens == sum(  # each sent once
             pp.num_tokens for pp in params.values()) > 0
         assert stats_d.received_bytes > 0
-        assert _settle(p) and _settle(d)  # D confirmed: P's leased blocks came back
+        assert d.kv_connector._buffer == {}
         assert len(p.kv_connector.leases) == 0
     finally:
         p.shutdown()

@@ -109,9 +109,10 @@ class KVConnector:
         self._buffer: dict[str, list[KVLayer]] = {}
         self._buffer_done: set[str] = set()
         self._buffer_bytes = 0
+        self._buffer_since: dict[str, float] = {}  # first arrival; unclaimed ones expire
         self._sends: queue.SimpleQueue[tuple[str, KVTransferParams, str, int] | None] = \
             queue.SimpleQueue()  # PUT_ASYNC jobs for the sender thread
-        self._sent: queue.SimpleQueue[str] = queue.SimpleQueue()  # their request ids, once sent
+        self._sent: queue.SimpleQueue[str] = queue.SimpleQueue()  # their lease ids, once sent
         self._push_sockets: dict[str, zmq.Socket] = {}  # the engine thread's (PUT)
         self._stop = threading.Event()
         self._ctx = zmq.Context()
@@ -145,7 +146,10 @@ class KVConnector:
             logger.warning("KV lease %s of request %s expired", lease.lease_id, lease.request_id)
             scheduler.free_held_kv(lease.request_id)
         while not self._sent.empty():
-            scheduler.free_held_kv(self._sent.get())
+            with self._lock:
+                lease = self.leases.release(self._sent.get())
+            if lease is not None:
+                scheduler.free_held_kv(lease.request_id)
         while not self._fetched.empty():
             request_id, ok = self._fetched.get()
             self._fetching.discard(request_id)
@@ -177,7 +181,9 @@ class KVConnector:
                         kv_endpoint=self.endpoint, block_ids=block_ids,
                         num_tokens=num_blocks * bs, compat_hash=self.compat_hash,
                         lease_id=target.lease_id, send_type=self.kv_config.send_type)
-                if self.kv_config.send_type == "PUT":  # push now, then free
+                if not block_ids:  # a prompt of at most one block: D computes it all
+                    nothing_to_lend.append(request_id)
+                elif self.kv_config.send_type == "PUT":  # push now, then free
                     self._push(self._push_sockets, target, self._read_blocks(block_ids),
                                num_blocks * bs)
                     nothing_to_lend.append(request_id)
@@ -240,7 +246,8 @@ class KVConnector:
 
     def _send_loop(self) -> None:
         """PUT_ASYNC: copy a leased request's blocks (under the lock, so an expiring lease never
-        frees blocks being read), push them, end the lease; the engine thread frees the blocks."""
+        frees blocks being read) and push them; the engine thread then ends the lease and frees
+        the blocks (ending it here would let the engine lend the same request again)."""
         sockets: dict[str, zmq.Socket] = {}
         try:
             while True:
@@ -256,9 +263,7 @@ class KVConnector:
                         self._push(sockets, target, layers, num_tokens)
                 except Exception:
                     logger.exception("pushing the KV of request %s failed", request_id)
-                with self._lock:
-                    self.leases.release(lease_id)
-                self._sent.put(request_id)
+                self._sent.put(lease_id)  # the engine thread ends the lease and frees
         finally:
             for sock in sockets.values():
                 sock.close(linger=0)
@@ -311,12 +316,14 @@ class KVConnector:
             return
         nbytes = 2 * layer.k.numel() * layer.k.element_size()
         with self._buffer_cond:
+            self._expire_buffer()
             error = None
             if layer.header.compat_hash != self.compat_hash:
                 error = f"KV layout hash {layer.header.compat_hash}, ours is {self.compat_hash}"
             elif self._buffer_bytes + nbytes > self.kv_config.kv_buffer_size:
                 error = f"the KV buffer is full ({self._buffer_bytes} bytes)"
             if error is None:
+                self._buffer_since.setdefault(layer.header.lease_id, time.monotonic())
                 self._buffer.setdefault(layer.header.lease_id, []).append(layer)
                 self._buffer_bytes += nbytes
                 self.stats.received_bytes += nbytes
@@ -324,15 +331,27 @@ class KVConnector:
             self.stats.dropped_messages += 1
             logger.warning("dropped a pushed KV layer of %s: %s", layer.header.lease_id, error)
 
+    def _expire_buffer(self) -> None:
+        """Drop pushed KV whose request has not come within the lease TTL (holds the cond)."""
+        cutoff = time.monotonic() - self.lease_ttl_s
+        for lease_id in [k for k, since in self._buffer_since.items() if since < cutoff]:
+            logger.warning("dropped pushed KV of %s: its request never came", lease_id)
+            self._pop_buffer(lease_id)
+
+    def _pop_buffer(self, lease_id: str) -> list[KVLayer]:
+        layers = self._buffer.pop(lease_id, [])
+        self._buffer_since.pop(lease_id, None)
+        self._buffer_done.discard(lease_id)
+        self._buffer_bytes -= sum(2 * la.k.numel() * la.k.element_size() for la in layers)
+        return layers
+
     def _take_pushed(self, params: KVTransferParams, block_ids: list[int]) -> bool:
         """Wait (bounded) for a pushed transfer to complete, then write it into `block_ids`."""
         start = time.perf_counter()
         with self._buffer_cond:
             arrived = self._buffer_cond.wait_for(
                 lambda: params.lease_id in self._buffer_done, timeout=self.fetch_timeout_s)
-            layers = self._buffer.pop(params.lease_id, [])
-            self._buffer_done.discard(params.lease_id)
-            self._buffer_bytes -= sum(2 * la.k.numel() * la.k.element_size() for la in layers)
+            layers = self._pop_buffer(params.lease_id)
         if not arrived:
             logger.warning("pushed KV of %s did not arrive in %.1f s", params.lease_id,
                            self.fetch_timeout_s)
