@@ -296,11 +296,20 @@ class EngineCoreLoop:
 
     def _stats(self) -> SchedulerStats:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        return SchedulerStats(
+        stats = SchedulerStats(
             num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
             kv_usage=blocks.usage, num_free_blocks=blocks.num_free_blocks,
             num_total_blocks=blocks.num_usable_blocks,
-            num_preemptions=scheduler.num_preemptions)
+            num_preemptions=scheduler.num_preemptions,
+            num_prompt_tokens_computed=scheduler.num_prompt_tokens_computed)
+        connector = self.engine.kv_connector
+        if connector is not None:
+            kv = connector.stats
+            stats = msgspec.structs.replace(
+                stats, kv_sent_tokens=kv.sent_tokens, kv_received_tokens=kv.received_tokens,
+                kv_sent_bytes=kv.sent_bytes, kv_received_bytes=kv.received_bytes,
+                kv_transfer_seconds=kv.seconds)
+        return stats
 
     def _send(self, message: EngineCoreOutputs) -> None:
         data = self.encoder.encode(message)

@@ -121,6 +121,14 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     num_free_blocks: int = 0
     num_total_blocks: int = 0  # usable blocks (the null block excluded)
     num_preemptions: int = 0
+    # counters since start: prompt tokens run through the model, and KV transfer
+    # (disaggregated prefill/decode; zero without --kv-transfer-config)
+    num_prompt_tokens_computed: int = 0
+    kv_sent_tokens: int = 0
+    kv_received_tokens: int = 0
+    kv_sent_bytes: int = 0
+    kv_received_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
 
 
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):

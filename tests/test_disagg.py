@@ -339,3 +339,26 @@ def test_dead_producer_or_abort_while_waiting_for_kv_ends_in_bounded_time(model_
         assert not d.scheduler.has_unfinished_requests()
     finally:
         d.shutdown()
+
+
+def test_metrics_expose_prompt_and_kv_transfer_counters():
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from engine_core.messages import SchedulerStats
+    from engine_core.server.metrics import _EngineStatsCollector
+
+    stats = SchedulerStats(num_prompt_tokens_computed=7, kv_sent_tokens=64,
+                           kv_received_tokens=32, kv_sent_bytes=1024, kv_transfer_seconds=0.5)
+    llm = SimpleNamespace(stats=stats, num_restarts=0,
+                          client=SimpleNamespace(engine_states=lambda: []))
+    registry = CollectorRegistry()
+    registry.register(_EngineStatsCollector(llm, "m"))
+    text = generate_latest(registry).decode()
+    for line in ('ppengine:prompt_tokens_computed_total{model_name="m"} 7.0',
+                 'ppengine:kv_transfer_sent_tokens_total{model_name="m"} 64.0',
+                 'ppengine:kv_transfer_received_tokens_total{model_name="m"} 32.0',
+                 'ppengine:kv_transfer_sent_bytes_total{model_name="m"} 1024.0',
+                 'ppengine:kv_transfer_seconds_total{model_name="m"} 0.5'):
+        assert line in text, line

@@ -479,7 +479,13 @@ class DPEngineCoreClient:
             num_running=sum(s.num_running for s in live),
             num_waiting=sum(s.num_waiting for s in live),
             kv_usage=1.0 - free / total if total else 0.0, num_free_blocks=free,
-            num_total_blocks=total, num_preemptions=sum(s.num_preemptions for s in live))
+            num_total_blocks=total, num_preemptions=sum(s.num_preemptions for s in live),
+            num_prompt_tokens_computed=sum(s.num_prompt_tokens_computed for s in live),
+            kv_sent_tokens=sum(s.kv_sent_tokens for s in live),
+            kv_received_tokens=sum(s.kv_received_tokens for s in live),
+            kv_sent_bytes=sum(s.kv_sent_bytes for s in live),
+            kv_received_bytes=sum(s.kv_received_bytes for s in live),
+            kv_transfer_seconds=sum(s.kv_transfer_seconds for s in live))
 
     def engine_states(self) -> list[EngineState]:
         return [EngineState(e.rank, e.alive, e.stats, e.num_routed, e.pid) for e in self.engines]

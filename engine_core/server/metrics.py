@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class _EngineStatsCollector(Collector):
         self.llm = llm
         self.model_name = model_name
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self.llm.stats
         gauges = (
             ("num_requests_running", "Requests scheduled in the engine.", stats.num_running),
@@ -51,6 +51,21 @@ class _EngineStatsCollector(Collector):
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], float(value))
             yield family
+        counters = (  # exposed with a _total suffix
+            ("prompt_tokens_computed", "Prompt tokens run through the model (not taken from "
+             "the prefix cache or another instance).", stats.num_prompt_tokens_computed),
+            ("kv_transfer_sent_tokens", "Tokens whose KV this instance sent.",
+             stats.kv_sent_tokens),
+            ("kv_transfer_received_tokens", "Tokens whose KV this instance received.",
+             stats.kv_received_tokens),
+            ("kv_transfer_sent_bytes", "Bytes of KV sent.", stats.kv_sent_bytes),
+            ("kv_transfer_received_bytes", "Bytes of KV received.", stats.kv_received_bytes),
+            ("kv_transfer_seconds", "Seconds spent moving KV.", stats.kv_transfer_seconds),
+        )
+        for name, doc, value in counters:
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            counter.add_metric([self.model_name], float(value))
+            yield counter
         states = self.llm.client.engine_states()
         alive = GaugeMetricFamily(PREFIX + "engines_alive", "Engine cores alive (data parallel).",
                                   labels=["model_name"])
