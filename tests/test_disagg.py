@@ -362,3 +362,26 @@ def test_metrics_expose_prompt_and_kv_transfer_counters():
                  'ppengine:kv_transfer_sent_bytes_total{model_name="m"} 1024.0',
                  'ppengine:kv_transfer_seconds_total{model_name="m"} 0.5'):
         assert line in text, line
+
+
+def test_two_prefill_two_decode_engines_cross_over(model_and_prompts):
+    model_dir, prompts, reference = model_and_prompts
+    ps = [_engine(model_dir, "kv_producer") for _ in range(2)]
+    ds = [_engine(model_dir, "kv_consumer") for _ in range(2)]
+    try:
+        params = {}
+        for i, prompt in enumerate(prompts):  # prompt i: P i % 2, then D (i + 1) % 2
+            first = _run(ps[i % 2], [_request(f"r{i}", prompt, 1, do_remote_decode=True)])
+            params[f"r{i}"] = first[f"r{i}"][1].kv_transfer_params
+        for j, d in enumerate(ds):
+            mine = [i for i in range(len(prompts)) if (i + 1) % 2 == j]
+            out = _run(d, [_request(f"r{i}", prompts[i], MAX_TOKENS,
+                                    kv_transfer_params=params[f"r{i}"]) for i in mine])
+            for i in mine:
+                assert out[f"r{i}"][0] == reference[f"r{i}"]
+        assert sum(d.scheduler.num_prompt_tokens_computed for d in ds) == sum(
+            len(pr) - params[f"r{i}"].num_tokens for i, pr in enumerate(prompts))
+        assert all(_settle(e) for e in ps + ds)
+    finally:
+        for e in ps + ds:
+            e.shutdown()
