@@ -385,3 +385,19 @@ def test_two_prefill_two_decode_engines_cross_over(model_and_prompts):
     finally:
         for e in ps + ds:
             e.shutdown()
+
+
+def test_shutdown_does_not_wait_out_a_pending_fetch(model_and_prompts):
+    model_dir, prompts, _ = model_and_prompts
+    for send_type in ("GET", "PUT"):
+        d = _engine(model_dir, "kv_consumer", send_type=send_type)
+        d.kv_connector.fetch_timeout_s = 60.0
+        dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{_free_port()}", block_ids=[1],
+                                num_tokens=BLOCK, compat_hash=d.kv_connector.compat_hash,
+                                lease_id="never", send_type=send_type)
+        d.add_request(_request("a", prompts[4], MAX_TOKENS, kv_transfer_params=dead))
+        d.step()
+        time.sleep(0.2)
+        start = time.monotonic()
+        d.shutdown()
+        assert time.monotonic() - start < 3, send_type

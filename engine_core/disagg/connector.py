@@ -161,7 +161,9 @@ class KVConnector:
                 self._fetches.put((request_id, request.remote_kv, block_ids))
 
     def after_step(self, scheduler: Scheduler, outputs: list[EngineCoreOutput]) -> None:
-        """Lease the blocks of finished prefills; their final outputs carry the params."""
+        """Lease (or push) the blocks of finished prefills; their final outputs carry the
+        params. A request released after the step of its final output (another of its steps
+        was still in flight) is lent without params reaching anyone: its lease expires."""
         if not scheduler.kv_held:
             return
         by_id = {out.request_id: out for out in outputs if out.finish_reason is not None}
@@ -208,6 +210,8 @@ class KVConnector:
 
     def shutdown(self) -> None:
         self._stop.set()
+        with self._buffer_cond:
+            self._buffer_cond.notify_all()
         self._fetches.put(None)
         self._sends.put(None)
         for thread in self._threads:
@@ -350,7 +354,8 @@ class KVConnector:
         start = time.perf_counter()
         with self._buffer_cond:
             arrived = self._buffer_cond.wait_for(
-                lambda: params.lease_id in self._buffer_done, timeout=self.fetch_timeout_s)
+                lambda: params.lease_id in self._buffer_done or self._stop.is_set(),
+                timeout=self.fetch_timeout_s) and params.lease_id in self._buffer_done
             layers = self._pop_buffer(params.lease_id)
         if not arrived:
             logger.warning("pushed KV of %s did not arrive in %.1f s", params.lease_id,
@@ -431,10 +436,12 @@ class KVConnector:
             written: set[int] = set()
             while True:
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
-                if remaining_ms <= 0 or not sock.poll(remaining_ms):
+                if remaining_ms <= 0 or self._stop.is_set():
                     logger.warning("KV of lease %s did not arrive in %.1f s", params.lease_id,
                                    self.fetch_timeout_s)
                     return False
+                if not sock.poll(min(remaining_ms, 100)):
+                    continue
                 frames = sock.recv_multipart(copy=False)
                 if len(frames) == 1:
                     done = _control.decode(frames[0].bytes)
