@@ -49,8 +49,8 @@ from engine_core.transport import (
     CurveAuthenticator,
     WarningLimiter,
     load_server_keys,
+    prepare_router,
     require_keys_for_tcp,
-    secure_server,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,11 +95,7 @@ class EngineProcess:
     def bind_router(self, socket: zmq.Socket, name: str, max_inbound_bytes: int = -1) -> str:
         """Set up and bind one of the front-end's ROUTERs; returns its concrete address. A peer
         that sends a message over `max_inbound_bytes` (-1: no limit) is disconnected."""
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, max_inbound_bytes)
-        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer fails loudly
-        socket.setsockopt(zmq.SNDHWM, 0)  # the front-end bounds what it admits, not the socket
-        secure_server(socket, self.keys)
+        prepare_router(socket, self.keys, max_inbound_bytes)
         return _bind(socket, self.address(name))
 
     def start(self, ctx: zmq.Context, input_socket: zmq.Socket, output_address: str,
@@ -172,16 +168,21 @@ class EngineProcess:
     def stop(self) -> None:
         """Wait for a requested exit, then terminate and kill if needed. Idempotent."""
         if self.process is not None:
-            self.process.join(SHUTDOWN_TIMEOUT_S if self.process.is_alive() else 0)
-            if self.process.is_alive():
-                self.process.terminate()
-                self.process.join(5)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(5)
+            reap(self.process, SHUTDOWN_TIMEOUT_S)
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
             self._ipc_dir = None
+
+
+def reap(process: multiprocessing.process.BaseProcess, wait_s: float) -> None:
+    """Give `process` up to `wait_s` to exit on its own, then terminate it, then kill it."""
+    process.join(wait_s if process.is_alive() else 0)
+    if process.is_alive():
+        process.terminate()
+        process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
 
 
 def _bind(socket: zmq.Socket, address: str) -> str:

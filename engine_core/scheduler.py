@@ -54,9 +54,9 @@ class Scheduler:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         remote = request.remote_kv
-        if remote is not None and not request.do_remote_decode and remote.num_tokens > 0 and \
-                self._allocate(
-                request, remote.num_tokens, 0) is not None:
+        fetches_kv = (remote is not None and not request.do_remote_decode
+                      and remote.num_tokens > 0)
+        if fetches_kv and self._allocate(request, remote.num_tokens, 0) is not None:
             request.status = RequestStatus.WAITING_FOR_REMOTE_KV
             self.waiting_for_kv[request.request_id] = request
         else:  # no blocks for it now: compute the prompt here
@@ -304,7 +304,7 @@ class Scheduler:
             if not request.is_finished:
                 self.abort_requests([request.request_id])
                 outputs.append(EngineCoreOutput(request.request_id, [], finish_reason="abort"))
-            elif request.num_inflight_steps == 0 and request.request_id in self.requests:
+            elif request.num_inflight_steps == 0:
                 self._release(request)
         return outputs
 

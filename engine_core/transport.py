@@ -34,6 +34,7 @@ __all__ = [
     "create_keys",
     "load_client_keys",
     "load_server_keys",
+    "prepare_router",
     "require_keys_for_tcp",
     "secure_client",
     "secure_server",
@@ -125,6 +126,19 @@ def require_keys_for_tcp(transport: str, zmq_keys: str | None, insecure_tcp: boo
     if transport == "tcp" and zmq_keys is not None:
         load_server_keys(zmq_keys)
         load_client_keys(zmq_keys)
+
+
+def prepare_router(socket: zmq.Socket, keys: CurveKeys | None, max_inbound_bytes: int = -1
+                   ) -> None:
+    """Set up (before bind) a front-end ROUTER that talks to engines: no linger, a send to a
+    gone peer fails loudly, no send high-water mark (the front-end bounds what it admits), a
+    peer that sends a message over `max_inbound_bytes` (-1: no limit) is disconnected, and
+    CURVE server when there are keys."""
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, max_inbound_bytes)
+    socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    socket.setsockopt(zmq.SNDHWM, 0)
+    secure_server(socket, keys)
 
 
 def secure_server(socket: zmq.Socket, keys: CurveKeys | None) -> None:

@@ -44,6 +44,12 @@ import zmq.asyncio
 from engine_core.client.base import EngineState
 from engine_core.client.prefix_router import PrefixIndex
 from engine_core.config import DataParallelConfig, EngineArgs, config_mismatch
+from engine_core.core_client import (
+    INPUT_INBOUND_BYTES,
+    LIVENESS_POLL_S,
+    SHUTDOWN_TIMEOUT_S,
+    reap,
+)
 from engine_core.core_process import (
     KIND_ABORT,
     KIND_ADD,
@@ -67,20 +73,17 @@ from engine_core.transport import (
     CurveAuthenticator,
     WarningLimiter,
     load_server_keys,
+    prepare_router,
     require_keys_for_tcp,
-    secure_server,
 )
 
 __all__ = ["DPEngineCoreClient"]
 
 logger = logging.getLogger(__name__)
 
-LIVENESS_POLL_S = 1.0
 REMOTE_SILENCE_S = 10.0  # a remote engine that sent nothing (not even a heartbeat) is dead
-SHUTDOWN_TIMEOUT_S = 10.0
 WAITING_WEIGHT = 4  # a waiting request weighs this many running ones in the load score
 PREFIX_LOAD_SLACK = 8  # prefix routing yields to load when the holder is this much busier
-INPUT_INBOUND_BYTES = 4096  # only the engines' hellos arrive on the input socket
 
 
 @dataclass
@@ -176,13 +179,9 @@ class DPEngineCoreClient:
                 (self.handshake_socket, "handshake", 1 << 20, self.dp.rpc_port),
                 (self.input_socket, "input", INPUT_INBOUND_BYTES, None),
                 (self.output_socket, "output", -1, None)):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, inbound)
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.SNDHWM, 0)
+            prepare_router(sock, self.keys, inbound)
             sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a vanished host drops its connection
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-            secure_server(sock, self.keys)
             address = self._address(name, port)
             try:
                 sock.bind(address)
@@ -511,14 +510,8 @@ class DPEngineCoreClient:
             process = engine.process
             if process is None or process.pid is None:
                 continue
-            if engine.rank in told:  # else (never ready, say) there is nothing to wait for
-                process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join(5)
+            # an engine never told to stop (never ready, say) is not waited for
+            reap(process, max(0.0, deadline - time.monotonic()) if engine.rank in told else 0)
 
     def shutdown(self) -> None:
         """Stop the engines and close every socket. Idempotent."""
