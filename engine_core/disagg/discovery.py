@@ -17,8 +17,8 @@ import msgspec
 
 from engine_core.disagg.compat import kv_compat_mismatch
 
-__all__ = ["Heartbeat", "InstanceInfo", "NoInstanceError", "Register", "RegisterReply",
-           "Registry"]
+__all__ = ["DiscoveryMessage", "Heartbeat", "HeartbeatReply", "InstanceInfo", "NoInstanceError",
+           "Register", "RegisterReply", "Registry"]
 
 PRODUCER_ROLES = ("kv_producer", "kv_both")
 CONSUMER_ROLES = ("kv_consumer", "kv_both")
@@ -29,9 +29,12 @@ class Register(msgspec.Struct, tag=True):
 
     instance_id: str
     role: str  # a KVTransferConfig.kv_role
-    request_address: str  # where the proxy sends it requests (ZMQ)
+    request_address: str  # where the proxy sends it requests (ZMQ, `wire.py`)
     kv_endpoint: str
     compat_fields: dict[str, str]
+    send_type: str = "PUT"  # how a producer hands KV over (KVTransferConfig.send_type)
+    model_name: str = ""  # the served model name clients use
+    max_model_len: int = 0
 
 
 class Heartbeat(msgspec.Struct, tag=True):
@@ -42,6 +45,13 @@ class Heartbeat(msgspec.Struct, tag=True):
 
 class RegisterReply(msgspec.Struct, tag=True):
     error: str | None = None  # why the instance was refused
+
+
+class HeartbeatReply(msgspec.Struct, tag=True):
+    known: bool  # False: the proxy does not know this instance (restarted): register again
+
+
+DiscoveryMessage = Register | Heartbeat
 
 
 @dataclass
