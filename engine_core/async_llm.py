@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from engine_core.client.base import AsyncEngineClient
 from engine_core.config import DataParallelConfig, EngineArgs, EngineConfig
 from engine_core.core_client import AsyncEngineCoreClient
+from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.messages import EngineCoreOutputs, SchedulerStats
 from engine_core.output_processor import OutputProcessor
 from engine_core.outputs import RequestOutput
@@ -165,9 +166,16 @@ class AsyncLLM:
         return text, token_ids
 
     async def generate(self, prompt: str | list[int] | dict, sampling_params: SamplingParams,
-                       request_id: str | None = None, *, add_special_tokens: bool = True
+                       request_id: str | None = None, *, add_special_tokens: bool = True,
+                       do_remote_decode: bool = False,
+                       kv_transfer_params: KVTransferParams | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative snapshots of the request's output; the last has `finished=True`.
+
+        Disaggregated prefill/decode (an engine with a KV transfer config): `do_remote_decode`
+        keeps the prompt's KV for a decode instance (the final output carries its
+        `kv_transfer_params`); `kv_transfer_params` (from a prefill instance; with PUT, on the
+        prefill side, where to push) goes to the first sequence, the others compute the prompt.
 
         ValueError for a bad prompt or parameters (before anything is sent). Closing or
         cancelling the iterator (a client disconnect) aborts the request and frees its KV blocks.
@@ -180,6 +188,9 @@ class AsyncLLM:
             raise ValueError(f"request_id {request_id!r} is already in use")
         core_requests = self.processor.add_request(request_id, text, token_ids, sampling_params,
                                                    self._eos_token_ids, time.time())
+        for core_request in core_requests:
+            core_request.do_remote_decode = do_remote_decode
+        core_requests[0].kv_transfer_params = kv_transfer_params
         stream = _Stream(asyncio.Queue(), [r.request_id for r in core_requests])
         self._streams[request_id] = stream
         finished = False

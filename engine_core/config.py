@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from engine_core.disagg.config import KVTransferConfig
 from models import ModelConfig, load_model_config
 
 
@@ -88,6 +89,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     cache: CacheConfig
     parallel: ParallelConfig
+    kv_transfer: KVTransferConfig | None = None  # a disaggregated prefill/decode instance
 
     def config_hash(self) -> str:
         """Stable digest: two processes agree on the config iff the hashes match."""
@@ -193,6 +195,7 @@ class EngineArgs:
     pipelined_chunked_prefill: bool = True
     distributed_executor_backend: str | None = None  # "ray" (default when PP > 1) | "inprocess"
     ray_compiled_graph: bool = False
+    kv_transfer_config: KVTransferConfig | None = None  # disaggregated prefill/decode
 
     def resolve(self) -> EngineConfig:
         """Read the model directory and produce the validated `EngineConfig`."""
@@ -231,6 +234,7 @@ class EngineArgs:
         return EngineConfig(
             model_dir=os.path.abspath(self.model), model=model, dtype=dtype, device=self.device,
             seed=self.seed, scheduler=scheduler, cache=cache, parallel=parallel,
+            kv_transfer=self.kv_transfer_config,
         )
 
     def _max_model_len(self, model: ModelConfig) -> int:

@@ -37,7 +37,7 @@ import time
 import msgspec
 import zmq
 
-from engine_core.config import EngineArgs, config_mismatch
+from engine_core.config import EngineArgs, EngineConfig, config_mismatch
 from engine_core.engine import EngineCore
 from engine_core.messages import (
     AbortRequests,
@@ -61,6 +61,7 @@ KIND_PING = b"ping"  # front-end -> engine: a no-op that tells the front-end the
 HANDSHAKE_TIMEOUT_MS = 30_000
 IDLE_POLL_MS = 500  # how often an idle engine checks that its parent is still alive
 HEARTBEAT_MS = 1000  # an idle headless engine still sends its stats this often
+KV_TRANSFER_POLL_MS = 2  # how often an engine with nothing to compute checks on KV transfers
 
 
 def run_engine_core(handshake_address: str, engine_index: int = 0,
@@ -107,7 +108,7 @@ def run_engine_core(handshake_address: str, engine_index: int = 0,
                     if init.config_fields else None)
         if mismatch is not None:
             raise ConfigMismatchError(f"engine {engine_index} refused: {mismatch}")
-        engine = EngineCore(config, make_executor(config))
+        engine = _make_engine(config)
     except Exception as exc:
         if isinstance(exc, ConfigMismatchError):
             logger.error("%s", exc)
@@ -139,6 +140,24 @@ def run_engine_core(handshake_address: str, engine_index: int = 0,
         output_socket.close()
         ctx.term()
     return 0 if loop.stopping else 1
+
+
+def _make_engine(config: EngineConfig) -> EngineCore:
+    """The engine core, with a KV connector when it is a prefill/decode instance."""
+    executor = make_executor(config)
+    connector = None
+    if config.kv_transfer is not None:
+        from engine_core.disagg.connector import KVConnector
+
+        try:
+            connector = KVConnector(config, config.kv_transfer, executor.kv_stages(),
+                                    host=config.kv_transfer.kv_ip,
+                                    lease_ttl_s=config.kv_transfer.lease_ttl_s,
+                                    zmq_keys=config.kv_transfer.zmq_keys)
+        except BaseException:
+            executor.shutdown()
+            raise
+    return EngineCore(config, executor, kv_connector=connector)
 
 
 class ConfigMismatchError(ValueError):
@@ -190,12 +209,17 @@ class EngineCoreLoop:
     def run(self) -> None:
         parent = self.parent_pid
         while not self.stopping:
-            busy = self.engine.has_unfinished_requests()
-            inputs_changed = self._take_inputs(0 if busy else IDLE_POLL_MS)
+            if self.engine.needs_compute():
+                timeout_ms = 0
+            elif self.engine.has_kv_transfers():  # only waiting on KV moving: no busy spin
+                timeout_ms = KV_TRANSFER_POLL_MS
+            else:
+                timeout_ms = IDLE_POLL_MS
+            inputs_changed = self._take_inputs(timeout_ms)
             if self.stopping:
                 break
             outputs: list[EngineCoreOutput] = []
-            if self.engine.has_unfinished_requests():
+            if self.engine.needs_compute() or self.engine.has_kv_transfers():
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:  # a stage died or failed: report it and exit

@@ -101,6 +101,17 @@ class EngineCore:
         return (self.scheduler.has_unfinished_requests() or bool(self.in_flight)
                 or bool(self._pending_outputs))
 
+    def needs_compute(self) -> bool:
+        """True if `step()` has model work to do now (or outputs to hand back)."""
+        s = self.scheduler
+        return bool(self.in_flight or self._pending_outputs or s.waiting or s.running)
+
+    def has_kv_transfers(self) -> bool:
+        """True while KV is on its way in (requests waiting for it) or held for a decoder
+        (leases): `step()` must still be called now and then to finish them."""
+        return self.kv_connector is not None and bool(
+            self.scheduler.waiting_for_kv or self.scheduler.kv_held)
+
     def step(self) -> list[EngineCoreOutput]:
         """One turn of the loop: fill the pipeline, then finish the oldest batch in flight.
 

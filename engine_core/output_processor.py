@@ -120,6 +120,8 @@ class OutputProcessor:
                     to_abort.append(out.request_id)  # still running in the core: stop it
             state.output.num_cached_tokens = max(state.output.num_cached_tokens,
                                                  out.num_cached_tokens)
+            if out.kv_transfer_params is not None:
+                state.output.kv_transfer_params = out.kv_transfer_params
             if seq.output.finish_reason is not None:
                 state.num_unfinished -= 1
                 self._sequence_owner.pop(out.request_id, None)

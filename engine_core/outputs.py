@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine_core.disagg.transfer_params import KVTransferParams
 
 
 @dataclass
@@ -39,3 +43,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # on a prefill instance (`do_remote_decode`): where a decode instance gets the prompt's KV
+    kv_transfer_params: KVTransferParams | None = None

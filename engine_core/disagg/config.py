@@ -18,10 +18,15 @@ class KVTransferConfig:
     """How an instance takes part in prefill/decode disaggregation.
 
     `kv_role`: kv_producer (prefills and sends KV), kv_consumer (receives KV and decodes) or
-    kv_both. `kv_port`: where this instance's KV endpoint listens. `proxy_address`: host:port of
-    the proxy's discovery socket. `send_type`: PUT (P pushes after prefill), GET (D pulls),
-    PUT_ASYNC (P pushes from a background sender). `kv_buffer_size`: bytes of KV a producer may
-    hold leased for decoders at once.
+    kv_both. `kv_port`: where this instance's KV endpoint listens, on `kv_ip` (the address
+    peers reach it at; the proxy-facing request socket binds there too, on a free port).
+    `proxy_address`: host:port of the proxy's discovery socket. `send_type`: PUT (P pushes
+    after prefill), GET (D pulls), PUT_ASYNC (P pushes from a background sender).
+    `kv_buffer_size`: bytes of pushed KV a consumer buffers at most until its requests
+    arrive. `lease_ttl_s`: how long a producer holds a prompt's blocks for a decoder that
+    has not fetched them (and a consumer keeps pushed KV whose request has not come).
+    `zmq_keys`: the CurveZMQ key directory (`pp-engine keys`) that secures the KV
+    sockets (None: unsecured; `serve` refuses that without `--insecure-tcp`).
     """
 
     kv_role: str
@@ -29,6 +34,9 @@ class KVTransferConfig:
     proxy_address: str
     send_type: str = "PUT"
     kv_buffer_size: float = 1e9
+    kv_ip: str = "127.0.0.1"
+    lease_ttl_s: float = 30.0
+    zmq_keys: str | None = None  # CurveZMQ key directory; `serve` fills it from --zmq-keys
 
     def __post_init__(self) -> None:
         if self.kv_role not in KV_ROLES:
@@ -44,6 +52,16 @@ class KVTransferConfig:
         host, _, port = self.proxy_address.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"proxy_address must be 'host:port', got {self.proxy_address!r}")
+        if not isinstance(self.kv_ip, str) or not self.kv_ip or any(
+                c in self.kv_ip for c in "/ *"):
+            raise ValueError(f"kv_ip must be a host address peers can reach, got {self.kv_ip!r}")
+        if self.kv_ip in ("0.0.0.0", "::"):
+            raise ValueError("kv_ip must be an address peers can reach (it is advertised to "
+                             f"them), not the wildcard {self.kv_ip!r}")
+        ttl = self.lease_ttl_s
+        if (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl)
+                or ttl <= 0):
+            raise ValueError(f"lease_ttl_s must be a positive number of seconds, got {ttl!r}")
         size = self.kv_buffer_size
         if (isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size)
                 or size <= 0):

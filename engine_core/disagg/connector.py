@@ -33,6 +33,13 @@ from engine_core.disagg.leases import LeaseTable
 from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.messages import EngineCoreOutput
 from engine_core.scheduler import Scheduler
+from engine_core.transport import (
+    CurveAuthenticator,
+    load_client_keys,
+    load_server_keys,
+    secure_client,
+    secure_server,
+)
 from executors.kv_endpoint import (
     KVFrameError,
     KVLayer,
@@ -87,7 +94,7 @@ class KVConnector:
 
     def __init__(self, config: EngineConfig, kv_config: KVTransferConfig,
                  stages: list[StageWorker], host: str = "127.0.0.1", lease_ttl_s: float = 30.0,
-                 fetch_timeout_s: float = 10.0) -> None:
+                 fetch_timeout_s: float = 10.0, zmq_keys: str | None = None) -> None:
         self.config = config
         self.kv_config = kv_config
         self.stages = stages
@@ -116,6 +123,12 @@ class KVConnector:
         self._push_sockets: dict[str, zmq.Socket] = {}  # the engine thread's (PUT)
         self._stop = threading.Event()
         self._ctx = zmq.Context()
+        # CurveZMQ: the endpoint is a CURVE server, every socket to a peer a CURVE client
+        self._server_keys = load_server_keys(zmq_keys) if zmq_keys is not None else None
+        self._client_keys = load_client_keys(zmq_keys) if zmq_keys is not None else None
+        self._auth = (CurveAuthenticator(self._ctx, self._server_keys)
+                      if self._server_keys is not None else None)
+        self._bind_error: str | None = None
         self._threads: list[threading.Thread] = []
         ready = threading.Event()
         self._threads.append(threading.Thread(target=self._serve, args=(ready,),
@@ -128,8 +141,11 @@ class KVConnector:
                                                   daemon=True))
         for thread in self._threads:
             thread.start()
-        if not ready.wait(10):
-            raise RuntimeError(f"the KV endpoint did not start on {self.endpoint}")
+        if not ready.wait(10) or self._bind_error is not None:
+            self.shutdown()
+            raise ValueError(f"the KV endpoint cannot listen on {self.endpoint}: "
+                             f"{self._bind_error or 'timed out'} (kv_ip/kv_port in "
+                             f"--kv-transfer-config)")
 
     # ---- engine thread ------------------------------------------------------------------------
     def before_step(self, scheduler: Scheduler) -> None:
@@ -218,6 +234,8 @@ class KVConnector:
             thread.join(timeout=5)
         for sock in self._push_sockets.values():
             sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
 
     # ---- producer: pushing (PUT from the engine thread, PUT_ASYNC from the sender) ------------
@@ -235,6 +253,7 @@ class KVConnector:
         sock = sockets.get(target.kv_endpoint)
         if sock is None:
             sock = sockets[target.kv_endpoint] = self._ctx.socket(zmq.DEALER)
+            secure_client(sock, self._client_keys)
             sock.setsockopt(zmq.LINGER, 1000)
             sock.connect(target.kv_endpoint)
         m = self.config.model
@@ -276,8 +295,15 @@ class KVConnector:
     def _serve(self, ready: threading.Event) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.endpoint)
-        ready.set()
+        secure_server(sock, self._server_keys)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            self._bind_error = str(exc)
+            sock.close()
+            return
+        finally:
+            ready.set()
         try:
             while not self._stop.is_set():
                 if not sock.poll(100):
@@ -429,6 +455,7 @@ class KVConnector:
         start = time.perf_counter()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
+        secure_client(sock, self._client_keys)
         sock.connect(params.kv_endpoint)
         try:
             sock.send(msgspec.msgpack.encode(PullKV(params.lease_id, self.compat_hash)))

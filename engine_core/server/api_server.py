@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -44,6 +45,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine_core.arg_utils import data_parallel_config, engine_kwargs
 from engine_core.async_llm import AsyncLLM, EngineDeadError
 from engine_core.config import EngineArgs
+from engine_core.disagg.config import KVTransferConfig
+from engine_core.disagg.instance import KV_TRANSFER_STATE, DisaggInstance, KVTransferContext
 from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
 from engine_core.server.limits import DEFAULT_MAX_REQUEST_BYTES, RequestBodyLimit
@@ -106,6 +109,9 @@ class _Prompt:
     echo_text: str = ""
     first_token_time: float | None = None
     num_output_tokens: int = 0
+    # a request from the disaggregation proxy: its KV transfer side, and this prompt's index
+    kv_transfer: KVTransferContext | None = None
+    index: int = 0
 
 
 @dataclass
@@ -178,6 +184,14 @@ def _raise_if_failed(request_id: str, output: RequestOutput) -> None:
         if completion.finish_reason == "error":
             raise _RequestFailed(f"the engine failed request {request_id}: "
                                  f"{completion.error or 'unknown error'}")
+
+
+def _attach_kv_transfer(raw: Request, prompts: list[_Prompt]) -> None:
+    """Give each prompt the KV transfer side of a request from the disaggregation proxy (set in
+    the ASGI scope by `disagg/instance.py`; absent on plain HTTP requests)."""
+    transfer = raw.scope.get("state", {}).get(KV_TRANSFER_STATE)
+    for index, prompt in enumerate(prompts):
+        prompt.kv_transfer, prompt.index = transfer, index
 
 
 class OpenAIServing:
@@ -300,9 +314,15 @@ class OpenAIServing:
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
         async def produce(index: int, prompt: _Prompt) -> None:
+            transfer = prompt.kv_transfer
+            kv_args: dict[str, Any] = {} if transfer is None else {
+                "do_remote_decode": transfer.do_remote_decode,
+                "kv_transfer_params": transfer.params_for(prompt.index)}
             try:
                 async for output in self.llm.generate(prompt.token_ids, prompt.params,
-                                                      prompt.request_id):
+                                                      prompt.request_id, **kv_args):
+                    if transfer is not None and output.finished:
+                        transfer.params_out[prompt.index] = output.kv_transfer_params
                     self._observe(prompt, output)
                     _raise_if_failed(prompt.request_id, output)
                     queue.put_nowait((index, output))
@@ -362,6 +382,7 @@ class OpenAIServing:
                 self._check_chars(len(text), "prompt", f"{where}the prompt has")
         prompts = await self._run(sum(len(t) for t in texts), self._completion_prompts,
                                   request, request_id, texts, arrival)
+        _attach_kv_transfer(raw, prompts)
         created = int(time.time())
         if request.stream:
             return self._stream(self._completion_events(request, request_id, created, prompts))
@@ -459,6 +480,7 @@ class OpenAIServing:
         params = self._sampling_params(request, max_tokens, request.num_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         prompts = [_Prompt(request_id, token_ids, params, arrival)]
+        _attach_kv_transfer(raw, prompts)
         created = int(time.time())
         if request.stream:
             return self._stream(self._chat_events(request, request_id, created, prompts))
@@ -660,6 +682,16 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _kv_transfer_config(args: argparse.Namespace) -> KVTransferConfig | None:
+    """`--kv-transfer-config`, parsed and given the key directory; ValueError naming the key at
+    fault, or for tcp (every disaggregation socket) with neither keys nor --insecure-tcp."""
+    if getattr(args, "kv_transfer_config", None) is None:
+        return None
+    config = KVTransferConfig.from_json(args.kv_transfer_config)
+    require_keys_for_tcp("tcp", args.zmq_keys, args.insecure_tcp)
+    return dataclasses.replace(config, zmq_keys=args.zmq_keys)
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -673,6 +705,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: 
                                 zmq_keys=args.zmq_keys, insecure_tcp=args.insecure_tcp,
                                 data_parallel=data_parallel_config(args))
     supervisor: asyncio.Task[int] | None = None
+    instance: DisaggInstance | None = None
+    refused: list[str] = []
     try:
         app = build_app(llm, model_name, args.api_key, max_request_bytes=args.max_request_bytes,
                         protect_metrics=args.protect_metrics)
@@ -681,13 +715,25 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: 
                                 timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
         supervisor = asyncio.create_task(_supervise_engine(llm, server, args.restart_engine))
+        if llm.config.kv_transfer is not None:  # a prefill/decode instance of a proxy
+
+            def on_refused(message: str) -> None:
+                refused.append(message)
+                server.should_exit = True
+
+            instance = DisaggInstance.for_engine(app, llm, model_name, on_refused, args.api_key)
+            await instance.start()
         logger.info("serving %s (max_model_len=%d) on http://%s:%d", model_name,
                     llm.config.scheduler.max_model_len, args.host, args.port)
         await server.serve(sockets=[sock])
     finally:
+        if instance is not None:
+            instance.close()
         if supervisor is not None and not supervisor.done():
             supervisor.cancel()
         llm.shutdown()
+    if refused:
+        return 1
     return supervisor.result() if supervisor.done() and not supervisor.cancelled() else 0
 
 
@@ -722,18 +768,16 @@ def run_server(args: argparse.Namespace) -> int:
 
     from models import default_model_dir
 
-    if getattr(args, "kv_transfer_config", None) is not None:
-        from engine_core.disagg.config import KVTransferConfig
-
-        KVTransferConfig.from_json(args.kv_transfer_config)  # ValueError naming the key
-        raise ValueError("--kv-transfer-config: serving as a disaggregated prefill/decode "
-                         "instance is not wired into `pp-engine serve` yet (issue 10)")
+    kv_transfer = _kv_transfer_config(args)
     model = args.model if args.model is not None else default_model_dir()
     model_name = args.served_model_name or args.model or os.path.basename(
         os.path.normpath(model))
-    engine_args = EngineArgs(model=model, **engine_kwargs(args))
+    engine_args = EngineArgs(model=model, kv_transfer_config=kv_transfer, **engine_kwargs(args))
     engine_args.resolve()  # fail fast on bad arguments
     dp = data_parallel_config(args)  # ValueError for flags that do not fit
+    if kv_transfer is not None and (dp.size > 1 or args.headless):
+        raise ValueError("--kv-transfer-config with data parallelism is not supported yet: run "
+                         "one instance per engine behind `pp-engine proxy` instead")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("engine_core").addHandler(handler)
