@@ -32,7 +32,7 @@ from engine_core.executor import Executor, StepFuture
 from engine_core.messages import EngineCoreOutput, EngineCoreRequest, StepBatch
 from engine_core.request import Request
 from engine_core.scheduler import Scheduler
-from engine_core.validation import validate_core_request
+from engine_core.validation import validate_core_request, validate_kv_transfer
 
 if TYPE_CHECKING:
     from engine_core.disagg.connector import KVConnector
@@ -87,6 +87,8 @@ class EngineCore:
         """Queue a request. ValueError (naming the field) if it is invalid for this model; the
         engine is then untouched."""
         validate_core_request(core_request, self.config)
+        validate_kv_transfer(core_request, self.kv_connector and self.kv_connector.kv_config,
+                             self.config.cache.block_size)
         self.scheduler.add_request(Request(core_request, self.config.scheduler.max_model_len))
 
     def add_requests(self, core_requests: list[EngineCoreRequest]) -> None:

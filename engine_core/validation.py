@@ -10,12 +10,14 @@ the offending field's name.
 from __future__ import annotations
 
 from engine_core.config import EngineConfig
+from engine_core.disagg.config import SEND_TYPES, KVTransferConfig
 from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
 
 __all__ = [
     "MAX_REQUEST_ID_CHARS",
     "validate_core_request",
+    "validate_kv_transfer",
     "validate_prompt",
     "validate_sampling_params",
 ]
@@ -63,6 +65,36 @@ def validate_core_request(request: EngineCoreRequest, config: EngineConfig) -> N
     if bad:
         raise ValueError(f"eos_token_ids must be token ids in [0, {config.model.vocab_size}); "
                          f"got {bad}")
+
+
+def validate_kv_transfer(request: EngineCoreRequest, kv_config: KVTransferConfig | None,
+                         block_size: int) -> None:
+    """The disaggregation fields of a request must fit this engine's role: `do_remote_decode`
+    needs a producer; `kv_transfer_params` of a decode request (whole blocks of the prompt,
+    short of its last token) a consumer."""
+    params = request.kv_transfer_params
+    if not request.do_remote_decode and params is None:
+        return
+    if kv_config is None:
+        raise ValueError("kv_transfer_params: this engine is not a disaggregated prefill/decode "
+                         "instance (no KV transfer config)")
+    if request.do_remote_decode:
+        if not kv_config.is_producer:
+            raise ValueError(f"do_remote_decode: this instance is a {kv_config.kv_role}, it "
+                             f"does not prefill for others")
+        return  # params, if any, name the decoder to push to
+    if not kv_config.is_consumer:
+        raise ValueError(f"kv_transfer_params: this instance is a {kv_config.kv_role}, it does "
+                         f"not take KV from others")
+    assert params is not None
+    if params.send_type not in SEND_TYPES:
+        raise ValueError(f"kv_transfer_params.send_type must be one of {SEND_TYPES}")
+    if (params.num_tokens < 0 or params.num_tokens % block_size
+            or params.num_tokens != len(params.block_ids) * block_size
+            or params.num_tokens >= len(request.prompt_token_ids)):
+        raise ValueError(f"kv_transfer_params: {params.num_tokens} tokens in "
+                         f"{len(params.block_ids)} blocks of {block_size} do not fit a prompt "
+                         f"of {len(request.prompt_token_ids)} tokens")
 
 
 def _out_of_vocab(token_ids: list[int], vocab_size: int) -> list:

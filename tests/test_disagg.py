@@ -401,3 +401,33 @@ def test_shutdown_does_not_wait_out_a_pending_fetch(model_and_prompts):
         start = time.monotonic()
         d.shutdown()
         assert time.monotonic() - start < 3, send_type
+
+
+# ---- the disaggregation fields of a request must fit the engine's role ------------------------
+def test_transfer_fields_must_fit_the_engines_role(model_and_prompts):
+    model_dir, prompts, _ = model_and_prompts
+    plain, p, d = _engine(model_dir), _engine(model_dir, "kv_producer"), \
+        _engine(model_dir, "kv_consumer")
+    prompt = prompts[4]  # 30 tokens: 7 whole blocks of 4 before its last token
+    good = KVTransferParams(kv_endpoint="tcp://127.0.0.1:1", block_ids=[1, 2], num_tokens=8,
+                            compat_hash=d.kv_connector.compat_hash, lease_id="x",
+                            send_type="GET")
+    try:
+        with pytest.raises(ValueError, match="kv_transfer_params"):
+            plain.add_request(_request("a", prompt, 4, kv_transfer_params=good))
+        with pytest.raises(ValueError, match="do_remote_decode"):
+            d.add_request(_request("b", prompt, 1, do_remote_decode=True))
+        with pytest.raises(ValueError, match="kv_transfer_params"):
+            p.add_request(_request("c", prompt, 4, kv_transfer_params=good))
+        for bad in (msgspec_replace(good, num_tokens=7),  # not whole blocks
+                    msgspec_replace(good, num_tokens=12),  # 3 blocks' tokens in 2 blocks
+                    msgspec_replace(good, block_ids=list(range(8)), num_tokens=32),  # > prompt
+                    msgspec_replace(good, send_type="POST")):
+            with pytest.raises(ValueError, match="kv_transfer_params"):
+                d.add_request(_request("d", prompt, 4, kv_transfer_params=bad))
+        for engine in (plain, p, d):  # nothing was admitted, no block taken
+            assert not engine.scheduler.requests
+            assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    finally:
+        for engine in (plain, p, d):
+            engine.shutdown()
