@@ -43,7 +43,7 @@ def _engine(model_dir: str, dtype: str, role: str | None, send_type: str) -> Eng
     if role is not None:
         kv = KVTransferConfig(kv_role=role, kv_port=_port(), proxy_address="127.0.0.1:1",
                               send_type=send_type, kv_buffer_size=4e9)
-        connector = KVConnector(config, kv, executor.stages)
+        connector = KVConnector(config, kv, executor.kv_stages())
     return EngineCore(config, executor, kv_connector=connector)
 
 

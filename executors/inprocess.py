@@ -9,7 +9,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from engine_core.config import EngineConfig
-from engine_core.executor import Executor
+from engine_core.executor import Executor, KVStage
 from engine_core.messages import StepBatch, StepOutput
 from executors.stage_worker import StageWorker
 
@@ -34,6 +34,10 @@ class InProcessExecutor(Executor):
         except Exception as exc:  # surfaced to the engine loop by future.result()
             future.set_exception(exc)
         return future
+
+    def kv_stages(self) -> list[KVStage]:
+        """The stage workers themselves: they read and write their KV caches directly."""
+        return list(self.stages)
 
     def shutdown(self) -> None:
         self.stages = []

@@ -12,6 +12,10 @@ no object of ours is pickled.
 
 A stage that dies or fails makes `StepFuture.result` raise `RuntimeError` naming the stage; every
 wait has a timeout.
+
+`kv_stages()` gives the KV connector (disaggregated prefill/decode) one `RayKVStage` per actor:
+KV blocks cross Ray as numpy arrays (16-bit floats as their raw bits), each call bounded by
+`KV_CALL_TIMEOUT_S`. Not with `ray_compiled_graph`: its actors are busy in the compiled graph.
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ import numpy as np
 import torch
 
 from engine_core.config import EngineConfig
-from engine_core.executor import Executor
+from engine_core.executor import Executor, KVStage
 from engine_core.messages import StepBatch, StepOutput
 
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 300.0  # model load + KV allocation on every stage
 TEARDOWN_TIMEOUT_S = 10.0
+KV_CALL_TIMEOUT_S = 60.0  # one KV read or write (queued behind the steps already submitted)
 
 
 class StageActor:
@@ -62,6 +67,77 @@ class StageActor:
         if isinstance(result, StepOutput):
             return self._encoder.encode(result)
         return _to_numpy(result)
+
+    # ---- KV blocks for disaggregated prefill/decode (numpy in, numpy out) ----------------------
+    def read_kv_blocks(self, block_ids: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        return [(layer, _to_numpy(k), _to_numpy(v))
+                for layer, k, v in self.worker.read_kv_blocks(block_ids)]
+
+    def write_kv_blocks(self, block_ids: list[int], layer: int, k: np.ndarray,
+                        v: np.ndarray) -> bool:
+        return self.write_kv_layers(block_ids, [(layer, k, v)])
+
+    def write_kv_layers(self, block_ids: list[int],
+                        layers: list[tuple[int, np.ndarray, np.ndarray]]) -> bool:
+        dtype = self.worker.dtype
+        self.worker.write_kv_layers(
+            block_ids, [(layer, _from_numpy(k, dtype), _from_numpy(v, dtype))
+                        for layer, k, v in layers])
+        return True
+
+
+class RayKVStage:
+    """One stage actor's KV cache as a `KVStage`. `holds_layer` is answered here; reads and
+    writes are remote calls, each waited for at most `timeout_s` (a timeout or a dead actor raises
+    `RuntimeError` naming the stage). Ray runs them in order with the actor's steps."""
+
+    def __init__(self, actor: Any, stage_index: int, layer_range: tuple[int, int],
+                 dtype: torch.dtype, timeout_s: float = KV_CALL_TIMEOUT_S) -> None:
+        self.actor = actor
+        self.stage_index = stage_index
+        self.layer_range = layer_range
+        self.dtype = dtype
+        self.timeout_s = timeout_s
+        start, end = layer_range
+        self.name = f"pipeline stage {stage_index} (layers {start}-{end - 1})"
+
+    def holds_layer(self, layer: int) -> bool:
+        return self.layer_range[0] <= layer < self.layer_range[1]
+
+    def read_kv_blocks(self, block_ids: list[int]) -> list[tuple[int, torch.Tensor,
+                                                                 torch.Tensor]]:
+        layers = self._get(self.actor.read_kv_blocks.remote(list(block_ids)), "KV read")
+        return [(layer, _from_numpy(k, self.dtype), _from_numpy(v, self.dtype))
+                for layer, k, v in layers]
+
+    def write_kv_blocks(self, block_ids: list[int], layer: int, k: torch.Tensor,
+                        v: torch.Tensor) -> None:
+        self.write_kv_layers(block_ids, [(layer, k, v)])
+
+    def write_kv_layers(self, block_ids: list[int],
+                        layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        for layer, _, _ in layers:
+            if not self.holds_layer(layer):
+                raise ValueError(f"{self.name} does not hold layer {layer}")
+        arrays = [(layer, _to_numpy(k.to(self.dtype)), _to_numpy(v.to(self.dtype)))
+                  for layer, k, v in layers]
+        self._get(self.actor.write_kv_layers.remote(list(block_ids), arrays), "KV write")
+
+    def _get(self, ref: Any, what: str) -> Any:
+        import ray
+
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            with contextlib.suppress(Exception):  # drop it if still queued
+                ray.cancel(ref)
+            raise RuntimeError(
+                f"{what} on {self.name} did not finish within {self.timeout_s} s") from None
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(f"{what} on {self.name}: the stage died "
+                               f"({type(exc).__name__})") from exc
+        except ray.exceptions.RayError as exc:
+            raise RuntimeError(f"{what} on {self.name} failed: {exc}") from exc
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -162,6 +238,19 @@ class RayExecutor(Executor):
         for stage in self.stages:
             ref = stage.execute.remote(batch_bytes, ref)
         return RayStepFuture(ref, self)
+
+    def kv_stages(self) -> list[KVStage]:
+        """One `RayKVStage` per stage actor. Not with `ray_compiled_graph`: the compiled graph
+        keeps the actors busy, so they would never run a KV call."""
+        if self.config.parallel.ray_compiled_graph:
+            raise ValueError("disaggregated prefill/decode (KV transfer) needs "
+                             "ray_compiled_graph off: the compiled graph's actors take no other "
+                             "calls")
+        if self._closed:
+            raise RuntimeError("the Ray executor is shut down")
+        ranges = self.config.parallel.layer_ranges(self.config.model.num_layers)
+        dtype = getattr(torch, self.config.dtype)
+        return [RayKVStage(actor, i, ranges[i], dtype) for i, actor in enumerate(self.stages)]
 
     def describe_failure(self, exc: BaseException) -> str:
         """Name the stage behind a Ray error."""

@@ -99,6 +99,12 @@ class StageWorker:
         k_cache.index_copy_(0, index, k.to(self.device, k_cache.dtype))
         v_cache.index_copy_(0, index, v.to(self.device, v_cache.dtype))
 
+    def write_kv_layers(self, block_ids: list[int],
+                        layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """`write_kv_blocks` for several (global layer, K, V) this stage holds."""
+        for layer, k, v in layers:
+            self.write_kv_blocks(block_ids, layer, k, v)
+
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: StepBatch,

@@ -20,7 +20,7 @@ from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.engine import EngineCore
 from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
-from executors.inprocess import InProcessExecutor
+from executors.factory import make_executor
 from executors.kv_endpoint import KVFrameError, KVLayerHeader, decode_layer, encode_layer
 
 GOOD = {"kv_role": "kv_producer", "kv_port": 21001, "proxy_address": "127.0.0.1:30001",
@@ -80,16 +80,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _engine(model_dir, role=None, lease_ttl_s=30.0, send_type="GET"):
+def _engine(model_dir, role=None, lease_ttl_s=30.0, send_type="GET", pipeline_parallel_size=1):
+    """An engine in-process, or with `pipeline_parallel_size` > 1 on Ray (one thread a stage)."""
+    pp = {} if pipeline_parallel_size == 1 else {
+        "pipeline_parallel_size": pipeline_parallel_size, "distributed_executor_backend": "ray",
+        "threads_per_stage": 1}
     config = EngineArgs(model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=64,
-                        max_model_len=128).resolve()
-    executor = InProcessExecutor(config)
+                        max_model_len=128, **pp).resolve()
+    executor = make_executor(config)
     connector = None
-    if role is not None:
-        kv_config = KVTransferConfig(kv_role=role, kv_port=_free_port(),
-                                     proxy_address="127.0.0.1:1", send_type=send_type)
-        connector = KVConnector(config, kv_config, executor.stages, lease_ttl_s=lease_ttl_s,
-                                fetch_timeout_s=5.0)
+    try:
+        if role is not None:
+            kv_config = KVTransferConfig(kv_role=role, kv_port=_free_port(),
+                                         proxy_address="127.0.0.1:1", send_type=send_type)
+            connector = KVConnector(config, kv_config, executor.kv_stages(),
+                                    lease_ttl_s=lease_ttl_s, fetch_timeout_s=5.0)
+    except BaseException:
+        executor.shutdown()
+        raise
     return EngineCore(config, executor, kv_connector=connector)
 
 
@@ -128,6 +136,11 @@ def _settle(engine, timeout_s=10.0):
 
 @pytest.fixture(scope="module")
 def model_and_prompts(checkpoint_factory):
+    return make_model_and_prompts(checkpoint_factory)
+
+
+def make_model_and_prompts(checkpoint_factory):
+    """(model dir, prompts, {request id: the single engine's greedy tokens})."""
     from models import load_model_config
 
     model_dir = checkpoint_factory("llama")
@@ -144,9 +157,20 @@ def model_and_prompts(checkpoint_factory):
 
 @pytest.mark.parametrize("send_type", ["GET", "PUT", "PUT_ASYNC"])
 def test_prefill_then_decode_is_token_identical(model_and_prompts, send_type):
+    check_prefill_then_decode(model_and_prompts, send_type)
+
+
+def check_prefill_then_decode(model_and_prompts, send_type, producer_pp=1):
+    """P (at `producer_pp` stages) prefills every prompt, D (in-process) decodes from its KV:
+    token-identical to one engine, D computes only the tails, every block free afterwards."""
     model_dir, prompts, reference = model_and_prompts
-    p = _engine(model_dir, "kv_producer", send_type=send_type)
-    d = _engine(model_dir, "kv_consumer", send_type=send_type)
+    p = _engine(model_dir, "kv_producer", send_type=send_type,
+                pipeline_parallel_size=producer_pp)
+    try:
+        d = _engine(model_dir, "kv_consumer", send_type=send_type)
+    except BaseException:
+        p.shutdown()
+        raise
     try:
         def push_to(i):  # what the proxy gives P with PUT/PUT_ASYNC: where to push, as what
             if send_type == "GET":
@@ -154,6 +178,7 @@ def test_prefill_then_decode_is_token_identical(model_and_prompts, send_type):
             return KVTransferParams(kv_endpoint=d.kv_connector.endpoint, block_ids=[],
                                     num_tokens=0, compat_hash=d.kv_connector.compat_hash,
                                     lease_id=f"transfer-{i}", send_type=send_type)
+        assert len(p.kv_connector.stages) == producer_pp
         first = _run(p, [_request(f"r{i}", pr, 1, do_remote_decode=True,
                                   kv_transfer_params=push_to(i))
                          for i, pr in enumerate(prompts)])
@@ -215,6 +240,22 @@ def test_lease_expiry_returns_producer_blocks(model_and_prompts):
         assert len(p.kv_connector.leases) == 0
     finally:
         p.shutdown()
+
+
+def test_executor_without_kv_stages_names_itself():
+    from engine_core.executor import Executor
+
+    class Bare(Executor):
+        num_kv_blocks = 1
+
+        def submit(self, batch):
+            raise AssertionError
+
+        def shutdown(self):
+            pass
+
+    with pytest.raises(NotImplementedError, match="Bare"):
+        Bare().kv_stages()
 
 
 def test_engine_without_connector_frees_blocks_as_before(model_and_prompts):

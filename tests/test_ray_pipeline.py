@@ -1,4 +1,5 @@
-"""Pipeline parallelism over Ray actors: parity, both transports, stage death, `ray job submit`.
+"""Pipeline parallelism over Ray actors: parity, both transports, stage death, `ray job submit`,
+KV hand-over from a PP=2 prefill engine (disaggregated prefill/decode).
 
 Every test that touches Ray lives in this module, so under `pytest -n 2 --dist loadfile` one worker
 owns the Ray cluster at a time.
@@ -74,6 +75,8 @@ def test_pp2_compiled_graph_matches(ray_cluster, case):
     got, llm = engine_greedy(model_dir, prompts, MAX_TOKENS, pipeline_parallel_size=2,
                              threads_per_stage=1, ray_compiled_graph=True,
                              max_num_batched_tokens=64)
+    with pytest.raises(ValueError, match="ray_compiled_graph off"):  # its actors are busy
+        llm.engine.executor.kv_stages()
     start = time.monotonic()
     llm.shutdown()
     assert time.monotonic() - start < 30
@@ -129,6 +132,43 @@ def test_stage_death_fails_fast_and_restarts(ray_cluster, case):
                         SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     llm2.shutdown()
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_disagg_prefill_at_pp2_on_ray_decode_at_pp1(ray_cluster, checkpoint_factory):
+    """P's stages are Ray actors (KV read through `RayKVStage`), D is one in-process stage: GET
+    and PUT give the single engine's tokens, D computes only the tails, all blocks come back.
+    Lives here, not in test_disagg.py, so that one xdist worker owns Ray (see above)."""
+    from tests import test_disagg
+
+    total_cpus = ray.cluster_resources()["CPU"]
+    case = test_disagg.make_model_and_prompts(checkpoint_factory)
+    for send_type in ("GET", "PUT"):
+        test_disagg.check_prefill_then_decode(case, send_type, producer_pp=2)
+    # a P stage dies while its KV is leased: the read names the stage, P's endpoint refuses the
+    # pull instead of dying, D computes the prompt itself
+    model_dir, prompts, reference = case
+    p = test_disagg._engine(model_dir, "kv_producer", pipeline_parallel_size=2)
+    d = test_disagg._engine(model_dir, "kv_consumer")
+    try:
+        first = test_disagg._run(p, [test_disagg._request("r4", prompts[4], 1,
+                                                          do_remote_decode=True)])
+        params = first["r4"][1].kv_transfer_params
+        ray.kill(p.executor.stages[1])
+        with pytest.raises(RuntimeError, match=r"pipeline stage 1 \(layers 2-3\)"):
+            p.kv_connector.stages[1].read_kv_blocks(params.block_ids)
+        out = test_disagg._run(d, [test_disagg._request("r4", prompts[4], test_disagg.MAX_TOKENS,
+                                                        kv_transfer_params=params)])
+        assert out["r4"][0] == reference["r4"]
+        assert d.scheduler.num_prompt_tokens_computed == len(prompts[4])
+        assert p.kv_connector.stats.dropped_messages == 1  # the refused pull
+        assert test_disagg._settle(d)
+    finally:
+        p.shutdown()
+        d.shutdown()
+    deadline = time.monotonic() + 20  # P's actors and placement group gave back every CPU
+    while ray.available_resources().get("CPU", 0) < total_cpus:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
 
 
 def test_bad_pipeline_arguments(ray_cluster, checkpoint_factory):

@@ -31,6 +31,7 @@ from engine_core.disagg.compat import kv_compat_fields, kv_compat_hash
 from engine_core.disagg.config import KVTransferConfig
 from engine_core.disagg.leases import LeaseTable
 from engine_core.disagg.transfer_params import KVTransferParams
+from engine_core.executor import KVStage
 from engine_core.messages import EngineCoreOutput
 from engine_core.scheduler import Scheduler
 from engine_core.transport import (
@@ -47,7 +48,6 @@ from executors.kv_endpoint import (
     decode_layer,
     encode_layer,
 )
-from executors.stage_worker import StageWorker
 
 __all__ = ["ConfirmKV", "KVConnector", "KVTransferStats", "PullDone", "PullKV"]
 
@@ -85,7 +85,9 @@ class KVTransferStats(msgspec.Struct):
 
 
 class KVConnector:
-    """Owned by one `EngineCore`; `stages` are its in-process stage workers.
+    """Owned by one `EngineCore`; `stages` are its executor's `kv_stages()` (in-process stage
+    workers, or adapters of Ray stage actors): the connector reads and writes KV only through
+    them, by global layer index, so P and D may split the model differently.
 
     Producer side: a finished `do_remote_decode` request's whole prompt blocks are leased
     (`lease_ttl_s`) and its final output carries `KVTransferParams`. Consumer side: a request with
@@ -93,7 +95,7 @@ class KVConnector:
     `fetch_timeout_s`; then it computes the prompt itself)."""
 
     def __init__(self, config: EngineConfig, kv_config: KVTransferConfig,
-                 stages: list[StageWorker], host: str = "127.0.0.1", lease_ttl_s: float = 30.0,
+                 stages: list[KVStage], host: str = "127.0.0.1", lease_ttl_s: float = 30.0,
                  fetch_timeout_s: float = 10.0, zmq_keys: str | None = None) -> None:
         self.config = config
         self.kv_config = kv_config
@@ -278,10 +280,10 @@ class KVConnector:
                 if job is None:
                     return
                 request_id, target, lease_id, num_tokens = job
-                with self._lock:
-                    lease = self.leases.get(lease_id)
-                    layers = self._read_blocks(list(lease.block_ids)) if lease else None
                 try:
+                    with self._lock:
+                        lease = self.leases.get(lease_id)
+                        layers = self._read_blocks(list(lease.block_ids)) if lease else None
                     if layers is not None:
                         self._push(sockets, target, layers, num_tokens)
                 except Exception:
@@ -388,13 +390,12 @@ class KVConnector:
                            self.fetch_timeout_s)
             return False
         written = set()
-        for layer in layers:
-            if layer.header.shape[0] != len(block_ids):
-                continue
-            for stage in self.stages:
-                if stage.holds_layer(layer.header.layer):
-                    stage.write_kv_blocks(block_ids, layer.header.layer, layer.k, layer.v)
-                    written.add(layer.header.layer)
+        for stage in self.stages:  # one call per stage (one remote call for a Ray stage)
+            mine = [(la.header.layer, la.k, la.v) for la in layers
+                    if la.header.shape[0] == len(block_ids) and stage.holds_layer(la.header.layer)]
+            if mine:
+                stage.write_kv_layers(block_ids, mine)
+                written.update(layer for layer, _, _ in mine)
         ok = written == set(range(self.config.model.num_layers))
         if ok:
             self.stats.received_tokens += params.num_tokens
@@ -412,8 +413,11 @@ class KVConnector:
                 error = f"KV layout hash {pull.compat_hash} differs from {self.compat_hash}"
             layers = []
             if error is None:
-                for stage in self.stages:
-                    layers.extend(stage.read_kv_blocks(list(lease.block_ids)))
+                try:  # a stage that died or timed out must not end the endpoint thread
+                    for stage in self.stages:
+                        layers.extend(stage.read_kv_blocks(list(lease.block_ids)))
+                except RuntimeError as exc:
+                    error = f"reading the KV of lease {pull.lease_id!r} failed: {exc}"
         if error is not None:
             self.stats.dropped_messages += 1
             logger.warning("refused a KV pull: %s", error)
