@@ -146,16 +146,20 @@ class DisaggInstance:
         self._spawn(self._serve_requests())
         self._spawn(self._register_and_heartbeat())
 
-    def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+    async def close(self) -> None:
+        """Stop serving: abort the requests in progress, close every socket."""
         for event in self._aborts.values():
             event.set()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         if self._router is not None:
             self._router.close(linger=0)
         if self._auth is not None:
             self._auth.stop()
-        self._ctx.term()
+        self._ctx.destroy(linger=0)  # also any socket a stuck task still holds
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

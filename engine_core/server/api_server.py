@@ -728,7 +728,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: 
         await server.serve(sockets=[sock])
     finally:
         if instance is not None:
-            instance.close()
+            await instance.close()
         if supervisor is not None and not supervisor.done():
             supervisor.cancel()
         llm.shutdown()
