@@ -106,6 +106,7 @@ class Cluster:
              "--heartbeat-timeout-s", str(heartbeat_timeout_s), *security], "proxy")
         self.prefill: list[tuple[Proc, str]] = []
         self.decode: list[tuple[Proc, str]] = []
+        self.kv_endpoints: list[str] = []
         roles = ["kv_producer"] * num_prefill + ["kv_consumer"] * num_decode
         for i, role in enumerate(roles):
             http_port = _free_port()
@@ -117,6 +118,7 @@ class Cluster:
                  "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
                  "--block-size", str(BLOCK), "--kv-transfer-config", json.dumps(config),
                  *security], f"{role}-{i}")
+            self.kv_endpoints.append(f"tcp://127.0.0.1:{config['kv_port']}")
             group = self.prefill if role == "kv_producer" else self.decode
             group.append((proc, f"http://127.0.0.1:{http_port}"))
         self.wait_registered(num_prefill, num_decode)
@@ -249,10 +251,36 @@ def _check_outputs(c: Cluster, reference: dict) -> None:
     assert _chat(c.client, stream=True) == reference["chat"]
 
 
+def _send_garbage_kv(endpoints: list[str]) -> None:
+    """Malformed, truncated and unknown-lease KV messages at every instance's KV endpoint."""
+    import msgspec
+    import zmq
+
+    from engine_core.disagg.connector import PullKV
+    from executors.kv_endpoint import KVLayerHeader
+
+    header = msgspec.msgpack.encode(KVLayerHeader("no-such-lease", "0" * 16, 0, 2, 16,
+                                                  "float32", [1, 16, 4, 8]))
+    ctx = zmq.Context()
+    try:
+        for endpoint in endpoints:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(endpoint)
+            for frames in ([b"\xff\x00garbage"], [header, b"short", b"short"],
+                           [header, bytes(2048), bytes(2048)],
+                           [msgspec.msgpack.encode(PullKV("no-such-lease", "0" * 16))]):
+                sock.send_multipart(frames)
+            sock.close()
+    finally:
+        ctx.term()
+
+
 @pytest.mark.parametrize("send_type", ["GET", "PUT", "PUT_ASYNC"])
 def test_1p1d_is_token_identical_and_moves_the_kv(model_dir, reference, tmp_path_factory,
                                                   send_type):
     with cluster(model_dir, tmp_path_factory, send_type) as c:
+        _send_garbage_kv(c.kv_endpoints)  # dropped and logged; the instances keep serving
         _check_outputs(c, reference)
         (_, p_url), (_, d_url) = c.prefill[0], c.decode[0]
         d_metrics, p_metrics = c.instance_metrics(d_url), c.instance_metrics(p_url)
