@@ -399,6 +399,17 @@ def test_registration_refuses_mismatches_and_survives_garbage():
             reply = await other.start()
             assert reply is not None and reply.error is not None
             assert "another-model" in reply.error
+            nowhere = FakeInstance(h.ctx, h.pool.discovery_address, "d3", "kv_consumer")
+            h.instances.append(nowhere)
+            nowhere.router = h.ctx.socket(zmq.ROUTER)  # registers a bogus request address
+            nowhere.dealer = h.ctx.socket(zmq.DEALER)
+            nowhere.dealer.setsockopt(zmq.LINGER, 0)
+            nowhere.dealer.connect(h.pool.discovery_address)
+            await nowhere.dealer.send(ENCODER.encode(Register(
+                "d3", "kv_consumer", "not an endpoint", "tcp://x:1", FIELDS, model_name=MODEL)))
+            reply = msgspec.msgpack.decode(await asyncio.wait_for(nowhere.dealer.recv(), 3),
+                                           type=RegisterReply)
+            assert reply.error is not None and "not an endpoint" in reply.error
             assert set(h.pool.registry.instances) == {"p0"}
             assert (await h.http.get("/health")).status_code == 503
             await h.instance("d2", "kv_consumer")  # a good one still gets in
@@ -449,6 +460,50 @@ def test_lone_decode_instance_failing_is_an_error_in_bounded_time():
             assert "decode instance d0" in error["message"] and error["code"] == "instance_failed"
             assert len(d.requests()) == 1
             assert 'reason="instance_failed"} 1.0' in await h.metrics()
+
+    run(scenario())
+
+
+def test_reregistering_at_a_new_address_fails_requests_on_the_old_one_at_once():
+    async def scenario() -> None:
+        async with proxy() as h:
+            _p, d = await h.pair()
+            d.mode = "silent"
+            request = asyncio.create_task(h.http.post("/v1/completions", json=completion()))
+            await eventually(lambda: len(d.requests()) == 1)
+            start = time.monotonic()
+            await h.instance("d0", "kv_consumer")  # d0 restarted: a new request address
+            r = await request
+            assert time.monotonic() - start < 1
+            assert r.status_code == 502 and "new request address" in r.json()["error"]["message"]
+            r = await h.http.post("/v1/completions", json=completion())  # the new d0 serves
+            assert r.status_code == 200 and r.content == b"".join(JSON_CHUNKS)
+
+    run(scenario())
+
+
+def test_many_concurrent_requests_all_complete_and_loads_return_to_zero():
+    async def scenario() -> None:
+        async with proxy() as h:
+            await h.instance("p0", "kv_producer")
+            await h.instance("p1", "kv_producer", send_type="GET")
+            await h.instance("d0", "kv_consumer")
+            await h.instance("d1", "kv_both")
+
+            async def one(i: int) -> bytes:
+                if i % 2:
+                    r = await h.http.post("/v1/completions", json=completion())
+                    assert r.status_code == 200
+                    return r.content
+                async with h.http.stream("POST", "/v1/completions",
+                                         json=completion(stream=True)) as r:
+                    return b"".join([c async for c in r.aiter_raw()])
+
+            answers = await asyncio.gather(*(one(i) for i in range(60)))
+            for i, answer in enumerate(answers):
+                assert answer == b"".join(JSON_CHUNKS if i % 2 else SSE_CHUNKS)
+            assert all(i.in_flight == 0 for i in h.pool.instances())
+            assert sum(len(f.requests()) for f in h.instances) == 120  # 60 prefills, 60 decodes
 
     run(scenario())
 
