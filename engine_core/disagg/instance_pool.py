@@ -54,6 +54,7 @@ from engine_core.disagg.wire import (
 from engine_core.server.protocol import RequestError
 from engine_core.transport import (
     CurveAuthenticator,
+    CurveKeys,
     WarningLimiter,
     load_client_keys,
     load_server_keys,
@@ -192,7 +193,7 @@ class InstancePool:
         self._ctx: zmq.asyncio.Context | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._auth: CurveAuthenticator | None = None
-        self._client_keys = None
+        self._client_keys: CurveKeys | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.discovery_address = ""
