@@ -127,8 +127,8 @@ def disaggregated(model: str, threads: int, max_model_len: int, send_type: str):
 
         def registered() -> bool:
             text = httpx.get(url + "/metrics", timeout=2).text
-            return (_metric(text, 'ppengine:proxy_instances{role="prefill"}') >= 1
-                    and _metric(text, 'ppengine:proxy_instances{role="decode"}') >= 1)
+            return (_metric(text, 'ppengine:proxy_instances{role="kv_producer"}') >= 1
+                    and _metric(text, 'ppengine:proxy_instances{role="kv_consumer"}') >= 1)
 
         _wait(procs, registered, "the proxy and its instances")
         yield url, decode_url

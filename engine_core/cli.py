@@ -37,6 +37,12 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(args)
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from engine_core.disagg.proxy import run_proxy
+
+    return run_proxy(args)
+
+
 def _keys(args: argparse.Namespace) -> int:
     from engine_core.transport import create_keys
 
@@ -110,6 +116,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     add_data_parallel_args(srv)
     srv.set_defaults(func=_serve)
+
+    prx = sub.add_parser("proxy", help="the OpenAI-compatible front door of disaggregated "
+                                       "prefill/decode",
+                         description="Route each OpenAI request to a prefill instance, then to a "
+                                     "decode instance that receives its KV cache. Instances "
+                                     "(`pp-engine serve --kv-transfer-config ...`) register at "
+                                     "the discovery socket.")
+    prx.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on for HTTP (default: %(default)s)")
+    prx.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    prx.add_argument("--discovery-host", default="127.0.0.1",
+                     help="address of the discovery socket instances register at "
+                          "(default: %(default)s)")
+    prx.add_argument("--discovery-port", type=int, default=30001,
+                     help="port of the discovery socket (default: %(default)s)")
+    prx.add_argument("--zmq-keys", default=None, metavar="DIR",
+                     help="CurveZMQ key directory made by `pp-engine keys DIR`: authenticate and "
+                          "encrypt discovery and the requests sent to instances")
+    prx.add_argument("--insecure-tcp", action="store_true",
+                     help="run the discovery and instance sockets without --zmq-keys (anyone "
+                          "who can reach them can register or read prompts)")
+    prx.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every /v1 route")
+    prx.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                     help="largest request body accepted; a larger one gets HTTP 413 "
+                          "(default: %(default)s, 4 MiB)")
+    prx.add_argument("--request-timeout-s", type=float, default=600.0,
+                     help="longest wait for each message from an instance (default: "
+                          "%(default)s)")
+    prx.add_argument("--heartbeat-timeout-s", type=float, default=5.0,
+                     help="an instance silent this long is dropped and its requests fail "
+                          "(default: %(default)s)")
+    prx.add_argument("--uvicorn-log-level", default="info",
+                     choices=["critical", "error", "warning", "info", "debug", "trace"],
+                     help="log level of the proxy and uvicorn (default: %(default)s)")
+    prx.set_defaults(func=_proxy)
 
     keys = sub.add_parser("keys", help="write CurveZMQ key pairs for tcp between server and "
                                        "engine core",

@@ -49,8 +49,8 @@ for _ in $(seq "$NUM_DECODE"); do start_instance kv_consumer $i; i=$((i + 1)); d
 echo "waiting for $NUM_PREFILL prefill + $NUM_DECODE decode instances to register..."
 for _ in $(seq 240); do
     metrics=$(curl -sf "localhost:$PROXY_PORT/metrics" || true)
-    p=$(echo "$metrics" | awk '/^ppengine:proxy_instances\{role="prefill"\}/ {print int($2)}')
-    d=$(echo "$metrics" | awk '/^ppengine:proxy_instances\{role="decode"\}/ {print int($2)}')
+    p=$(echo "$metrics" | awk '/^ppengine:proxy_instances\{role="kv_producer"\}/ {print int($2)}')
+    d=$(echo "$metrics" | awk '/^ppengine:proxy_instances\{role="kv_consumer"\}/ {print int($2)}')
     [ "${p:-0}" -ge "$NUM_PREFILL" ] && [ "${d:-0}" -ge "$NUM_DECODE" ] && break
     sleep 0.5
 done

@@ -142,8 +142,8 @@ class Cluster:
                     raise RuntimeError(f"{proc.log_path} exited:\n{self.logs()}")
             with contextlib.suppress(httpx.HTTPError):
                 text = httpx.get(self.url + "/metrics", timeout=2).text
-                if (_metric(text, 'ppengine:proxy_instances{role="prefill"}') >= num_prefill
-                        and _metric(text, 'ppengine:proxy_instances{role="decode"}')
+                if (_metric(text, 'ppengine:proxy_instances{role="kv_producer"}') >= num_prefill
+                        and _metric(text, 'ppengine:proxy_instances{role="kv_consumer"}')
                         >= num_decode):
                     return
             time.sleep(0.25)

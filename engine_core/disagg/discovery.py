@@ -10,7 +10,7 @@ clock); the proxy's discovery socket feeds it the messages below.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import msgspec
@@ -81,6 +81,10 @@ class Registry:
         for other in self.instances.values():
             if other.register.instance_id == message.instance_id:
                 continue
+            theirs, ours = other.register.model_name, message.model_name
+            if theirs and ours and theirs != ours:
+                return RegisterReply(f"refused: this instance serves model {ours!r} but instance "
+                                     f"{other.register.instance_id} serves {theirs!r}")
             mismatch = kv_compat_mismatch(other.register.compat_fields, message.compat_fields)
             if mismatch is not None:
                 return RegisterReply(f"refused: {mismatch} (instance "
@@ -106,12 +110,13 @@ class Registry:
             del self.instances[instance_id]
         return gone
 
-    def pick(self, producer: bool) -> InstanceInfo:
-        """The least loaded live instance able to prefill (`producer`) or decode;
-        NoInstanceError naming the missing role."""
+    def pick(self, producer: bool, exclude: Collection[str] = ()) -> InstanceInfo:
+        """The least loaded live instance able to prefill (`producer`) or decode, other than the
+        ids in `exclude`; NoInstanceError naming the missing role."""
         self.expire()
         roles = PRODUCER_ROLES if producer else CONSUMER_ROLES
-        candidates = [info for info in self.instances.values() if info.register.role in roles]
+        candidates = [info for info in self.instances.values()
+                      if info.register.role in roles and info.register.instance_id not in exclude]
         if not candidates:
             role = "prefill (kv_producer)" if producer else "decode (kv_consumer)"
             raise NoInstanceError(f"no {role} instance is registered with the proxy")

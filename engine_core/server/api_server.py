@@ -28,12 +28,11 @@ import importlib.metadata
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -49,6 +48,11 @@ from engine_core.disagg.config import KVTransferConfig
 from engine_core.disagg.instance import KV_TRANSFER_STATE, DisaggInstance, KVTransferContext
 from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
+from engine_core.server.disconnect import ClientDisconnected as _ClientDisconnected
+from engine_core.server.disconnect import unless_disconnected as _unless_disconnected
+from engine_core.server.http_setup import api_key_check as _api_key_check
+from engine_core.server.http_setup import exit_on_sigterm as _exit_on_sigterm
+from engine_core.server.http_setup import listen as _listen
 from engine_core.server.limits import DEFAULT_MAX_REQUEST_BYTES, RequestBodyLimit
 from engine_core.server.metrics import ServerMetrics
 from engine_core.server.protocol import (
@@ -92,10 +96,6 @@ def package_version() -> str:
         return importlib.metadata.version("pp-engine")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-class _ClientDisconnected(Exception):
-    """The client went away before the response was ready."""
 
 
 @dataclass
@@ -148,27 +148,6 @@ def _holdback(params: SamplingParams) -> int:
 
 def _sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    """Return once the client has disconnected (or the response is complete)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, _T]) -> _T:
-    """Run `work`; cancel it (aborting its engine requests) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.done() and not task.cancelled():
-        return task.result()
-    raise _ClientDisconnected
 
 
 class _RequestFailed(RequestError):
@@ -578,18 +557,6 @@ class OpenAIServing:
             "max_model_len": self.max_model_len}]}
 
 
-def _api_key_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
-    expected = f"Bearer {api_key}".encode()
-
-    async def check(request: Request) -> None:
-        given = request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(given, expected):
-            raise RequestError("missing or incorrect API key; send 'Authorization: Bearer KEY'",
-                               status=401, code="invalid_api_key")
-
-    return check
-
-
 def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None, *,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               protect_metrics: bool = False) -> FastAPI:
@@ -668,20 +635,6 @@ def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
 
 
 # ---- pp-engine serve --------------------------------------------------------------------------
-def _listen(host: str, port: int) -> socket.socket:
-    """Bind the port before the model loads, so a port in use fails at once."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
 def _kv_transfer_config(args: argparse.Namespace) -> KVTransferConfig | None:
     """`--kv-transfer-config`, parsed and given the key directory; ValueError naming the key at
     fault, or for tcp (every disaggregation socket) with neither keys nor --insecure-tcp."""
@@ -690,10 +643,6 @@ def _kv_transfer_config(args: argparse.Namespace) -> KVTransferConfig | None:
     config = KVTransferConfig.from_json(args.kv_transfer_config)
     require_keys_for_tcp("tcp", args.zmq_keys, args.insecure_tcp)
     return dataclasses.replace(config, zmq_keys=args.zmq_keys)
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(0)
 
 
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: str,
