@@ -226,7 +226,8 @@ class EngineCoreLoop:
                     logger.exception("engine step failed")
                     self._send(EngineCoreOutputs(stats=self._stats(), error=str(exc)))
                     return
-            if outputs or inputs_changed:
+            # with KV transfer, stats also change off the loop (transfers, leases released)
+            if outputs or inputs_changed or self.engine.kv_connector is not None:
                 self._publish(outputs)
             elif (self.monitor is not None
                   and time.monotonic() - self._last_send > HEARTBEAT_MS / 1000):

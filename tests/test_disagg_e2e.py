@@ -293,8 +293,8 @@ def test_1p1d_is_token_identical_and_moves_the_kv(model_dir, reference, tmp_path
         expected = 2 * sum((n - 1) // BLOCK * BLOCK for n in reference["prompt_tokens"])
         assert received >= expected > 0
         assert _metric(p_metrics, "ppengine:kv_transfer_sent_tokens_total") == received
-        # P computed every prompt in full, once per request
-        assert _metric(p_metrics, "ppengine:prompt_tokens_computed_total") >= expected
+        # P ran the prompts (what its prefix cache did not hold)
+        assert _metric(p_metrics, "ppengine:prompt_tokens_computed_total") > computed
         c.wait_blocks_free()
         proxy_metrics = httpx.get(c.url + "/metrics", timeout=5).text
         assert _metric(proxy_metrics, "ppengine:proxy_requests_total") >= 2 * num_requests

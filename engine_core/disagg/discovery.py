@@ -60,6 +60,7 @@ class InstanceInfo:
     last_seen: float
     load: int = 0  # running + waiting, from its last heartbeat
     in_flight: int = 0  # requests the proxy has sent it and not seen finish
+    num_picked: int = 0  # requests routed to it so far
 
 
 class NoInstanceError(RuntimeError):
@@ -112,7 +113,8 @@ class Registry:
 
     def pick(self, producer: bool, exclude: Collection[str] = ()) -> InstanceInfo:
         """The least loaded live instance able to prefill (`producer`) or decode, other than the
-        ids in `exclude`; NoInstanceError naming the missing role."""
+        ids in `exclude` (among equally loaded ones, the least picked so far); NoInstanceError
+        naming the missing role."""
         self.expire()
         roles = PRODUCER_ROLES if producer else CONSUMER_ROLES
         candidates = [info for info in self.instances.values()
@@ -120,8 +122,11 @@ class Registry:
         if not candidates:
             role = "prefill (kv_producer)" if producer else "decode (kv_consumer)"
             raise NoInstanceError(f"no {role} instance is registered with the proxy")
-        return min(candidates, key=lambda info: (info.load + info.in_flight,
-                                                 info.register.instance_id))
+        # ties (idle instances) go to the one picked least so far: round robin
+        chosen = min(candidates, key=lambda info: (info.load + info.in_flight, info.num_picked,
+                                                   info.register.instance_id))
+        chosen.num_picked += 1
+        return chosen
 
     def pick_pair(self) -> tuple[InstanceInfo, InstanceInfo]:
         return self.pick(producer=True), self.pick(producer=False)
