@@ -46,7 +46,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine_core.disagg.compat import kv_compat_hash
 from engine_core.disagg.discovery import InstanceInfo, NoInstanceError
@@ -55,7 +54,7 @@ from engine_core.disagg.proxy_metrics import ProxyMetrics
 from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.disagg.wire import ProxyRequest, ResponseChunk, ResponseHead
 from engine_core.server.disconnect import ClientDisconnected, unless_disconnected
-from engine_core.server.http_setup import api_key_check, exit_on_sigterm, listen
+from engine_core.server.http_setup import add_error_handlers, api_key_check, exit_on_sigterm, listen
 from engine_core.server.limits import DEFAULT_MAX_REQUEST_BYTES, RequestBodyLimit
 from engine_core.server.protocol import (
     ChatCompletionRequest,
@@ -357,14 +356,7 @@ def build_proxy_app(pool: InstancePool, config: ProxyConfig) -> FastAPI:
     async def show_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.exception_handler(RequestError)
-    async def request_error(_: Request, exc: RequestError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return JSONResponse(error_body(str(exc.detail), code=exc.status_code),
-                            status_code=exc.status_code, headers=exc.headers)
+    add_error_handlers(app)
 
     return app
 

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine_core.arg_utils import data_parallel_config, engine_kwargs
 from engine_core.async_llm import AsyncLLM, EngineDeadError
@@ -50,6 +49,7 @@ from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
 from engine_core.server.disconnect import ClientDisconnected as _ClientDisconnected
 from engine_core.server.disconnect import unless_disconnected as _unless_disconnected
+from engine_core.server.http_setup import add_error_handlers
 from engine_core.server.http_setup import api_key_check as _api_key_check
 from engine_core.server.http_setup import exit_on_sigterm as _exit_on_sigterm
 from engine_core.server.http_setup import listen as _listen
@@ -622,14 +622,7 @@ def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
     async def show_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.exception_handler(RequestError)
-    async def request_error(_: Request, exc: RequestError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return JSONResponse(error_body(str(exc.detail), code=exc.status_code),
-                            status_code=exc.status_code, headers=exc.headers)
+    add_error_handlers(app)
 
     return app
 

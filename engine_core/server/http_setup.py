@@ -1,5 +1,6 @@
 """What the HTTP front doors (`pp-engine serve`, `pp-engine proxy`) share around their app:
-binding the port early, the `--api-key` check and leaving cleanly on SIGTERM."""
+binding the port early, the `--api-key` check, OpenAI-style error bodies for every error, and
+leaving cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,11 +8,28 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable
 
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from engine_core.server.protocol import RequestError
+from engine_core.server.protocol import RequestError, error_body
 
-__all__ = ["api_key_check", "exit_on_sigterm", "listen"]
+__all__ = ["add_error_handlers", "api_key_check", "exit_on_sigterm", "listen"]
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Answer a `RequestError` and every HTTP error of the framework (404, 405, ...) with an
+    OpenAI error body."""
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return JSONResponse(error_body(str(exc.detail), code=exc.status_code),
+                            status_code=exc.status_code, headers=exc.headers)
 
 
 def listen(host: str, port: int) -> socket.socket:
