@@ -154,6 +154,7 @@ def test_disagg_prefill_at_pp2_on_ray_decode_at_pp1(ray_cluster, checkpoint_fact
                                                           do_remote_decode=True)])
         params = first["r4"][1].kv_transfer_params
         ray.kill(p.executor.stages[1])
+        _wait_until_dead(p.executor.stages[1])  # ray.kill only asks: a call may still run
         with pytest.raises(RuntimeError, match=r"pipeline stage 1 \(layers 2-3\)"):
             p.kv_connector.stages[1].read_kv_blocks(params.block_ids)
         out = test_disagg._run(d, [test_disagg._request("r4", prompts[4], test_disagg.MAX_TOKENS,
@@ -169,6 +170,17 @@ def test_disagg_prefill_at_pp2_on_ray_decode_at_pp1(ray_cluster, checkpoint_fact
     while ray.available_resources().get("CPU", 0) < total_cpus:
         assert time.monotonic() < deadline, ray.available_resources()
         time.sleep(0.2)
+
+
+def _wait_until_dead(actor, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.num_kv_blocks_that_fit.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed stage actor still answers")
 
 
 def test_bad_pipeline_arguments(ray_cluster, checkpoint_factory):
