@@ -17,6 +17,7 @@ import torch
 from engine_core.config import EngineConfig
 from engine_core.messages import NewRequest, SampledToken, StepBatch, StepOutput
 from engine_core.sampling_params import SamplingParams
+from executors.host_memory import keep_freed_memory
 from executors.sampler import Sampler, SamplingRow
 from models import AttentionMetadata, load_model
 
@@ -47,6 +48,8 @@ class StageWorker:
         self.dtype = getattr(torch, config.dtype)
         if config.parallel.threads_per_stage:
             torch.set_num_threads(config.parallel.threads_per_stage)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults on every step's activations
         self.model = load_model(config.model_dir, config.model, self.layer_range, self.dtype,
                                 self.device)
         self.sampler = Sampler(config.seed) if self.is_last else None

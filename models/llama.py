@@ -96,7 +96,9 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [num_tokens, intermediate] each
-        return self.down_proj(F.silu(gate) * up)
+        act = F.silu(gate)
+        act.mul_(up)  # in place: one pass and one buffer fewer than `F.silu(gate) * up`, same bits
+        return self.down_proj(act)
 
 
 class LlamaDecoderLayer(nn.Module):
