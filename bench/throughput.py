@@ -27,9 +27,17 @@ def bench_engine(model_dir: str, dtype: str, workload: Workload) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in workload.prompts(32000)]
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    llm.engine.stats.__init__()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    stats = llm.engine.stats
+    print(f"[{dtype}] engine loop: {stats.num_steps} steps, scheduler "
+          f"{stats.schedule_s / stats.num_steps * 1e3:.2f} ms + output update "
+          f"{stats.update_s / stats.num_steps * 1e3:.2f} ms per step = "
+          f"{stats.driver_share:.1%} of step time; outside the engine (LLM front-end: "
+          f"detokenize, outputs) {(elapsed - stats.total_s) / elapsed:.1%} of the run",
+          flush=True)
     llm.shutdown()
     total = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert total == workload.num_requests * workload.output_len

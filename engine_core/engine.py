@@ -42,16 +42,27 @@ DEFAULT_STEP_TIMEOUT_S = 600.0
 
 @dataclass
 class LoopStats:
-    """Where the loop's time goes: `wait_s` blocked on a step's future, the rest is the driver's
-    own work (schedule, submit, update)."""
+    """Where the loop's time goes: `wait_s` blocked on a step's future, `submit_s` handing steps
+    to the executor (with the in-process executor that is the model's compute itself), and the
+    driver's own work: `schedule_s` in the scheduler, `update_s` applying outputs."""
 
     num_steps: int = 0
     total_s: float = 0.0
     wait_s: float = 0.0
+    submit_s: float = 0.0
+    schedule_s: float = 0.0
+    update_s: float = 0.0
 
     @property
     def overhead_per_step_s(self) -> float:
+        """Everything but waiting, per step (with a remote executor: the driver's time)."""
         return (self.total_s - self.wait_s) / max(self.num_steps, 1)
+
+    @property
+    def driver_share(self) -> float:
+        """The scheduler's and output update's share of the loop's time, whatever executor runs
+        the model (issue 11's target: <= 5 % at 64 running requests)."""
+        return (self.schedule_s + self.update_s) / max(self.total_s, 1e-9)
 
 
 class EngineCore:
@@ -127,10 +138,14 @@ class EngineCore:
         try:
             max_in_flight = self.config.scheduler.max_concurrent_batches
             while len(self.in_flight) < max_in_flight:
+                schedule_start = time.perf_counter()
                 batch = self.scheduler.schedule()
+                submit_start = time.perf_counter()
+                self.stats.schedule_s += submit_start - schedule_start
                 if batch is None:
                     break
                 self.in_flight.append((batch, self._submit(batch)))
+                self.stats.submit_s += time.perf_counter() - submit_start
             if not self.in_flight:
                 if (self.scheduler.has_unfinished_requests()  # would spin forever otherwise
                         and not self.scheduler.waiting_for_kv):
@@ -153,11 +168,14 @@ class EngineCore:
             self.in_flight.clear()
             self.scheduler.drop_all()
             raise RuntimeError(str(exc)) from exc
+        update_start = time.perf_counter()
         outputs = self._take_pending() + self.scheduler.update(batch, output)
         if self.kv_connector is not None:
             self.kv_connector.after_step(self.scheduler, outputs)
+        end = time.perf_counter()
+        self.stats.update_s += end - update_start
         self.stats.num_steps += 1
-        self.stats.total_s += time.perf_counter() - start
+        self.stats.total_s += end - start
         return outputs
 
     def _submit(self, batch: StepBatch) -> StepFuture:
