@@ -356,3 +356,22 @@ def test_dead_prefill_reroutes_and_dead_decode_fails_fast(model_dir, reference,
         c.wait_blocks_free()  # the surviving P's lease for the dead D expired
         text = httpx.get(c.url + "/health", timeout=5)
         assert text.status_code == 503 and re.search("decode", text.text)
+
+
+def test_instance_with_another_kv_layout_is_refused_and_exits(model_dir, tmp_path_factory):
+    """A second instance whose KV layout differs (block size 8 vs 16) is refused at
+    registration with a message naming the field, and its server exits with code 1."""
+    tmp = str(tmp_path_factory.mktemp("disagg-refused"))
+    with cluster(model_dir, tmp_path_factory, "GET", num_prefill=0, num_decode=1) as c:
+        config = {"kv_role": "kv_producer", "kv_port": _free_port(), "send_type": "GET",
+                  "proxy_address": f"127.0.0.1:{c.discovery_port}"}
+        odd = Proc(["serve", model_dir, "--port", str(_free_port()), "--dtype", "float32",
+                    "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
+                    "--block-size", "8", "--kv-transfer-config", json.dumps(config),
+                    "--insecure-tcp"], os.path.join(tmp, "odd.log"))
+        try:
+            assert odd.proc.wait(120) == 1, odd.log()
+            assert "refused" in odd.log() and "block_size" in odd.log()
+        finally:
+            odd.stop()
+        assert _group_gone(odd.proc.pid)
