@@ -165,7 +165,8 @@ class ConfigMismatchError(ValueError):
 
 
 def engine_version() -> str:
-    """The installed pp-engine version, sent in HELLO ("unknown" from a source tree)."""
+    """The installed pp-engine version, sent in HELLO and shown by /version ("unknown" from a
+    source tree)."""
     try:
         return importlib.metadata.version("pp-engine")
     except importlib.metadata.PackageNotFoundError:

@@ -343,7 +343,7 @@ def test_dead_prefill_reroutes_and_dead_decode_fails_fast(model_dir, reference,
     before anything streamed); a killed D fails its requests in bounded time, not a hang; no
     block of a surviving instance leaks."""
     with cluster(model_dir, tmp_path_factory, "GET", num_prefill=2, num_decode=1,
-                 lease_ttl_s=3.0, heartbeat_timeout_s=2.0) as c:
+                 lease_ttl_s=3.0, heartbeat_timeout_s=3.0) as c:
         c.prefill[0][0].kill()
         for prompt, expected in zip(PROMPTS[:3], reference["completions"][:3]):
             assert _complete(c.client, prompt, stream=False) == expected

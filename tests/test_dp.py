@@ -162,6 +162,17 @@ def _engine_children(server) -> list[int]:
     return pids
 
 
+async def _both_engines_running(http: httpx.AsyncClient, url: str) -> None:
+    """Wait (at most 30 s) until each of the two engines is running a request."""
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = (await http.get(url + "/metrics")).text
+        if all(_gauge(metrics, "engine_num_requests_running", e) >= 1 for e in "01"):
+            return
+        assert time.monotonic() < deadline, metrics
+        await asyncio.sleep(0.05)
+
+
 def _gauge(metrics: str, name: str, engine: str | None = None) -> float:
     label = f'engine="{engine}",' if engine is not None else ""
     pattern = rf'^ppengine:{name}\{{{label}model_name="[^"]*"\}} (\S+)$'
@@ -195,14 +206,7 @@ def test_served_dp2_matches_offline_and_survives_one_engine_death(text_model, tm
         async def in_flight() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=150) as http:
                 tasks = [asyncio.create_task(http.post(url, json=long)) for _ in range(4)]
-                deadline = time.monotonic() + 30
-                while True:  # both engines busy, then kill one
-                    metrics = (await http.get(server.url + "/metrics")).text
-                    if all(_gauge(metrics, "engine_num_requests_running", e) >= 1
-                           for e in "01"):
-                        break
-                    assert time.monotonic() < deadline, metrics
-                    await asyncio.sleep(0.05)
+                await _both_engines_running(http, server.url)  # then kill one
                 os.kill(pids[0], signal.SIGKILL)
                 return await asyncio.gather(*tasks)
 
@@ -372,14 +376,7 @@ def test_headless_engine_death_and_rejoin(text_model, keys, tmp_path):
         async def in_flight() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=150) as http:
                 tasks = [asyncio.create_task(http.post(url, json=long)) for _ in range(2)]
-                deadline = time.monotonic() + 30
-                while True:
-                    metrics = (await http.get(server.url + "/metrics")).text
-                    if all(_gauge(metrics, "engine_num_requests_running", e) >= 1
-                           for e in "01"):
-                        break
-                    assert time.monotonic() < deadline, metrics
-                    await asyncio.sleep(0.05)
+                await _both_engines_running(http, server.url)  # then kill one
                 os.kill(victim[0], signal.SIGKILL)
                 killed = time.monotonic()
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -242,10 +242,23 @@ class KVConnector:
 
     # ---- producer: pushing (PUT from the engine thread, PUT_ASYNC from the sender) ------------
     def _read_blocks(self, block_ids: list[int]) -> list:
+        """(global layer, K, V) of `block_ids` from every stage (RuntimeError if one failed)."""
         layers = []
         for stage in self.stages:
             layers.extend(stage.read_kv_blocks(block_ids))
         return layers
+
+    def _send_layers(self, sock: zmq.Socket, prefix: list[bytes], lease_id: str,
+                     num_tokens: int, layers: list) -> None:
+        """Send `layers` ((global layer, K, V)) on `sock` as transfer `lease_id`, one message
+        per layer, each after `prefix` (a ROUTER's peer identity, or nothing)."""
+        m = self.config.model
+        for layer, k, v in layers:
+            header = KVLayerHeader(lease_id, self.compat_hash, layer, m.num_layers, num_tokens,
+                                   self.config.dtype, list(k.shape))
+            frames = encode_layer(header, k, v)
+            sock.send_multipart([*prefix, *frames], copy=False)
+            self.stats.sent_bytes += sum(memoryview(f).nbytes for f in frames)
 
     def _push(self, sockets: dict[str, zmq.Socket], target: KVTransferParams, layers: list,
               num_tokens: int) -> None:
@@ -258,13 +271,7 @@ class KVConnector:
             secure_client(sock, self._client_keys)
             sock.setsockopt(zmq.LINGER, 1000)
             sock.connect(target.kv_endpoint)
-        m = self.config.model
-        for layer, k, v in layers:
-            header = KVLayerHeader(target.lease_id, self.compat_hash, layer, m.num_layers,
-                                   num_tokens, self.config.dtype, list(k.shape))
-            frames = encode_layer(header, k, v)
-            sock.send_multipart(frames, copy=False)
-            self.stats.sent_bytes += sum(memoryview(f).nbytes for f in frames)
+        self._send_layers(sock, [], target.lease_id, num_tokens, layers)
         sock.send(msgspec.msgpack.encode(PushDone(target.lease_id, len(layers))))
         self.stats.sent_tokens += num_tokens
         self.stats.seconds += time.perf_counter() - start
@@ -414,8 +421,7 @@ class KVConnector:
             layers = []
             if error is None:
                 try:  # a stage that died or timed out must not end the endpoint thread
-                    for stage in self.stages:
-                        layers.extend(stage.read_kv_blocks(list(lease.block_ids)))
+                    layers = self._read_blocks(list(lease.block_ids))
                 except RuntimeError as exc:
                     error = f"reading the KV of lease {pull.lease_id!r} failed: {exc}"
         if error is not None:
@@ -423,13 +429,7 @@ class KVConnector:
             logger.warning("refused a KV pull: %s", error)
             sock.send_multipart([identity, msgspec.msgpack.encode(PullDone(error))])
             return
-        m = self.config.model
-        for layer, k, v in layers:
-            header = KVLayerHeader(lease.lease_id, self.compat_hash, layer, m.num_layers,
-                                   lease.num_tokens, self.config.dtype, list(k.shape))
-            frames = encode_layer(header, k, v)
-            sock.send_multipart([identity, *frames], copy=False)
-            self.stats.sent_bytes += sum(memoryview(f).nbytes for f in frames)
+        self._send_layers(sock, [identity], lease.lease_id, lease.num_tokens, layers)
         sock.send_multipart([identity, msgspec.msgpack.encode(PullDone())])
         self.stats.sent_tokens += lease.num_tokens
         self.stats.seconds += time.perf_counter() - start

@@ -90,10 +90,11 @@ class KVTransferContext:
 
 class DisaggInstance:
     """Serves `app` to the proxy at `kv_config.proxy_address`. Start with `start()` on the event
-    loop, stop with `close()`. `on_refused(message)` is called if the proxy refuses us."""
+    loop, stop with `close()`. `load()` gives the engine's (running, waiting) requests for the
+    heartbeats; `on_refused(message)` is called if the proxy refuses us."""
 
     def __init__(self, app: Callable, kv_config: KVTransferConfig, compat_fields: dict[str, str],
-                 model_name: str, max_model_len: int, load: Callable[[], int],
+                 model_name: str, max_model_len: int, load: Callable[[], tuple[int, int]],
                  on_refused: Callable[[str], None], api_key: str | None = None) -> None:
         self.app = app
         self.kv_config = kv_config
@@ -116,6 +117,7 @@ class DisaggInstance:
         self._router: zmq.asyncio.Socket | None = None
         self._tasks: set[asyncio.Task] = set()
         self._aborts: dict[str, asyncio.Event] = {}
+        self._encoder = msgspec.msgpack.Encoder()
 
     @classmethod
     def for_engine(cls, app: Callable, llm: Any, model_name: str,
@@ -125,7 +127,7 @@ class DisaggInstance:
         config = llm.config
         return cls(app, config.kv_transfer, kv_compat_fields(config), model_name,
                    config.scheduler.max_model_len,
-                   lambda: llm.stats.num_running + llm.stats.num_waiting, on_refused, api_key)
+                   lambda: (llm.stats.num_running, llm.stats.num_waiting), on_refused, api_key)
 
     async def start(self) -> None:
         """Bind the request socket and start registering (in the background: the proxy may
@@ -180,17 +182,16 @@ class DisaggInstance:
         secure_client(dealer, self._client_keys)
         dealer.connect(f"tcp://{self.kv_config.proxy_address}")
         decoder = msgspec.msgpack.Decoder(RegisterReply | HeartbeatReply)
-        encoder = msgspec.msgpack.Encoder()
         try:
             while True:
                 if not self.registered.is_set():
                     message: Register | Heartbeat = self._register_message()
                     wait_s = REGISTER_RETRY_S
                 else:
-                    message = Heartbeat(self.instance_id, self.load(), 0)
+                    message = Heartbeat(self.instance_id, *self.load())
                     wait_s = HEARTBEAT_S
                 with contextlib.suppress(zmq.Again):  # no proxy (yet): the next round retries
-                    await dealer.send(encoder.encode(message), zmq.NOBLOCK)
+                    await dealer.send(self._encoder.encode(message), zmq.NOBLOCK)
                 deadline = asyncio.get_running_loop().time() + wait_s
                 while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
                     if not await dealer.poll(remaining * 1000):
@@ -252,13 +253,12 @@ class DisaggInstance:
         aborted = self._aborts[request_id]
         context = KVTransferContext(request.do_remote_decode, request.push_to,
                                     list(request.kv_transfer_params))
-        encoder = msgspec.msgpack.Encoder()
         head_sent = False
         body_sent = False
 
         async def reply(message: ResponseHead | ResponseChunk) -> None:
             try:
-                await self._router.send_multipart([identity, encoder.encode(message)])
+                await self._router.send_multipart([identity, self._encoder.encode(message)])
             except zmq.ZMQError as exc:  # the proxy is gone: stop the work
                 logger.warning("cannot answer the proxy for %s (%s); aborting it", request_id,
                                exc)

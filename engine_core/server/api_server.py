@@ -24,7 +24,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from pydantic import BaseModel, ValidationError
 from engine_core.arg_utils import data_parallel_config, engine_kwargs
 from engine_core.async_llm import AsyncLLM, EngineDeadError
 from engine_core.config import EngineArgs
+from engine_core.core_process import engine_version
 from engine_core.disagg.config import KVTransferConfig
 from engine_core.disagg.instance import KV_TRANSFER_STATE, DisaggInstance, KVTransferContext
 from engine_core.outputs import CompletionOutput, RequestOutput
@@ -90,14 +90,6 @@ _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
 
-def package_version() -> str:
-    """The installed pp-engine version ("unknown" when run from a source tree)."""
-    try:
-        return importlib.metadata.version("pp-engine")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 @dataclass
 class _Prompt:
     """One prompt of a request: an engine request, with what the metrics and the log need."""
@@ -109,9 +101,8 @@ class _Prompt:
     echo_text: str = ""
     first_token_time: float | None = None
     num_output_tokens: int = 0
-    # a request from the disaggregation proxy: its KV transfer side, and this prompt's index
+    # a request from the disaggregation proxy: its KV transfer side (prompts by their index)
     kv_transfer: KVTransferContext | None = None
-    index: int = 0
 
 
 @dataclass
@@ -169,8 +160,8 @@ def _attach_kv_transfer(raw: Request, prompts: list[_Prompt]) -> None:
     """Give each prompt the KV transfer side of a request from the disaggregation proxy (set in
     the ASGI scope by `disagg/instance.py`; absent on plain HTTP requests)."""
     transfer = raw.scope.get("state", {}).get(KV_TRANSFER_STATE)
-    for index, prompt in enumerate(prompts):
-        prompt.kv_transfer, prompt.index = transfer, index
+    for prompt in prompts:
+        prompt.kv_transfer = transfer
 
 
 class OpenAIServing:
@@ -296,12 +287,12 @@ class OpenAIServing:
             transfer = prompt.kv_transfer
             kv_args: dict[str, Any] = {} if transfer is None else {
                 "do_remote_decode": transfer.do_remote_decode,
-                "kv_transfer_params": transfer.params_for(prompt.index)}
+                "kv_transfer_params": transfer.params_for(index)}
             try:
                 async for output in self.llm.generate(prompt.token_ids, prompt.params,
                                                       prompt.request_id, **kv_args):
                     if transfer is not None and output.finished:
-                        transfer.params_out[prompt.index] = output.kv_transfer_params
+                        transfer.params_out[index] = output.kv_transfer_params
                     self._observe(prompt, output)
                     _raise_if_failed(prompt.request_id, output)
                     queue.put_nowait((index, output))
@@ -567,7 +558,7 @@ def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
     `max_request_bytes` gets a 413 without being read into memory."""
     if protect_metrics and not api_key:
         raise ValueError("protect_metrics needs an api_key (--protect-metrics needs --api-key)")
-    version = package_version()
+    version = engine_version()
     metrics = ServerMetrics(llm, served_model_name)
     serving = OpenAIServing(llm, served_model_name, metrics)
 
