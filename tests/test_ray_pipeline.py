@@ -227,11 +227,16 @@ def test_ray_job_submit(checkpoint_factory):
                 break
             assert time.monotonic() < deadline, probe.stderr[-2000:]
             time.sleep(2)
-        job = subprocess.run(
-            [RAY_CLI, "job", "submit", "--address", address, "--working-dir", REPO,
-             "--", sys.executable, "examples/ray_job.py", model_dir,
-             "--pipeline-parallel-size", "2", "--max-tokens", "8"],
-            env=env, capture_output=True, text=True, timeout=300)
+        while True:  # `job list` answers before the head's job agent is up: retry on that
+            job = subprocess.run(
+                [RAY_CLI, "job", "submit", "--address", address, "--working-dir", REPO,
+                 "--", sys.executable, "examples/ray_job.py", model_dir,
+                 "--pipeline-parallel-size", "2", "--max-tokens", "8"],
+                env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            assert time.monotonic() < deadline + 60, job.stderr[-2000:]
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "RESULT generated 4 completions, 32 tokens" in job.stdout
     finally:
