@@ -43,14 +43,17 @@ def load_model(
     device: torch.device | str,
 ) -> LlamaModel:
     """Build the stage holding layers `layer_range` on `device` in `dtype`, in eval mode
-    without gradients, reading only the tensors that stage needs from the checkpoint."""
+    without gradients and with its weights packed for the device (`LlamaModel.pack_weights`),
+    reading only the tensors that stage needs from the checkpoint."""
     device = torch.device(device)
     files = _weight_files(model_dir)
     with torch.device("meta"):  # no memory and no random init for the parameters
         model = LlamaModel(config, layer_range)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.load_weights(_read_tensors(files, model.weight_names()))
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    model.pack_weights()
+    return model
 
 
 def _weight_files(model_dir: str) -> dict[str, str]:
