@@ -1,7 +1,9 @@
-"""Shared benchmark pieces: the standard workload and its Qwen2-shaped random model."""
+"""Shared benchmark pieces: the standard workload, its Qwen2-shaped random model, and that model
+with a tokenizer for clients that send text."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -37,4 +39,27 @@ def standard_model_dir(root: str = "bench/out") -> str:
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**STANDARD_MODEL, eos_token_id=2, bos_token_id=1))
     model.save_pretrained(path)
+    return path
+
+
+def served_model_dir(root: str = "bench/out") -> str:
+    """The standard checkpoint plus a tokenizer, for benchmarks whose client sends text
+    (vLLM's benchmark client): a word-level tokenizer over the model's 32000 ids ("w0 w1 ..."),
+    so any random id sequence decodes to text that encodes back to the same ids."""
+    path = os.path.join(root, "qwen2-shaped-150m-served")
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return path
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    weights = os.path.abspath(standard_model_dir(root))
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(weights):
+        os.symlink(os.path.join(weights, name), os.path.join(path, name))
+    vocab = {f"w{i}": i for i in range(STANDARD_MODEL["vocab_size"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "w0",
+                   "bos_token": "w1", "eos_token": "w2", "model_max_length": 4096}, f)
     return path

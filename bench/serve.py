@@ -161,18 +161,29 @@ def _vocab_size(model_dir: str) -> int:
         return 32000
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def launched_server(model_dir: str, pp: int, extra: list[str]):
     """`pp-engine serve` on a free local port; yields its URL; stops it afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "engine_core.cli", "serve", model_dir, "--port", str(port),
            "--pipeline-parallel-size", str(pp), "--disable-uvicorn-access-log",
            "--uvicorn-log-level", "warning", *extra]
+    with launched_process(cmd, f"http://127.0.0.1:{port}") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def launched_process(cmd: list[str], url: str, env: dict[str, str] | None = None):
+    """Start a server command in its own session, wait (up to 15 min) until `url/health`
+    answers 200, yield `url`; afterwards SIGTERM it, then SIGKILL its whole process group."""
     print("launching:", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 900
         while True:

