@@ -42,24 +42,35 @@ def standard_model_dir(root: str = "bench/out") -> str:
     return path
 
 
-def served_model_dir(root: str = "bench/out") -> str:
+def served_model_dir(root: str = "bench/out") -> tuple[str, str]:
     """The standard checkpoint plus a tokenizer, for benchmarks whose client sends text
-    (vLLM's benchmark client): a word-level tokenizer over the model's 32000 ids ("w0 w1 ..."),
-    so any random id sequence decodes to text that encodes back to the same ids."""
+    (vLLM's benchmark client): a word-level tokenizer over the model's 32000 ids ("<unk> <s>
+    </s> w3 w4 ..."), so random ids decode to text that encodes back to the same ids.
+
+    Returns (model directory, tokenizer directory). The tokenizer also lies alone in its own
+    directory, for transformers-based tokenizer loading (vLLM's): next to a Qwen2 config.json,
+    transformers would build its Qwen2 tokenizer class around these files instead."""
     path = os.path.join(root, "qwen2-shaped-150m-served")
+    tokenizer_path = os.path.join(root, "wordlevel-tokenizer")
     if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return path
+        return path, tokenizer_path
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     weights = os.path.abspath(standard_model_dir(root))
     os.makedirs(path, exist_ok=True)
+    os.makedirs(tokenizer_path, exist_ok=True)
     for name in os.listdir(weights):
         os.symlink(os.path.join(weights, name), os.path.join(path, name))
-    vocab = {f"w{i}": i for i in range(STANDARD_MODEL["vocab_size"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    special = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: the model's bos 1 and eos 2
+    vocab = {word: i for i, word in enumerate(special)}
+    vocab.update({f"w{i}": i for i in range(len(special), STANDARD_MODEL["vocab_size"])})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "w0",
-                   "bos_token": "w1", "eos_token": "w2", "model_max_length": 4096}, f)
-    return path
+    tokenizer.add_special_tokens(special)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>",
+              "bos_token": "<s>", "eos_token": "</s>", "model_max_length": 4096}
+    for directory in (tokenizer_path, path):  # the model directory last: it marks "done"
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f)
+        tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    return path, tokenizer_path

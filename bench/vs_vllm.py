@@ -89,7 +89,7 @@ def run(python: str, code: str, args: list[str], env: dict[str, str]) -> float:
     return float(lines[-1].split()[1])
 
 
-def serve_round(server: list[str], port: int, args: argparse.Namespace, model: str,
+def serve_round(server: list[str], port: int, args: argparse.Namespace, tokenizer: str,
                 env: dict[str, str]) -> dict[str, float]:
     """Start `server` (listening on `port`), run vLLM's benchmark client against it, stop it;
     returns the client's result (output_throughput, mean_tpot_ms, ...)."""
@@ -98,7 +98,7 @@ def serve_round(server: list[str], port: int, args: argparse.Namespace, model: s
     with (tempfile.TemporaryDirectory() as out,
           launched_process(server, f"http://127.0.0.1:{port}", env) as url):
         client = [args.vllm_python, "-c", CLIENT, "--backend", "vllm", "--base-url", url,
-                  "--model", "standard", "--tokenizer", model, "--dataset-name", "random",
+                  "--model", "standard", "--tokenizer", tokenizer, "--dataset-name", "random",
                   "--random-input-len", "128", "--random-output-len", str(args.output_len),
                   "--num-prompts", str(args.num_requests), "--ignore-eos",
                   "--request-rate", args.request_rate, "--save-result", "--result-dir", out,
@@ -111,10 +111,11 @@ def serve_round(server: list[str], port: int, args: argparse.Namespace, model: s
 
 
 def main_serve(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Both servers in turn per round (alternating who goes first); prints the medians."""
     from bench.common import served_model_dir
     from bench.serve import free_port
 
-    model = os.path.abspath(served_model_dir())
+    model, tokenizer = (os.path.abspath(path) for path in served_model_dir())
     ratios: list[tuple[float, float]] = []
     for round_index in range(args.rounds):
         results = {}
@@ -127,11 +128,12 @@ def main_serve(args: argparse.Namespace, env: dict[str, str]) -> None:
                           "--no-enable-prefix-caching", "--disable-uvicorn-access-log"]
             else:
                 server = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
-                          "--model", model, "--served-model-name", "standard", "--port",
+                          "--model", model, "--tokenizer", tokenizer,
+                          "--served-model-name", "standard", "--port",
                           str(port), "--dtype", args.dtype, "--max-num-seqs", "256",
                           "--max-model-len", "1024", "--no-enable-prefix-caching",
                           "--disable-uvicorn-access-log"]
-            results[name] = serve_round(server, port, args, model, env)
+            results[name] = serve_round(server, port, args, tokenizer, env)
         ours, theirs = results["ours"], results["vllm"]
         ratios.append((ours["output_throughput"] / theirs["output_throughput"],
                        ours["mean_tpot_ms"] / theirs["mean_tpot_ms"]))
