@@ -5,9 +5,9 @@ Order of operations for each row:
 2. min_tokens: the row's stop ids are masked until it has `min_tokens` outputs;
 3. repetition, frequency and presence penalties;
 4. greedy rows (temperature < 1e-5) take the argmax;
-5. random rows: divide by temperature, min_p, then top_k and top_p, then draw with the
-   exponential race `argmax(probs / q)`, q ~ Exp(1), whose noise comes from the row's own seed
-   (seeded rows) or from the sampler's generator (the rest).
+5. random rows: divide by temperature, min_p, then top_k and top_p, then draw by inverse CDF:
+   one uniform per row, from the row's own seed (seeded rows) or from the sampler's generator
+   (the rest), located in the row's cumulative probabilities (float64).
 
 Each step is skipped when no row needs it and the work is vectorised over rows; the only
 per-row Python is building small index lists and re-seeding the generator of seeded rows.
@@ -136,34 +136,34 @@ class Sampler:
                 top_p = torch.tensor([p.top_p for p in params], device=device)
             apply_top_k_top_p(logits, top_k, top_p)
 
-        probs = logits.softmax(dim=-1)  # [num_rows, vocab]
-        noise = self._exponential_noise(probs, rows)  # [num_rows, vocab]
-        return probs.div_(noise).argmax(dim=-1)  # [num_rows]
+        # Inverse CDF: one uniform per row instead of a noise value per vocabulary entry (the
+        # exponential race costs 15x more here: [64, 32000] noise vs 64 numbers).
+        cdf = logits.softmax(dim=-1).to(torch.float64).cumsum_(dim=-1)  # [num_rows, vocab]
+        total = cdf[:, -1:]  # [num_rows, 1], 1 up to rounding
+        u = self._uniforms(rows, device).unsqueeze(1) * total  # [num_rows, 1] in [0, total)
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+        # right=True: the first token whose cumulative probability exceeds u, so a token of
+        # probability 0 (an empty interval) is never drawn
+        return torch.searchsorted(cdf, u, right=True).squeeze(1)  # [num_rows]
 
-    def _exponential_noise(self, like: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Exp(1) noise shaped like `like` [num_rows, vocab]: a seeded row's from its own seed.
-
-        Drawn as -log(1 - U) from uniform U (`_to_exponential`): torch's own `exponential_`
-        runs one element at a time on CPU (30 ms for [64, 32000] here, 40 % of a decode step)
-        where `uniform_` is vectorised (4 ms)."""
-        device = like.device
-        noise = torch.empty_like(like)  # [num_rows, vocab]
+    def _uniforms(self, rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+        """Uniform [0, 1) float64, one per row: a seeded row's from its own seed and output
+        position, the others from the sampler's generator. Returns [num_rows]."""
         seeds = [row.params.seed for row in rows]
         unseeded = [i for i, seed in enumerate(seeds) if seed is None]
+        uniforms = torch.empty(len(rows), dtype=torch.float64, device=device)
         if len(unseeded) == len(rows):
-            _to_exponential(noise.uniform_(generator=self._generator(device)))
-        elif unseeded:
-            unseeded_noise = torch.empty(len(unseeded), like.shape[1], device=device)
-            _to_exponential(unseeded_noise.uniform_(generator=self._generator(device)))
-            noise[torch.tensor(unseeded, device=device)] = unseeded_noise
-        if len(unseeded) < len(rows):
-            row_generator = self._row_generator(device)
-            for i, (seed, row) in enumerate(zip(seeds, rows)):
-                if seed is not None:
-                    row_generator.manual_seed(_mix_seed(seed, len(row.output_token_ids)))
-                    _to_exponential(noise[i].uniform_(generator=row_generator))
-        # Exp(1) may round to 0, which would make probs / q infinite or NaN.
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+            return uniforms.uniform_(generator=self._generator(device))
+        if unseeded:
+            drawn = torch.empty(len(unseeded), dtype=torch.float64, device=device)
+            drawn.uniform_(generator=self._generator(device))
+            uniforms[torch.tensor(unseeded, device=device)] = drawn
+        row_generator = self._row_generator(device)
+        for i, (seed, row) in enumerate(zip(seeds, rows)):
+            if seed is not None:
+                row_generator.manual_seed(_mix_seed(seed, len(row.output_token_ids)))
+                uniforms[i : i + 1].uniform_(generator=row_generator)
+        return uniforms
 
     def _generator(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
@@ -335,8 +335,3 @@ def _mix_seed(seed: int, step: int) -> int:
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK_64
     return x ^ (x >> 31)
 
-
-def _to_exponential(uniform: torch.Tensor) -> torch.Tensor:
-    """In place: U ~ Uniform[0, 1) -> -log(1 - U) ~ Exp(1). log1p keeps float32's fine
-    resolution where it matters, near 0 (small noise is what lets a token win)."""
-    return uniform.neg_().log1p_().neg_()
