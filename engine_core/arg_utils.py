@@ -29,7 +29,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     g.add_argument("--pp-layer-partition", default=None,
-                   help="layers per stage, e.g. '3,2' (default: even split)")
+                   help="layers per stage, e.g. '3,2' (default: balanced by cost, the LM "
+                        "head counted on the last stage)")
     g.add_argument("--max-concurrent-batches", type=int, default=None,
                    help="microbatches in flight (default: the pipeline size)")
     g.add_argument("--threads-per-stage", type=int, default=None)
