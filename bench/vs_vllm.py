@@ -107,7 +107,12 @@ def serve_round(server: list[str], port: int, args: argparse.Namespace, tokenize
         if result.returncode != 0:
             raise RuntimeError(f"the benchmark client failed:\n{result.stderr[-3000:]}")
         with open(os.path.join(out, "result.json")) as f:
-            return json.load(f)
+            summary = json.load(f)
+    expected = args.num_requests * 128
+    if summary.get("total_input_tokens") != expected:  # e.g. a tokenizer that merged the words
+        raise RuntimeError(f"the client sent {summary.get('total_input_tokens')} prompt tokens, "
+                           f"not {expected}: the workload is not the standard one")
+    return summary
 
 
 def main_serve(args: argparse.Namespace, env: dict[str, str]) -> None:
