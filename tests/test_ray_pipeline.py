@@ -235,7 +235,7 @@ def test_ray_job_submit(checkpoint_factory):
                 env=env, capture_output=True, text=True, timeout=300)
             if "No available agent" not in job.stderr + job.stdout:
                 break
-            assert time.monotonic() < deadline + 60, job.stderr[-2000:]
+            assert time.monotonic() < deadline + 240, job.stderr[-2000:]  # slow under load
             time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "RESULT generated 4 completions, 32 tokens" in job.stdout
