@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CurveZMQ key directory made by `pp-engine keys DIR`: authenticate "
                           "and encrypt every tcp socket between server and engine core")
     srv.add_argument("--insecure-tcp", action="store_true",
-                     help="allow --engine-transport tcp without --zmq-keys (anyone who can "
-                          "reach the port can read prompts and inject outputs)")
+                     help="allow --engine-transport tcp, or KV transfer on an address other "
+                          "than loopback, without --zmq-keys (anyone who can reach the port "
+                          "can read prompts and inject outputs)")
     srv.add_argument("--max-request-bytes", type=int, default=4 << 20,
                      help="largest request body accepted; a larger one gets HTTP 413 without "
                           "being read into memory (default: %(default)s, 4 MiB)")
@@ -135,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CurveZMQ key directory made by `pp-engine keys DIR`: authenticate and "
                           "encrypt discovery and the requests sent to instances")
     prx.add_argument("--insecure-tcp", action="store_true",
-                     help="run the discovery and instance sockets without --zmq-keys (anyone "
-                          "who can reach them can register or read prompts)")
+                     help="run without --zmq-keys on a --discovery-host other than loopback, "
+                          "and admit instances on other hosts (anyone who can reach the "
+                          "sockets can register or read prompts); loopback needs neither")
     prx.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every /v1 route")
     prx.add_argument("--max-request-bytes", type=int, default=4 << 20,
@@ -145,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     prx.add_argument("--request-timeout-s", type=float, default=600.0,
                      help="longest wait for each message from an instance (default: "
                           "%(default)s)")
-    prx.add_argument("--heartbeat-timeout-s", type=float, default=5.0,
-                     help="an instance silent this long is dropped and its requests fail "
-                          "(default: %(default)s)")
+    prx.add_argument("--heartbeat-timeout-s", type=float, default=3.0,
+                     help="an instance silent this long (instances beat every second) is "
+                          "dropped and its requests fail (default: %(default)s)")
     prx.add_argument("--uvicorn-log-level", default="info",
                      choices=["critical", "error", "warning", "info", "debug", "trace"],
                      help="log level of the proxy and uvicorn (default: %(default)s)")

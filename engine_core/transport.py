@@ -16,6 +16,7 @@ clients whose public key is a `*.key` file in DIR other than `server.key`, so mo
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import stat
@@ -32,9 +33,11 @@ __all__ = [
     "CurveKeys",
     "WarningLimiter",
     "create_keys",
+    "is_loopback_host",
     "load_client_keys",
     "load_server_keys",
     "prepare_router",
+    "require_keys_for_hosts",
     "require_keys_for_tcp",
     "secure_client",
     "secure_server",
@@ -126,6 +129,33 @@ def require_keys_for_tcp(transport: str, zmq_keys: str | None, insecure_tcp: boo
     if transport == "tcp" and zmq_keys is not None:
         load_server_keys(zmq_keys)
         load_client_keys(zmq_keys)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a name or address that only this host can reach: localhost, 127.0.0.0/8, ::1
+    (brackets allowed). Any other name, and the wildcards 0.0.0.0 and ::, are not."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_keys_for_hosts(what: str, hosts: list[str], zmq_keys: str | None,
+                           insecure_tcp: bool) -> None:
+    """ValueError for tcp sockets (`what`, on `hosts`) that reach past this host with neither
+    CurveZMQ keys nor an explicit `insecure_tcp`; loopback-only sockets may run without keys.
+    With keys, the directory must serve both sides."""
+    if zmq_keys is not None:
+        load_server_keys(zmq_keys)
+        load_client_keys(zmq_keys)
+        return
+    remote = [h for h in hosts if not is_loopback_host(h)]
+    if remote and not insecure_tcp:
+        raise ValueError(f"{what} on {remote[0]} can be reached from other hosts and needs "
+                         f"CurveZMQ keys: {NO_KEYS_HELP}")
 
 
 def prepare_router(socket: zmq.Socket, keys: CurveKeys | None, max_inbound_bytes: int = -1

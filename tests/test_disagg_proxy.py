@@ -25,8 +25,15 @@ import zmq.asyncio
 
 from engine_core.cli import main as cli_main
 from engine_core.disagg.compat import kv_compat_hash
-from engine_core.disagg.discovery import Heartbeat, HeartbeatReply, Register, RegisterReply
+from engine_core.disagg.discovery import (
+    Heartbeat,
+    HeartbeatReply,
+    Load,
+    Register,
+    RegisterReply,
+)
 from engine_core.disagg.instance_pool import InstancePool
+from engine_core.disagg.kv_wire import ReleaseKV
 from engine_core.disagg.proxy import ProxyConfig, build_proxy_app
 from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.disagg.wire import (
@@ -75,12 +82,17 @@ class FakeInstance:
         self.model_name, self.keys, self.server_keys = model_name, keys, server_keys
         self.mode = "ok"
         self.beating = True
+        self.load = Load()
         self.received: list[ProxyRequest | ProxyAbort] = []
-        self.kv_endpoint = f"tcp://{instance_id}-kv:1"
-        self.params = [KVTransferParams(self.kv_endpoint, [3, 4], 32, "p-hash", "lease-x",
-                                        send_type)]
+        self.kv_received: list[ReleaseKV] = []  # what came to its KV endpoint
         self._replies: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+
+    @property
+    def params(self) -> list[KVTransferParams]:
+        """What it answers a prefill leg with: one prompt's KV, leased at its KV endpoint."""
+        return [KVTransferParams(self.kv_endpoint, [3, 4], 32, "p-hash", "lease-x",
+                                 self.send_type)]
 
     async def start(self, reply_timeout_s: float = 3.0) -> RegisterReply | None:
         """Bind, register (the reply, or None if none came), then heartbeat and serve."""
@@ -89,15 +101,22 @@ class FakeInstance:
         secure_server(self.router, self.server_keys)
         self.router.bind("tcp://127.0.0.1:*")
         self.address = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.kv_router = self.ctx.socket(zmq.ROUTER)
+        self.kv_router.setsockopt(zmq.LINGER, 0)
+        secure_server(self.kv_router, self.server_keys)
+        self.kv_router.bind("tcp://127.0.0.1:*")
+        self.kv_endpoint = self.kv_router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
         secure_client(self.dealer, self.keys)
         self.dealer.connect(self.discovery)
         self._tasks = [asyncio.create_task(self._read_replies()),
-                       asyncio.create_task(self._serve())]
+                       asyncio.create_task(self._serve()),
+                       asyncio.create_task(self._serve_kv())]
         await self.dealer.send(ENCODER.encode(Register(
             self.instance_id, self.role, self.address, self.kv_endpoint, self.fields,
-            send_type=self.send_type, model_name=self.model_name, max_model_len=128)))
+            send_type=self.send_type, model_name=self.model_name, max_model_len=128,
+            load=self.load)))
         try:
             reply = await asyncio.wait_for(self._replies.get(), reply_timeout_s)
         except asyncio.TimeoutError:
@@ -116,7 +135,7 @@ class FakeInstance:
     async def _heartbeat(self) -> None:
         while True:
             if self.beating:
-                await self.dealer.send(ENCODER.encode(Heartbeat(self.instance_id)))
+                await self.dealer.send(ENCODER.encode(Heartbeat(self.instance_id, self.load)))
             await asyncio.sleep(0.1)
 
     async def _serve(self) -> None:
@@ -127,6 +146,12 @@ class FakeInstance:
             self.received.append(message)
             if isinstance(message, ProxyRequest):
                 self._tasks.append(asyncio.create_task(self._answer(identity, message)))
+
+    async def _serve_kv(self) -> None:
+        decoder = msgspec.msgpack.Decoder(ReleaseKV)
+        while True:
+            _, frame = await self.kv_router.recv_multipart()
+            self.kv_received.append(decoder.decode(frame))
 
     async def _answer(self, identity: bytes, request: ProxyRequest) -> None:
         if self.mode == "silent":
@@ -167,6 +192,7 @@ class FakeInstance:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.router.close(linger=0)
+        self.kv_router.close(linger=0)
         self.dealer.close(linger=0)
 
 
@@ -350,17 +376,73 @@ def test_streaming_is_passed_through_byte_for_byte():
     run(scenario())
 
 
-def test_one_kv_both_instance_serves_both_legs():
+def test_kv_both_instances_run_requests_alone_unless_a_producer_is_less_loaded():
+    """A pool of kv_both instances balances whole requests (one leg each, no KV transfer); a
+    less loaded kv_producer prefills for a kv_both decoder; a lone kv_consumer gets its
+    prefill from a kv_both instance."""
     async def scenario() -> None:
         async with proxy() as h:
-            both = await h.instance("b0", "kv_both")
+            b0 = await h.instance("b0", "kv_both")
+            b1 = await h.instance("b1", "kv_both")
             assert (await h.http.get("/health")).status_code == 200
+            for _ in range(4):
+                r = await h.http.post("/v1/completions", json=completion())
+                assert r.status_code == 200 and r.content == b"".join(JSON_CHUNKS)
+            for both in (b0, b1):  # two requests each, round robin, each a plain request
+                assert len(both.requests()) == 2
+                assert all(not q.do_remote_decode and q.push_to is None
+                           and q.kv_transfer_params == [] for q in both.requests())
+            assert 'role="colocated"' in await h.metrics()
+            b0.load = b1.load = Load(num_running=5)
+            p0 = await h.instance("p0", "kv_producer")
+            await eventually(lambda: all(i.load.num_running == 5 for i in h.pool.instances()
+                                         if i.instance_id != "p0"))
             r = await h.http.post("/v1/completions", json=completion())
-            assert r.status_code == 200 and r.content == b"".join(JSON_CHUNKS)
-            prefill, decode = both.requests()
-            assert prefill.do_remote_decode and not decode.do_remote_decode
-            assert prefill.push_to is not None and prefill.push_to.kv_endpoint == both.kv_endpoint
-            assert decode.kv_transfer_params == both.params and both.aborts() == []
+            assert r.status_code == 200
+            (prefill,) = p0.requests()
+            assert prefill.do_remote_decode and prefill.push_to is not None
+            decoder = b0 if len(b0.requests()) == 3 else b1
+            assert decoder.requests()[-1].kv_transfer_params == p0.params
+        async with proxy() as h:
+            d0 = await h.instance("d0", "kv_consumer")
+            b0 = await h.instance("b0", "kv_both")
+            b0.load = Load(num_running=9)  # the lone consumer decodes all the same
+            await eventually(lambda: h.pool.registry.instances["b0"].load.num_running == 9)
+            r = await h.http.post("/v1/completions", json=completion())
+            assert r.status_code == 200
+            (prefill,) = b0.requests()
+            assert prefill.do_remote_decode and d0.requests()[0].kv_transfer_params == b0.params
+
+    run(scenario())
+
+
+def test_routing_follows_reported_load_and_a_new_instance_takes_work_at_once():
+    async def scenario() -> None:
+        async with proxy() as h:
+            p0 = await h.instance("p0", "kv_producer")
+            d0 = await h.instance("d0", "kv_consumer")
+            d1 = await h.instance("d1", "kv_consumer")
+            d0.load = Load(num_running=3, num_free_blocks=10, num_total_blocks=100)
+            d1.load = Load(num_running=1, num_waiting=4, num_free_blocks=90,
+                           num_total_blocks=100)
+            await eventually(lambda: h.pool.registry.instances["d1"].load.num_waiting == 4)
+            r = await h.http.post("/v1/completions", json=completion())
+            assert r.status_code == 200 and len(d0.requests()) == 1 and not d1.requests()
+            d1.load = Load(num_running=3, num_free_blocks=90, num_total_blocks=100)
+            registry = h.pool.registry
+            await eventually(lambda: registry.instances["d1"].load.num_waiting == 0
+                             and registry.instances["d0"].picked_since_beat == 0)
+            r = await h.http.post("/v1/completions", json=completion())  # equal load: the
+            assert r.status_code == 200 and len(d1.requests()) == 1  # emptier KV cache wins
+            d2 = await h.instance("d2", "kv_consumer")  # joins idle: takes the next ones
+            for _ in range(2):
+                assert (await h.http.post("/v1/completions", json=completion())).status_code \
+                    == 200
+            assert len(d2.requests()) == 2
+            assert len(p0.requests()) == 4
+            text = await h.metrics()
+            assert 'ppengine:proxy_instance_load{instance="d0",role="kv_consumer"} 3.0' in text
+            assert "ppengine:proxy_unrouted_responses_total 0.0" in text
 
     run(scenario())
 
@@ -402,6 +484,7 @@ def test_registration_refuses_mismatches_and_survives_garbage():
             nowhere = FakeInstance(h.ctx, h.pool.discovery_address, "d3", "kv_consumer")
             h.instances.append(nowhere)
             nowhere.router = h.ctx.socket(zmq.ROUTER)  # registers a bogus request address
+            nowhere.kv_router = h.ctx.socket(zmq.ROUTER)
             nowhere.dealer = h.ctx.socket(zmq.DEALER)
             nowhere.dealer.setsockopt(zmq.LINGER, 0)
             nowhere.dealer.connect(h.pool.discovery_address)
@@ -410,6 +493,15 @@ def test_registration_refuses_mismatches_and_survives_garbage():
             reply = msgspec.msgpack.decode(await asyncio.wait_for(nowhere.dealer.recv(), 3),
                                            type=RegisterReply)
             assert reply.error is not None and "not an endpoint" in reply.error
+            # without keys, an instance on another host is refused (its prompts would travel
+            # in the clear): loopback only, unless the proxy runs with --insecure-tcp
+            await nowhere.dealer.send(ENCODER.encode(Register(
+                "d3", "kv_consumer", "tcp://10.9.8.7:5000", "tcp://127.0.0.1:1", FIELDS,
+                model_name=MODEL)))
+            reply = msgspec.msgpack.decode(await asyncio.wait_for(nowhere.dealer.recv(), 3),
+                                           type=RegisterReply)
+            assert reply.error is not None and "not on this host" in reply.error
+            assert "10.9.8.7" in reply.error
             assert set(h.pool.registry.instances) == {"p0"}
             assert (await h.http.get("/health")).status_code == 503
             await h.instance("d2", "kv_consumer")  # a good one still gets in
@@ -503,7 +595,11 @@ def test_many_concurrent_requests_all_complete_and_loads_return_to_zero():
             for i, answer in enumerate(answers):
                 assert answer == b"".join(JSON_CHUNKS if i % 2 else SSE_CHUNKS)
             assert all(i.in_flight == 0 for i in h.pool.instances())
-            assert sum(len(f.requests()) for f in h.instances) == 120  # 60 prefills, 60 decodes
+            legs = [q for f in h.instances for q in f.requests()]
+            prefills = [q for q in legs if q.do_remote_decode]
+            colocated = [q for q in legs if not q.do_remote_decode and not q.kv_transfer_params]
+            assert len(legs) - len(prefills) == 60  # one decode (or colocated) leg each
+            assert len(prefills) + len(colocated) == 60  # the rest were prefilled apart
 
     run(scenario())
 
@@ -517,6 +613,9 @@ def test_decode_timeout_is_504_and_aborted():
             assert r.status_code == 504 and r.json()["error"]["code"] == "instance_timeout"
             assert "decode instance d0" in r.json()["error"]["message"]
             await eventually(lambda: len(d.aborts()) == 1)
+            # D never took the KV: P's lease on it ends now, and D drops what was pushed
+            await eventually(lambda: _p.kv_received == [ReleaseKV("lease-x")]
+                             and d.kv_received == [ReleaseKV("lease-x")])
 
     run(scenario())
 
@@ -563,6 +662,11 @@ def test_client_disconnect_aborts_the_request_on_the_instance(leg):
             assert target.aborts()[0].request_id == target.requests()[0].request_id
             if leg == "prefill":
                 assert d.received == []
+            elif leg == "decode":  # gone before D took the KV: P's lease ends at once
+                await eventually(lambda: p.kv_received == [ReleaseKV("lease-x")])
+            else:  # D was streaming: it had the KV, nothing to release
+                await asyncio.sleep(0.2)
+                assert p.kv_received == []
             assert p.aborts() == [] or leg == "prefill"
             await eventually(lambda: all(i.in_flight == 0 for i in h.pool.instances()))
             text = await h.metrics()
@@ -610,8 +714,11 @@ def test_curve_keys_admit_only_instances_with_the_client_key(tmp_path):
 
 
 def test_proxy_command_refuses_tcp_without_keys_and_a_port_in_use(capsys):
-    assert cli_main(["proxy", "--port", "0", "--discovery-port", "0"]) == 2
-    assert "--insecure-tcp" in capsys.readouterr().err
+    """Loopback discovery needs no keys; any other address needs keys or --insecure-tcp."""
+    assert cli_main(["proxy", "--port", "0", "--discovery-port", "0",
+                     "--discovery-host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "--insecure-tcp" in err and "0.0.0.0" in err
     busy = listen("127.0.0.1", 0)
     busy.listen()
     try:

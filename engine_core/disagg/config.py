@@ -20,7 +20,9 @@ class KVTransferConfig:
     `kv_role`: kv_producer (prefills and sends KV), kv_consumer (receives KV and decodes) or
     kv_both. `kv_port`: where this instance's KV endpoint listens, on `kv_ip` (the address
     peers reach it at; the proxy-facing request socket binds there too, on a free port).
-    `proxy_address`: host:port of the proxy's discovery socket. `send_type`: PUT (P pushes
+    `proxy_address`: host:port of a proxy's discovery socket, or several, comma-separated: the
+    instance registers and heartbeats with each, and answers each request to the proxy that
+    sent it. `send_type`: PUT (P pushes
     after prefill), GET (D pulls), PUT_ASYNC (P pushes from a background sender).
     `kv_buffer_size`: bytes of pushed KV a consumer buffers at most until its requests
     arrive. `lease_ttl_s`: how long a producer holds a prompt's blocks for a decoder that
@@ -48,10 +50,17 @@ class KVTransferConfig:
         if type(self.kv_port) is not int or not 0 < self.kv_port < 65536:
             raise ValueError(f"kv_port must be an integer port in 1..65535, got {self.kv_port!r}")
         if not isinstance(self.proxy_address, str):
-            raise ValueError(f"proxy_address must be 'host:port', got {self.proxy_address!r}")
-        host, _, port = self.proxy_address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"proxy_address must be 'host:port', got {self.proxy_address!r}")
+            raise ValueError(f"proxy_address must be 'host:port[,host:port...]', "
+                             f"got {self.proxy_address!r}")
+        addresses = self.proxy_addresses
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"proxy_address must be 'host:port[,host:port...]', "
+                                 f"got {self.proxy_address!r}")
+        if not addresses or len(set(addresses)) != len(addresses):
+            raise ValueError(f"proxy_address must name each proxy once, "
+                             f"got {self.proxy_address!r}")
         if not isinstance(self.kv_ip, str) or not self.kv_ip or any(
                 c in self.kv_ip for c in "/ *"):
             raise ValueError(f"kv_ip must be a host address peers can reach, got {self.kv_ip!r}")
@@ -76,9 +85,9 @@ class KVTransferConfig:
         return self.kv_role in ("kv_consumer", "kv_both")
 
     @property
-    def proxy_host_port(self) -> tuple[str, int]:
-        host, _, port = self.proxy_address.rpartition(":")
-        return host, int(port)
+    def proxy_addresses(self) -> list[str]:
+        """Each proxy's discovery address, 'host:port'."""
+        return [a.strip() for a in self.proxy_address.split(",") if a.strip()]
 
     @classmethod
     def from_json(cls, text: str) -> KVTransferConfig:

@@ -1,9 +1,12 @@
 """The proxy's registry of prefill and decode instances.
 
-Instances register (role, request address, KV endpoint, KV layout fields) and heartbeat; the proxy
-picks the least loaded instance of a role. An instance whose KV layout differs from the
-instances already registered is refused with a message naming the difference, so no P/D pair
-can ever exchange incompatible KV. The registry is pure bookkeeping (no sockets, injectable
+Instances register (role, request address, KV endpoint, KV layout fields) as their first beat,
+then heartbeat about every second with their load (running and waiting requests, free KV blocks);
+an instance silent for `heartbeat_timeout_s` (about three missed beats) is forgotten, and one that
+beats again later simply registers anew. The proxy routes each request to the least loaded pair
+(`Registry.pick_pair`). An instance whose KV layout differs from the instances already registered
+is refused with a message naming the difference, so no P/D pair can ever exchange incompatible
+KV. The registry is pure bookkeeping (no sockets, injectable
 clock); the proxy's discovery socket feeds it the messages below.
 """
 
@@ -11,21 +14,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Annotated
 
 import msgspec
 
 from engine_core.disagg.compat import kv_compat_mismatch
 
-__all__ = ["DiscoveryMessage", "Heartbeat", "HeartbeatReply", "InstanceInfo", "NoInstanceError",
-           "Register", "RegisterReply", "Registry"]
+__all__ = ["DiscoveryMessage", "Heartbeat", "HeartbeatReply", "InstanceInfo", "Load",
+           "NoInstanceError", "Register", "RegisterReply", "Registry"]
 
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**40)]  # a frame with another value is dropped
 PRODUCER_ROLES = ("kv_producer", "kv_both")
 CONSUMER_ROLES = ("kv_consumer", "kv_both")
 
 
+class Load(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An instance's engine load: requests running and waiting, and its KV blocks."""
+
+    num_running: Count = 0
+    num_waiting: Count = 0
+    num_free_blocks: Count = 0
+    num_total_blocks: Count = 0
+
+
 class Register(msgspec.Struct, tag=True):
-    """Instance -> proxy: join (and re-join after a proxy restart)."""
+    """Instance -> proxy: join, as the instance's first beat (and again after a proxy restart,
+    which forgets it). Carries the load like a `Heartbeat`."""
 
     instance_id: str
     role: str  # a KVTransferConfig.kv_role
@@ -35,16 +50,19 @@ class Register(msgspec.Struct, tag=True):
     send_type: str = "PUT"  # how a producer hands KV over (KVTransferConfig.send_type)
     model_name: str = ""  # the served model name clients use
     max_model_len: int = 0
+    load: Load | None = None
 
 
 class Heartbeat(msgspec.Struct, tag=True):
+    """Instance -> proxy, about every second: still alive, and its load now."""
+
     instance_id: str
-    num_running: int = 0
-    num_waiting: int = 0
+    load: Load = Load()
 
 
 class RegisterReply(msgspec.Struct, tag=True):
     error: str | None = None  # why the instance was refused
+    proxy_id: str = ""  # the proxy's return address: requests it sends carry it as `reply_to`
 
 
 class HeartbeatReply(msgspec.Struct, tag=True):
@@ -58,9 +76,23 @@ DiscoveryMessage = Register | Heartbeat
 class InstanceInfo:
     register: Register
     last_seen: float
-    load: int = 0  # running + waiting, from its last heartbeat
+    load: Load = field(default_factory=Load)  # from its last beat
     in_flight: int = 0  # requests the proxy has sent it and not seen finish
+    picked_since_beat: int = 0  # routed to it since its last beat (not in `load` yet)
     num_picked: int = 0  # requests routed to it so far
+
+    @property
+    def instance_id(self) -> str:
+        return self.register.instance_id
+
+    def routing_key(self) -> tuple[int, float, int, str]:
+        """Lower is better: the load (what it reported plus what this proxy sent since, or this
+        proxy's own open requests if more), then the fuller KV cache, then the least picked
+        (round robin among equals)."""
+        reported = self.load.num_running + self.load.num_waiting + self.picked_since_beat
+        total = self.load.num_total_blocks
+        free = self.load.num_free_blocks / total if total else 1.0
+        return max(reported, self.in_flight), -free, self.num_picked, self.instance_id
 
 
 class NoInstanceError(RuntimeError):
@@ -68,7 +100,7 @@ class NoInstanceError(RuntimeError):
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout_s: float = 10.0,
+    def __init__(self, heartbeat_timeout_s: float = 3.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
@@ -80,17 +112,20 @@ class Registry:
         if message.role not in PRODUCER_ROLES + CONSUMER_ROLES:
             return RegisterReply(f"unknown role {message.role!r}")
         for other in self.instances.values():
-            if other.register.instance_id == message.instance_id:
+            if other.instance_id == message.instance_id:
                 continue
             theirs, ours = other.register.model_name, message.model_name
             if theirs and ours and theirs != ours:
                 return RegisterReply(f"refused: this instance serves model {ours!r} but instance "
-                                     f"{other.register.instance_id} serves {theirs!r}")
+                                     f"{other.instance_id} serves {theirs!r}")
             mismatch = kv_compat_mismatch(other.register.compat_fields, message.compat_fields)
             if mismatch is not None:
-                return RegisterReply(f"refused: {mismatch} (instance "
-                                     f"{other.register.instance_id})")
-        self.instances[message.instance_id] = InstanceInfo(message, self.clock())
+                return RegisterReply(f"refused: {mismatch} (instance {other.instance_id})")
+        old = self.instances.get(message.instance_id)
+        info = InstanceInfo(message, self.clock(), message.load or Load())
+        if old is not None:  # a re-registration keeps the proxy's own counts
+            info.in_flight, info.num_picked = old.in_flight, old.num_picked
+        self.instances[message.instance_id] = info
         return RegisterReply()
 
     def heartbeat(self, message: Heartbeat) -> bool:
@@ -99,7 +134,8 @@ class Registry:
         if info is None:
             return False
         info.last_seen = self.clock()
-        info.load = message.num_running + message.num_waiting
+        info.load = message.load
+        info.picked_since_beat = 0
         return True
 
     def expire(self) -> list[str]:
@@ -111,22 +147,39 @@ class Registry:
             del self.instances[instance_id]
         return gone
 
-    def pick(self, producer: bool, exclude: Collection[str] = ()) -> InstanceInfo:
-        """The least loaded live instance able to prefill (`producer`) or decode, other than the
-        ids in `exclude` (among equally loaded ones, the least picked so far); NoInstanceError
-        naming the missing role."""
-        self.expire()
+    def _candidates(self, producer: bool, exclude: Collection[str]) -> list[InstanceInfo]:
+        """The live instances able to prefill (`producer`) or decode, other than `exclude`;
+        NoInstanceError naming the role if there is none."""
         roles = PRODUCER_ROLES if producer else CONSUMER_ROLES
-        candidates = [info for info in self.instances.values()
-                      if info.register.role in roles and info.register.instance_id not in exclude]
-        if not candidates:
+        found = [info for info in self.instances.values()
+                 if info.register.role in roles and info.instance_id not in exclude]
+        if not found:
             role = "prefill (kv_producer)" if producer else "decode (kv_consumer)"
             raise NoInstanceError(f"no {role} instance is registered with the proxy")
-        # ties (idle instances) go to the one picked least so far: round robin
-        chosen = min(candidates, key=lambda info: (info.load + info.in_flight, info.num_picked,
-                                                   info.register.instance_id))
-        chosen.num_picked += 1
-        return chosen
+        return found
 
-    def pick_pair(self) -> tuple[InstanceInfo, InstanceInfo]:
-        return self.pick(producer=True), self.pick(producer=False)
+    def pick(self, producer: bool, exclude: Collection[str] = ()) -> InstanceInfo:
+        """The least loaded live instance able to prefill (`producer`) or decode, other than the
+        ids in `exclude` (`InstanceInfo.routing_key`); NoInstanceError naming the missing role.
+        Not counted as routed: see `pick_pair`."""
+        self.expire()
+        return min(self._candidates(producer, exclude), key=InstanceInfo.routing_key)
+
+    def pick_pair(self, exclude: Collection[str] = ()) -> tuple[InstanceInfo, InstanceInfo]:
+        """Prefill and decode instances for one request, counted as routed to them.
+
+        D is the least loaded decoder (kv_consumer or kv_both). P is the least loaded of the
+        pure kv_producers and, if D is kv_both, D itself: P is D when no producer is less
+        loaded, and the request then runs on D alone with no KV transfer (colocated). With
+        neither, the least loaded kv_both instance prefills for D."""
+        self.expire()
+        producers = self._candidates(True, exclude)
+        decode = min(self._candidates(False, exclude), key=InstanceInfo.routing_key)
+        options = [info for info in producers if info.register.role == "kv_producer"]
+        if decode.register.role == "kv_both":
+            options.append(decode)
+        prefill = min(options or producers, key=InstanceInfo.routing_key)
+        for info in {prefill.instance_id: prefill, decode.instance_id: decode}.values():
+            info.num_picked += 1
+            info.picked_since_beat += 1
+        return prefill, decode

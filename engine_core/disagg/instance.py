@@ -1,17 +1,23 @@
 """The instance side of disaggregated prefill/decode: what `pp-engine serve --kv-transfer-config`
 adds to a server.
 
-- **Registration**: a DEALER to the proxy's discovery socket sends `Register` (role, the address
-  of the request socket below, the KV endpoint, the KV layout fields) until the proxy answers,
-  then a `Heartbeat` every second with the engine's load; if the proxy has forgotten the
-  instance (it restarted), it registers again. A proxy that refuses the instance (its KV layout
-  differs from the instances already there) stops the server with the proxy's message.
+- **Registration**, with every proxy of `proxy_address` (a comma-separated list): a DEALER to
+  each proxy's discovery socket sends `Register` (role, the address of the request socket below,
+  the KV endpoint, the KV layout fields, the load) until that proxy answers with its id, then a
+  `Heartbeat` with the engine's load every second. A proxy that has forgotten the instance (it
+  restarted) gets a `Register` again. A proxy that refuses the instance (its KV layout differs
+  from the instances already there) stops the server with the proxy's message.
 - **Requests**: a ROUTER, bound on a free port of `kv_ip`, takes `ProxyRequest`s (`wire.py`) and
   runs each through the server's own OpenAI app as an in-process ASGI call, so the answer is
   byte for byte what the HTTP route gives; the typed transfer parameters ride along in the ASGI
   scope's state (`KVTransferContext`), never in the JSON body. Each response message goes back
-  as it is produced (one chunk per SSE event). A `ProxyAbort`, or a proxy that is gone, is a
-  client disconnect to the app: the request is aborted and its KV blocks freed.
+  as it is produced (one chunk per SSE event) to the request's `reply_to`: the proxy that
+  accepted it, which must be one this instance is registered with.
+- **Faults**: a `ProxyAbort`, or a proxy that is gone, is a client disconnect to the app: the
+  request is aborted and its KV blocks freed. A proxy that answers no heartbeat for
+  `PROXY_TIMEOUT_S` is dropped: the requests it sent are aborted, its return address is
+  forgotten (a request naming it is refused), and the instance keeps trying to register there,
+  so a restarted proxy gets it back.
 
 Every socket here is tcp, CurveZMQ with the instance's key directory (the proxy and the
 instances share it, like `pp-engine keys` for data parallelism).
@@ -24,6 +30,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +42,7 @@ import zmq.asyncio
 
 from engine_core.disagg.compat import kv_compat_fields
 from engine_core.disagg.config import KVTransferConfig
-from engine_core.disagg.discovery import Heartbeat, HeartbeatReply, Register, RegisterReply
+from engine_core.disagg.discovery import Heartbeat, HeartbeatReply, Load, Register, RegisterReply
 from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.disagg.wire import (
     ProxyAbort,
@@ -59,7 +66,8 @@ logger = logging.getLogger(__name__)
 
 KV_TRANSFER_STATE = "kv_transfer"  # the key of a `KVTransferContext` in the ASGI scope's state
 HEARTBEAT_S = 1.0
-REGISTER_RETRY_S = 2.0
+REGISTER_RETRY_S = 1.0
+PROXY_TIMEOUT_S = 3.0  # three unanswered heartbeats: the proxy is gone
 MAX_PROXY_MESSAGE_BYTES = 64 << 20  # a request body is far smaller (the proxy caps bodies)
 
 
@@ -88,13 +96,23 @@ class KVTransferContext:
         return [self.params_out.get(i) for i in range(count)]
 
 
+@dataclass
+class ProxyLink:
+    """This instance's standing with one proxy: `proxy_id` (its return address) while
+    registered, and when that proxy last answered."""
+
+    address: str  # host:port of its discovery socket
+    proxy_id: str | None = None
+    last_reply: float = 0.0
+
+
 class DisaggInstance:
-    """Serves `app` to the proxy at `kv_config.proxy_address`. Start with `start()` on the event
-    loop, stop with `close()`. `load()` gives the engine's (running, waiting) requests for the
-    heartbeats; `on_refused(message)` is called if the proxy refuses us."""
+    """Serves `app` to the proxies of `kv_config.proxy_address`. Start with `start()` on the
+    event loop, stop with `close()`. `load()` gives the engine's load for the heartbeats;
+    `on_refused(message)` is called if a proxy refuses us."""
 
     def __init__(self, app: Callable, kv_config: KVTransferConfig, compat_fields: dict[str, str],
-                 model_name: str, max_model_len: int, load: Callable[[], tuple[int, int]],
+                 model_name: str, max_model_len: int, load: Callable[[], Load],
                  on_refused: Callable[[str], None], api_key: str | None = None) -> None:
         self.app = app
         self.kv_config = kv_config
@@ -107,7 +125,8 @@ class DisaggInstance:
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.kv_endpoint = f"tcp://{kv_config.kv_ip}:{kv_config.kv_port}"
         self.request_address = ""
-        self.registered = asyncio.Event()
+        self.links = [ProxyLink(address) for address in kv_config.proxy_addresses]
+        self.registered = asyncio.Event()  # set while registered with at least one proxy
         self.bad_frames = WarningLimiter(logger)
         keys_dir = kv_config.zmq_keys
         self._server_keys = load_server_keys(keys_dir) if keys_dir is not None else None
@@ -116,7 +135,7 @@ class DisaggInstance:
         self._auth: CurveAuthenticator | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._aborts: dict[str, asyncio.Event] = {}
+        self._aborts: dict[tuple[str, str], asyncio.Event] = {}  # (proxy id, request id)
         self._encoder = msgspec.msgpack.Encoder()
 
     @classmethod
@@ -125,9 +144,14 @@ class DisaggInstance:
                    ) -> DisaggInstance:
         """The instance of a server over `llm` (an AsyncLLM with a KV transfer config)."""
         config = llm.config
+
+        def load() -> Load:
+            stats = llm.stats
+            return Load(stats.num_running, stats.num_waiting, stats.num_free_blocks,
+                        stats.num_total_blocks)
+
         return cls(app, config.kv_transfer, kv_compat_fields(config), model_name,
-                   config.scheduler.max_model_len,
-                   lambda: (llm.stats.num_running, llm.stats.num_waiting), on_refused, api_key)
+                   config.scheduler.max_model_len, load, on_refused, api_key)
 
     async def start(self) -> None:
         """Bind the request socket and start registering (in the background: the proxy may
@@ -137,6 +161,7 @@ class DisaggInstance:
                                             self._server_keys)
         router = self._ctx.socket(zmq.ROUTER)
         prepare_router(router, self._server_keys, MAX_PROXY_MESSAGE_BYTES)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a proxy that reconnects takes its id back
         try:
             router.bind(f"tcp://{self.kv_config.kv_ip}:*")
         except zmq.ZMQError as exc:
@@ -146,7 +171,8 @@ class DisaggInstance:
         self._router = router
         self.request_address = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._spawn(self._serve_requests())
-        self._spawn(self._register_and_heartbeat())
+        for link in self.links:
+            self._spawn(self._register_and_heartbeat(link))
 
     async def close(self) -> None:
         """Stop serving: abort the requests in progress, close every socket."""
@@ -173,27 +199,30 @@ class DisaggInstance:
     def _register_message(self) -> Register:
         return Register(self.instance_id, self.kv_config.kv_role, self.request_address,
                         self.kv_endpoint, self.compat_fields, self.kv_config.send_type,
-                        self.model_name, self.max_model_len)
+                        self.model_name, self.max_model_len, self.load())
 
-    async def _register_and_heartbeat(self) -> None:
+    async def _register_and_heartbeat(self, link: ProxyLink) -> None:
+        """Register with one proxy, then heartbeat to it; drop it when it stops answering and
+        register again when it is back."""
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.SNDHWM, 16)
         secure_client(dealer, self._client_keys)
-        dealer.connect(f"tcp://{self.kv_config.proxy_address}")
+        dealer.connect(f"tcp://{link.address}")
         decoder = msgspec.msgpack.Decoder(RegisterReply | HeartbeatReply)
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                if not self.registered.is_set():
+                if link.proxy_id is None:
                     message: Register | Heartbeat = self._register_message()
                     wait_s = REGISTER_RETRY_S
                 else:
-                    message = Heartbeat(self.instance_id, *self.load())
+                    message = Heartbeat(self.instance_id, self.load())
                     wait_s = HEARTBEAT_S
                 with contextlib.suppress(zmq.Again):  # no proxy (yet): the next round retries
                     await dealer.send(self._encoder.encode(message), zmq.NOBLOCK)
-                deadline = asyncio.get_running_loop().time() + wait_s
-                while (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+                deadline = loop.time() + wait_s
+                while (remaining := deadline - loop.time()) > 0:
                     if not await dealer.poll(remaining * 1000):
                         break
                     try:
@@ -201,23 +230,42 @@ class DisaggInstance:
                     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                         self.bad_frames.warning("dropped a bad discovery reply: %s", exc)
                         continue
+                    link.last_reply = time.monotonic()
                     if isinstance(reply, RegisterReply):
                         if reply.error is not None:
                             logger.error("the proxy at %s refused this instance: %s",
-                                         self.kv_config.proxy_address, reply.error)
+                                         link.address, reply.error)
                             self.on_refused(reply.error)
                             return
-                        if not self.registered.is_set():
-                            logger.info("registered with the proxy at %s as %s (%s)",
-                                        self.kv_config.proxy_address, self.instance_id,
+                        if link.proxy_id is None and reply.proxy_id:
+                            logger.info("registered with the proxy %s at %s as %s (%s)",
+                                        reply.proxy_id, link.address, self.instance_id,
                                         self.kv_config.kv_role)
-                        self.registered.set()
-                    elif not reply.known:  # the proxy restarted: join again
-                        logger.warning("the proxy forgot this instance; registering again")
-                        self.registered.clear()
+                            link.proxy_id = reply.proxy_id
+                            self.registered.set()
+                    elif not reply.known and link.proxy_id is not None:  # it restarted
+                        self._drop_proxy(link, "forgot this instance (it restarted)")
                         break
+                if (link.proxy_id is not None
+                        and time.monotonic() - link.last_reply > PROXY_TIMEOUT_S):
+                    self._drop_proxy(link, f"answered no heartbeat for {PROXY_TIMEOUT_S:g} s")
         finally:
             dealer.close(linger=0)
+
+    def _drop_proxy(self, link: ProxyLink, reason: str) -> None:
+        """Forget a proxy's return address and abort the requests it sent; registering with
+        it again starts at once."""
+        proxy_id, link.proxy_id = link.proxy_id, None
+        aborted = [event for (sender, _), event in self._aborts.items() if sender == proxy_id]
+        for event in aborted:
+            event.set()
+        logger.warning("the proxy %s at %s %s: dropped it, %d of its request(s) aborted; "
+                       "registering again", proxy_id, link.address, reason, len(aborted))
+        if not any(other.proxy_id is not None for other in self.links):
+            self.registered.clear()
+
+    def _is_live_proxy(self, proxy_id: str) -> bool:
+        return any(link.proxy_id == proxy_id for link in self.links)
 
     # ---- requests -----------------------------------------------------------------------------
     async def _serve_requests(self) -> None:
@@ -235,22 +283,30 @@ class DisaggInstance:
                 self.bad_frames.warning("dropped a bad proxy message (%d bytes): %s",
                                         len(payload), exc)
                 continue
+            sender = identity.decode(errors="replace")
             if isinstance(message, ProxyAbort):
-                event = self._aborts.get(message.request_id)
+                event = self._aborts.get((sender, message.request_id))
                 if event is not None:
                     event.set()
-            elif message.request_id in self._aborts:
+            elif message.reply_to != sender or not self._is_live_proxy(sender):
+                self.bad_frames.warning("dropped request %r: its return address %r is not a "
+                                        "proxy this instance is registered with",
+                                        message.request_id[:64], message.reply_to[:64])
+            elif (sender, message.request_id) in self._aborts:
                 self.bad_frames.warning("dropped a duplicate request id %r",
                                         message.request_id[:64])
             else:
-                self._aborts[message.request_id] = asyncio.Event()
-                self._spawn(self._serve_request(identity, message))
+                self._aborts[(sender, message.request_id)] = asyncio.Event()
+                self._spawn(self._serve_request(message))
 
-    async def _serve_request(self, identity: bytes, request: ProxyRequest) -> None:
-        """Run one proxied request through the app, sending its response back as it comes."""
+    async def _serve_request(self, request: ProxyRequest) -> None:
+        """Run one proxied request through the app, sending its response back to the proxy
+        that sent it (`reply_to`) as it comes."""
         assert self._router is not None
         request_id = request.request_id
-        aborted = self._aborts[request_id]
+        key = (request.reply_to, request_id)
+        aborted = self._aborts[key]
+        return_address = request.reply_to.encode()
         context = KVTransferContext(request.do_remote_decode, request.push_to,
                                     list(request.kv_transfer_params))
         head_sent = False
@@ -258,7 +314,8 @@ class DisaggInstance:
 
         async def reply(message: ResponseHead | ResponseChunk) -> None:
             try:
-                await self._router.send_multipart([identity, self._encoder.encode(message)])
+                await self._router.send_multipart([return_address,
+                                                   self._encoder.encode(message)])
             except zmq.ZMQError as exc:  # the proxy is gone: stop the work
                 logger.warning("cannot answer the proxy for %s (%s); aborting it", request_id,
                                exc)
@@ -317,4 +374,4 @@ class DisaggInstance:
         finally:
             if head_sent and not body_sent and not aborted.is_set():
                 await reply(ResponseChunk(request_id, b"", True))  # never leave it hanging
-            self._aborts.pop(request_id, None)
+            self._aborts.pop(key, None)

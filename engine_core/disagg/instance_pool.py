@@ -4,6 +4,11 @@ requests waiting on each.
     instance DEALER --Register/Heartbeat--> discovery ROUTER (bound by the proxy)
     proxy DEALER (one per instance) --ProxyRequest/ProxyAbort--> instance ROUTER
     proxy DEALER <--ResponseHead/ResponseChunk-- instance ROUTER
+    proxy DEALER (one per KV endpoint) --ReleaseKV--> instance KV endpoint
+
+The proxy's id (`proxy_id`, random per start) is its return address: it answers every
+registration, is the routing id of each of its DEALERs, and every ProxyRequest carries it as
+`reply_to`, so instances shared by several proxies answer each request to the one that sent it.
 
 Every message is one msgpack frame (`discovery.py`, `wire.py`); the discovery ROUTER replies
 with the frames the instance sent before its message (a REQ-style empty delimiter, if any)
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,6 +49,8 @@ from engine_core.disagg.discovery import (
     RegisterReply,
     Registry,
 )
+from engine_core.disagg.kv_wire import ReleaseKV
+from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.disagg.wire import (
     InstanceMessage,
     ProxyAbort,
@@ -56,6 +64,7 @@ from engine_core.transport import (
     CurveAuthenticator,
     CurveKeys,
     WarningLimiter,
+    is_loopback_host,
     load_client_keys,
     load_server_keys,
     prepare_router,
@@ -188,7 +197,10 @@ class InstancePool:
         self._discovery_decoder = msgspec.msgpack.Decoder(DiscoveryMessage)
         self._instance_decoder = msgspec.msgpack.Decoder(InstanceMessage)
         self._warnings = WarningLimiter(logger)
+        self.proxy_id = f"proxy-{uuid.uuid4().hex[:16]}"
+        self.num_unrouted = 0  # instance messages that matched no open leg
         self._connections: dict[str, _Connection] = {}
+        self._kv_sockets: dict[str, zmq.asyncio.Socket] = {}  # by instance id: for ReleaseKV
         self._legs: dict[tuple[str, str], Leg] = {}
         self._ctx: zmq.asyncio.Context | None = None
         self._router: zmq.asyncio.Socket | None = None
@@ -237,6 +249,9 @@ class InstancePool:
         self._tasks = []
         for instance_id in list(self._connections):
             self._drop(instance_id, "is gone: the proxy is shutting down")
+        for sock in self._kv_sockets.values():
+            sock.close(linger=0)
+        self._kv_sockets.clear()
         if self._router is not None:
             self._router.close(linger=0)
             self._router = None
@@ -252,6 +267,12 @@ class InstancePool:
         """The least loaded live instance of the role; NoInstanceError naming the role."""
         self._reconcile()
         return self.registry.pick(producer, exclude)
+
+    def pick_pair(self, exclude: Collection[str] = ()) -> tuple[InstanceInfo, InstanceInfo]:
+        """Prefill and decode instances for a request (`Registry.pick_pair`: the same instance
+        for both means colocated); NoInstanceError naming the missing role."""
+        self._reconcile()
+        return self.registry.pick_pair(exclude)
 
     def has_instance(self, producer: bool, exclude: Collection[str] = ()) -> bool:
         try:
@@ -294,7 +315,42 @@ class InstancePool:
             # Legs are routed by (instance, request id) from their request on: the two legs of
             # a request on one kv_both instance share the id, one after the other.
             self._legs[(leg.instance_id, leg.request_id)] = leg
+            message = msgspec.structs.replace(message, reply_to=self.proxy_id)
         connection.outbox.put_nowait(self.encoder.encode(message))
+
+    def release_kv(self, params: list[KVTransferParams | None], decode: InstanceInfo) -> None:
+        """A request ended before its decode instance took the KV its prefill instance holds
+        for it: tell the prefill instance to end those leases now (and the decode instance to
+        drop what was pushed to it), rather than at their expiry. Only registered endpoints are
+        sent to; never blocks, and a send that cannot go out is dropped (the leases expire)."""
+        for param in params:
+            if param is None or not param.lease_id or not param.block_ids:
+                continue
+            targets = [info for info in self.registry.instances.values()
+                       if info.register.kv_endpoint == param.kv_endpoint]
+            if param.send_type != "GET" and decode.instance_id in self.registry.instances:
+                targets.append(decode)
+            for info in targets:
+                self._send_kv_control(info, ReleaseKV(param.lease_id))
+
+    def _send_kv_control(self, info: InstanceInfo, message: ReleaseKV) -> None:
+        assert self._ctx is not None
+        sock = self._kv_sockets.get(info.instance_id)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 1000)
+            secure_client(sock, self._client_keys)
+            try:
+                sock.connect(info.register.kv_endpoint)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                self._warnings.warning("cannot reach the KV endpoint %r of %s: %s",
+                                       info.register.kv_endpoint, info.instance_id, exc)
+                return
+            self._kv_sockets[info.instance_id] = sock
+        with contextlib.suppress(zmq.Again):
+            sock.send(self.encoder.encode(message), zmq.NOBLOCK)
 
     def _forget(self, leg: Leg) -> None:
         key = (leg.instance_id, leg.request_id)
@@ -326,6 +382,14 @@ class InstancePool:
 
     def _register(self, message: Register) -> RegisterReply:
         instance_id = message.instance_id
+        if self._client_keys is None and not self.config.insecure_tcp:
+            for name, address in (("request_address", message.request_address),
+                                  ("kv_endpoint", message.kv_endpoint)):
+                host = address.removeprefix("tcp://").rpartition(":")[0]
+                if not is_loopback_host(host):
+                    return RegisterReply(f"refused: {name} {address!r} is not on this host and "
+                                         f"the proxy runs without CurveZMQ keys (pass "
+                                         f"--zmq-keys, or --insecure-tcp)")
         reply = self.registry.register(message)
         if reply.error is not None:
             logger.warning("refused instance %s (%s at %s): %s", instance_id, message.role,
@@ -345,7 +409,7 @@ class InstancePool:
                     message.role, message.request_address, message.kv_endpoint,
                     message.send_type)
         self._reconcile()
-        return reply
+        return RegisterReply(proxy_id=self.proxy_id)
 
     def _heartbeat(self, message: Heartbeat) -> bool:
         self._reconcile()  # an instance past its timeout is gone, even if it beats again now
@@ -373,6 +437,7 @@ class InstancePool:
         assert self._ctx is not None
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.proxy_id.encode())  # the instance answers here
         secure_client(sock, self._client_keys)
         try:
             sock.connect(address)
@@ -390,6 +455,9 @@ class InstancePool:
         for task in connection.tasks:
             task.cancel()
         connection.socket.close(linger=0)
+        kv_socket = self._kv_sockets.pop(instance_id, None)
+        if kv_socket is not None:
+            kv_socket.close(linger=0)
         failed = [leg for (iid, _), leg in self._legs.items() if iid == instance_id]
         for leg in failed:
             leg.queue.put_nowait(_Gone(reason))
@@ -412,6 +480,8 @@ class InstancePool:
             leg = self._legs.get((connection.instance_id, message.request_id))
             if leg is not None:
                 leg.queue.put_nowait(message)
+            else:
+                self.num_unrouted += 1
 
     async def _write(self, connection: _Connection) -> None:
         while True:

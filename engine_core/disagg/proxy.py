@@ -5,8 +5,11 @@ socket and heartbeat every second (`instance_pool.py`). A client request then go
 
     1. validate   the body, with the same pydantic models as `pp-engine serve`: a bad one is a
                   400 from the proxy itself, no instance is contacted
-    2. pick       P = the least loaded prefill instance, D = the least loaded decode instance
-                  (503 naming the missing role if there is none)
+    2. pick       D = the least loaded decode instance, P = the least loaded prefill instance
+                  (by the load each reports in its heartbeats, plus what this proxy sent it
+                  since; 503 naming the missing role if there is none). If P is D (a kv_both
+                  instance no producer is less loaded than), the request runs there alone,
+                  as on a plain server: steps 3-4 become one leg with no KV transfer.
     3. prefill    P gets the body with max_tokens 1 and streaming off, `do_remote_decode`, and
                   (PUT/PUT_ASYNC) `push_to` = D's KV endpoint and a fresh lease id. P's answer
                   ends with the KV transfer params of each prompt. A non-200 answer from P
@@ -19,7 +22,12 @@ once when the instance stops heartbeating. A failure before anything reached the
 retried once on another pair (without the failed instance; if it was the only one of its role,
 the client gets the error: 502 instance failed, 504 timeout). A failure in the middle of a
 stream ends it with an SSE error event and `data: [DONE]`. A client that disconnects gets its
-request aborted (`ProxyAbort`) on the instance working on it.
+request aborted (`ProxyAbort`) on the instance working on it; if D had not taken the KV yet,
+P's leases on it end at once (`ReleaseKV` to P's KV endpoint) instead of at their expiry.
+
+Several proxies may share one pool of instances: each has its own id, which instances learn at
+registration and each request carries (`reply_to`), so every response goes to the proxy that
+accepted the request.
 
 In process (tests):
 
@@ -63,7 +71,7 @@ from engine_core.server.protocol import (
     error_body,
     validation_error,
 )
-from engine_core.transport import NO_KEYS_HELP, require_keys_for_tcp
+from engine_core.transport import require_keys_for_hosts
 
 __all__ = ["ProxyConfig", "build_proxy_app", "prefill_body", "run_proxy"]
 
@@ -83,7 +91,8 @@ class ProxyConfig:
     discovery_host: str = "127.0.0.1"
     discovery_port: int = 30001
     zmq_keys: str | None = None
-    heartbeat_timeout_s: float = 5.0
+    insecure_tcp: bool = False  # without keys, admit instances on other hosts all the same
+    heartbeat_timeout_s: float = 3.0
     request_timeout_s: float = 600.0
     api_key: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
@@ -189,7 +198,8 @@ class ProxyServing:
             return await self._attempt(route, body, prefix, arrival, exclude)
         except LegFailed as exc:
             exclude.add(exc.instance_id)
-            if not self.pool.has_instance(exc.producer, exclude):
+            if not (self.pool.has_instance(True, exclude)
+                    and self.pool.has_instance(False, exclude)):
                 raise
             logger.warning("%s; retrying on another pair", exc.message)
             self.metrics.retries.inc()
@@ -197,22 +207,37 @@ class ProxyServing:
 
     async def _attempt(self, route: str, body: bytes, prefix: str, arrival: float,
                        exclude: set[str]) -> Response | _Stream:
-        p_info = self.pool.pick(producer=True, exclude=exclude)
-        d_info = self.pool.pick(producer=False, exclude=exclude)
+        p_info, d_info = self.pool.pick_pair(exclude)
         request_id = f"{prefix}-{uuid.uuid4().hex}"  # a retry gets a new id
+        if p_info is d_info:  # a kv_both instance runs it alone: no KV to move
+            leg = self.pool.open(d_info, request_id, "colocated")
+            try:
+                return await self._decode(leg, route, body, [], arrival)
+            except BaseException:
+                leg.release()
+                raise
         prefill = self.pool.open(p_info, request_id, "prefill")
         decode = self.pool.open(d_info, request_id, "decode")
         try:
             params = await self._prefill(prefill, route, body, d_info)
-            if isinstance(params, Response):  # P refused the request: the client sees why
-                decode.release()
-                self.metrics.e2e.observe(time.perf_counter() - arrival)
-                return params
-            return await self._decode(decode, route, body, params, arrival)
         except BaseException:
             prefill.release()
             decode.release()
             raise
+        if isinstance(params, Response):  # P refused the request: the client sees why
+            decode.release()
+            self.metrics.e2e.observe(time.perf_counter() - arrival)
+            return params
+        try:
+            answer = await self._decode(decode, route, body, params, arrival)
+        except BaseException:  # D never took the KV: P need not hold it any longer
+            decode.release()
+            self.pool.release_kv(params, d_info)
+            raise
+        status = answer.head.status if isinstance(answer, _Stream) else answer.status_code
+        if status != 200:  # D refused the request: it took no KV either
+            self.pool.release_kv(params, d_info)
+        return answer
 
     async def _prefill(self, leg: Leg, route: str, body: bytes, d_info: InstanceInfo
                        ) -> list[KVTransferParams | None] | Response:
@@ -243,7 +268,7 @@ class ProxyServing:
         """Start the decode leg: a whole response (JSON), or the stream once its first chunk
         is here (until then a failure may still be retried)."""
         leg.send(ProxyRequest(leg.request_id, route, body, kv_transfer_params=params))
-        self.metrics.requests.labels(leg.instance_id, "decode").inc()
+        self.metrics.requests.labels(leg.instance_id, leg.role).inc()
         head = await leg.head()
         chunks = [await leg.chunk()]
         self.metrics.ttft.observe(time.perf_counter() - arrival)
@@ -364,7 +389,8 @@ def build_proxy_app(pool: InstancePool, config: ProxyConfig) -> FastAPI:
 # ---- pp-engine proxy ---------------------------------------------------------------------------
 def _config(args: argparse.Namespace) -> ProxyConfig:
     return ProxyConfig(discovery_host=args.discovery_host, discovery_port=args.discovery_port,
-                       zmq_keys=args.zmq_keys, heartbeat_timeout_s=args.heartbeat_timeout_s,
+                       zmq_keys=args.zmq_keys, insecure_tcp=args.insecure_tcp,
+                       heartbeat_timeout_s=args.heartbeat_timeout_s,
                        request_timeout_s=args.request_timeout_s, api_key=args.api_key,
                        max_request_bytes=args.max_request_bytes)
 
@@ -391,11 +417,9 @@ def run_proxy(args: argparse.Namespace) -> int:
     import uvloop
 
     config = _config(args)
-    # the discovery socket is tcp: keys, or an explicit --insecure-tcp, before binding anything
-    if args.zmq_keys is None and not args.insecure_tcp:
-        raise ValueError(f"the proxy's discovery socket is tcp and needs CurveZMQ keys: "
-                         f"{NO_KEYS_HELP}")
-    require_keys_for_tcp("tcp", args.zmq_keys, args.insecure_tcp)  # the keys can be read
+    # the discovery socket is tcp: keys, or loopback only, or an explicit --insecure-tcp
+    require_keys_for_hosts("the discovery socket", [args.discovery_host], args.zmq_keys,
+                           args.insecure_tcp)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("engine_core").addHandler(handler)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine_core.server.metrics import PREFIX
@@ -24,19 +24,34 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
-class _InstancesCollector(Collector):
-    """`proxy_instances{role}`: the registered instances, counted at scrape time."""
+class _PoolCollector(Collector):
+    """Read from the pool at scrape time: `proxy_instances{role}` (registered instances),
+    `proxy_instance_load{instance, role}` (what each reported in its last beat plus what this
+    proxy sent it since), `proxy_unrouted_responses_total` (instance messages that matched no
+    open request here: late replies of aborted requests; another proxy's would count too)."""
 
     def __init__(self, pool: InstancePool) -> None:
         self.pool = pool
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         family = GaugeMetricFamily(PREFIX + "proxy_instances",
                                    "Instances registered with the proxy, by role.",
                                    labels=["role"])
         for role, count in self.pool.count_by_role().items():
             family.add_metric([role], float(count))
         yield family
+        load = GaugeMetricFamily(PREFIX + "proxy_instance_load",
+                                 "Requests running and waiting on each instance, as routing "
+                                 "sees them.", labels=["instance", "role"])
+        for info in self.pool.instances():
+            load.add_metric([info.instance_id, info.register.role],
+                            float(info.routing_key()[0]))
+        yield load
+        unrouted = CounterMetricFamily(PREFIX + "proxy_unrouted_responses",
+                                       "Instance messages that matched no open request of "
+                                       "this proxy.")
+        unrouted.add_metric([], float(self.pool.num_unrouted))
+        yield unrouted
 
 
 class ProxyMetrics:
@@ -44,9 +59,10 @@ class ProxyMetrics:
 
     def __init__(self, pool: InstancePool) -> None:
         self.registry = reg = CollectorRegistry()
-        reg.register(_InstancesCollector(pool))
+        reg.register(_PoolCollector(pool))
         self.requests = Counter(PREFIX + "proxy_requests",
-                                "Requests sent to each instance (role: prefill or decode).",
+                                "Requests sent to each instance (role: prefill, decode, or "
+                                "colocated: both on one kv_both instance).",
                                 ["instance", "role"], registry=reg)
         self.errors = Counter(PREFIX + "proxy_request_errors",
                               "Client requests that ended in an error, by reason.", ["reason"],

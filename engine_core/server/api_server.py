@@ -71,7 +71,7 @@ from engine_core.server.protocol import (
     usage,
     validation_error,
 )
-from engine_core.transport import require_keys_for_tcp
+from engine_core.transport import require_keys_for_hosts, require_keys_for_tcp
 from engine_core.validation import validate_sampling_params
 from models.tokenizer import PROMPT_CHARS_SAFETY_FACTOR
 
@@ -621,11 +621,14 @@ def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
 # ---- pp-engine serve --------------------------------------------------------------------------
 def _kv_transfer_config(args: argparse.Namespace) -> KVTransferConfig | None:
     """`--kv-transfer-config`, parsed and given the key directory; ValueError naming the key at
-    fault, or for tcp (every disaggregation socket) with neither keys nor --insecure-tcp."""
+    fault, or for disaggregation sockets (every one is tcp) that reach past this host with
+    neither keys nor --insecure-tcp."""
     if getattr(args, "kv_transfer_config", None) is None:
         return None
     config = KVTransferConfig.from_json(args.kv_transfer_config)
-    require_keys_for_tcp("tcp", args.zmq_keys, args.insecure_tcp)
+    hosts = [config.kv_ip] + [a.rpartition(":")[0] for a in config.proxy_addresses]
+    require_keys_for_hosts("the KV transfer and proxy sockets", hosts, args.zmq_keys,
+                           args.insecure_tcp)
     return dataclasses.replace(config, zmq_keys=args.zmq_keys)
 
 
