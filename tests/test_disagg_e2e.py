@@ -43,20 +43,23 @@ class Proc:
 
     def __init__(self, args: list[str], log_path: str) -> None:
         self.log_path = log_path
+        self.killed = False  # by the test, on purpose
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "engine_core.cli", *args],
                                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
-    def log(self) -> str:
+    def log(self, full: bool = False) -> str:
         with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
+            text = f.read()
+        return text if full else text[-4000:]
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def kill(self) -> None:
         """Kill the whole process group at once (a crash: no clean shutdown)."""
+        self.killed = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)

@@ -110,8 +110,8 @@ def test_each_proxy_gets_only_its_own_responses_and_forged_return_addresses_are_
             for h in (a, b):
                 text = await h.metrics()
                 assert "ppengine:proxy_unrouted_responses_total 0.0" in text
-                assert ('ppengine:proxy_requests_total{instance="%s",role="colocated"} 12.0'
-                        % inst.instance_id) in text
+                series = f'instance="{inst.instance_id}",role="colocated"'
+                assert f"ppengine:proxy_requests_total{{{series}}} 12.0" in text
             # a peer that names no registered proxy, or another one than itself, is refused
             ctx = zmq.asyncio.Context.instance()
             for routing_id, reply_to in ((b"proxy-forged", "proxy-forged"),

@@ -1,0 +1,168 @@
+"""xPyD faults end to end (`pp-engine proxy` + `pp-engine serve --kv-transfer-config`
+processes, the official `openai` client): instances join and die while clients stream.
+
+- A decode instance added while 64 streams run takes new requests within ~2 s of registering;
+  then the 64 clients walk away at once.
+- A decode instance killed (-9) mid-stream: its streams end with an error within ~5 s, requests
+  not yet streaming are retried on the other decode instance, and the prefill instance's leased
+  blocks come back once the lease expires.
+- A prefill instance killed (-9): requests in flight are retried or fail cleanly, new ones go
+  to the other prefill instance.
+After each: no KV block leaked on any live instance, no process left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+
+from tests.test_disagg_e2e import MAX_TOKENS, model_dir  # noqa: F401
+from tests.test_xpyd_e2e import PROMPTS, reference, stream  # noqa: F401
+from tests.xpyd_cluster import xpyd_cluster
+
+
+def _prefixes_match(result: tuple[str, list[int]], prompt: str, reference: dict,  # noqa: F811
+                    max_tokens: int) -> bool:
+    """A greedy completion of `max_tokens` whose first tokens are the reference's."""
+    _, ids = result
+    return len(ids) == max_tokens and ids[:MAX_TOKENS] == reference[prompt][1]
+
+
+async def _timed(coro) -> tuple[object, float]:
+    """(the result or the exception raised, when it ended)."""
+    try:
+        result: object = await coro
+    except Exception as exc:
+        result = exc
+    return result, time.monotonic()
+
+
+def _instance_ids(proxy) -> set[str]:
+    """The instances the proxy has registered now."""
+    return {line.split('instance="')[1].split('"')[0] for line in proxy.metrics().splitlines()
+            if line.startswith("ppengine:proxy_instance_load{")}
+
+
+def test_a_decode_instance_added_under_load_takes_requests_at_once(model_dir, reference,  # noqa: F811
+                                                                   tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("xpyd-join")
+    with xpyd_cluster(model_dir, str(tmp)) as c:
+        c.add("kv_producer", "PUT_ASYNC")
+        c.add("kv_consumer")
+        c.wait_registered()
+        (proxy,) = c.proxies
+        before = _instance_ids(proxy)
+        short = PROMPTS[:4]
+
+        async def scenario() -> tuple[list, float, float]:
+            client = proxy.async_client(timeout_s=120)
+            running = [asyncio.ensure_future(stream(client, short[i % 4], 600))
+                       for i in range(64)]
+            await asyncio.sleep(1.0)  # the 64 streams are going
+            c.add("kv_consumer")
+            joined_at = picked_at = 0.0
+            extra = []
+            deadline = time.monotonic() + 120
+            while not picked_at:
+                assert time.monotonic() < deadline, c.logs()
+                assert not any(job.done() for job in running), "a stream ended early"
+                if not joined_at and (new := _instance_ids(proxy) - before):
+                    (new_id,) = new
+                    joined_at = time.monotonic()
+                if joined_at:  # new requests keep coming; one must land on the newcomer
+                    extra.append(asyncio.ensure_future(stream(client, short[0])))
+                    counted = proxy.metric(
+                        f'ppengine:proxy_requests_total{{instance="{new_id}",role="decode"}}')
+                    if counted > 0:
+                        picked_at = time.monotonic()
+                await asyncio.sleep(0.1)
+            extra_results = await asyncio.gather(*extra)
+            for job in running:  # 64 clients walk away at once: everything must come back
+                job.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            await client.close()
+            return extra_results, joined_at, picked_at
+
+        extra_results, joined_at, picked_at = asyncio.run(scenario())
+        assert picked_at - joined_at < 2.0
+        assert all(result == reference[short[0]] for result in extra_results)
+        c.wait_blocks_free()
+
+
+def test_a_killed_decode_instance_fails_its_streams_fast_and_the_rest_is_retried(
+        model_dir, reference, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("xpyd-dead-d")
+    with xpyd_cluster(model_dir, str(tmp), heartbeat_timeout_s=3.0) as c:
+        producer = c.add("kv_producer", "GET", lease_ttl_s=3.0)
+        doomed = c.add("kv_consumer")
+        c.add("kv_consumer")
+        c.wait_registered()
+        (proxy,) = c.proxies
+        progress: dict[int, int] = {}
+
+        async def scenario() -> tuple[float, list, list]:
+            client = proxy.async_client(timeout_s=120)
+
+            def track(i: int):
+                return lambda n: progress.__setitem__(i, n)
+
+            streaming = [asyncio.ensure_future(_timed(stream(client, PROMPTS[i % 4], 300,
+                                                             track(i)))) for i in range(16)]
+            deadline = time.monotonic() + 60
+            while len(progress) < 16 or min(progress.values()) < 3:
+                assert time.monotonic() < deadline, progress
+                await asyncio.sleep(0.05)
+            doomed.proc.kill()
+            killed_at = time.monotonic()
+            late = [asyncio.ensure_future(_timed(stream(client, PROMPTS[i % 8])))
+                    for i in range(8)]  # not streaming yet: retried on the other D
+            results = await asyncio.gather(*streaming)
+            late_results = await asyncio.gather(*late)
+            await client.close()
+            return killed_at, results, late_results
+
+        killed_at, results, late_results = asyncio.run(scenario())
+        failed = [(r, end) for r, end in results if isinstance(r, Exception)]
+        assert 0 < len(failed) < len(results)  # the dead D's streams, and only those
+        for error, end in failed:
+            assert isinstance(error, openai.APIError) and end - killed_at < 6.0, error
+        for i, (result, _) in enumerate(results):
+            if not isinstance(result, Exception):
+                assert _prefixes_match(result, PROMPTS[i % 4], reference, 300)
+        for i, (result, _) in enumerate(late_results):
+            assert result == reference[PROMPTS[i % 8]], result
+        # P's leases for the dead D expire (3 s) and come back; nothing else leaks
+        c.wait_blocks_free(timeout_s=20)
+        assert producer.metric("ppengine:kv_lease_expired_total") > 0
+
+
+def test_a_killed_prefill_instance_is_routed_around(model_dir, reference,  # noqa: F811
+                                                    tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("xpyd-dead-p")
+    with xpyd_cluster(model_dir, str(tmp), heartbeat_timeout_s=3.0) as c:
+        doomed = c.add("kv_producer", "PUT")
+        c.add("kv_producer", "GET")
+        c.add("kv_consumer")
+        c.wait_registered()
+        (proxy,) = c.proxies
+
+        async def scenario() -> tuple[list, list]:
+            client = proxy.async_client(timeout_s=120)
+            in_flight = [asyncio.ensure_future(_timed(stream(client, PROMPTS[i % 8])))
+                         for i in range(16)]
+            await asyncio.sleep(0.3)
+            doomed.proc.kill()
+            results = await asyncio.gather(*in_flight)
+            after = await asyncio.gather(*(stream(client, PROMPTS[i % 8]) for i in range(8)))
+            await client.close()
+            return results, after
+
+        results, after = asyncio.run(scenario())
+        for i, (result, _) in enumerate(results):  # retried on the other P, or a clean error
+            assert result == reference[PROMPTS[i % 8]] or (
+                isinstance(result, openai.APIStatusError) and result.status_code in (502, 504)
+            ), result
+        assert after == [reference[PROMPTS[i % 8]] for i in range(8)]
+        c.wait_blocks_free()
