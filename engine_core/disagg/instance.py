@@ -19,8 +19,9 @@ adds to a server.
   forgotten (a request naming it is refused), and the instance keeps trying to register there,
   so a restarted proxy gets it back.
 
-Every socket here is tcp, CurveZMQ with the instance's key directory (the proxy and the
-instances share it, like `pp-engine keys` for data parallelism).
+Every socket here is tcp, CurveZMQ with the instance's key directory (the proxies and the
+instances share it, like `pp-engine keys` for data parallelism); `serve` runs them without keys
+only when every address is loopback, or with `--insecure-tcp`.
 """
 
 from __future__ import annotations
