@@ -88,6 +88,8 @@ class EngineCore:
         self.block_manager = KVBlockManager(self.executor.num_kv_blocks, cache.block_size,
                                             cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.block_manager)
+        if kv_connector is not None:  # it tells senders whether a pushed transfer fits
+            kv_connector.set_free_blocks(self.block_manager.num_free_blocks)
         self.in_flight: deque[tuple[StepBatch, StepFuture]] = deque()
         self.step_timeout_s = step_timeout_s
         self.error: BaseException | None = None  # set once a step failed: the engine is dead

@@ -256,7 +256,7 @@ def _send_garbage_kv(endpoints: list[str]) -> None:
     import msgspec
     import zmq
 
-    from engine_core.disagg.connector import PullKV
+    from engine_core.disagg.kv_wire import PullKV
     from executors.kv_endpoint import KVLayerHeader
 
     header = msgspec.msgpack.encode(KVLayerHeader("no-such-lease", "0" * 16, 0, 2, 16,
