@@ -13,6 +13,7 @@ import torch
 
 from engine_core.cli import main
 from engine_core.config import EngineArgs
+from engine_core.core_process import EngineCoreLoop
 from engine_core.disagg.config import KVTransferConfig
 from engine_core.disagg.connector import KVConnector
 from engine_core.disagg.leases import LeaseTable
@@ -357,6 +358,9 @@ def test_unclaimed_and_half_pushed_kv_expires_and_is_counted(model_and_prompts, 
         assert conn.stats.buffer_bytes == 3 * conn.block_bytes  # reserved at the offers
         assert _wait_for(lambda: conn.stats.pushes_expired == 2, timeout_s=5.0)
         assert conn.stats.buffer_bytes == conn.stats.overflow_bytes == 0
+        stats = EngineCoreLoop(d, None, None)._stats()  # what the front-end's metrics get
+        assert (stats.kv_pushes_expired, stats.kv_buffer_bytes, stats.kv_leases_expired) == (
+            2, 0, 0)
         assert conn._received.num_transfers == 0
         dropped = conn.stats.dropped_messages
         sock.send_multipart(_layer_frames(conn, "half", 1)[1])  # a late layer: dropped at once
@@ -558,7 +562,10 @@ def test_metrics_expose_prompt_and_kv_transfer_counters():
     from engine_core.server.metrics import _EngineStatsCollector
 
     stats = SchedulerStats(num_prompt_tokens_computed=7, kv_sent_tokens=64,
-                           kv_received_tokens=32, kv_sent_bytes=1024, kv_transfer_seconds=0.5)
+                           kv_received_tokens=32, kv_sent_bytes=1024, kv_transfer_seconds=0.5,
+                           kv_leases_expired=3, kv_pushes_expired=2, kv_transfers_held=5,
+                           kv_overflow_transfers=4, kv_buffer_bytes=4096,
+                           kv_overflow_bytes=8192)
     llm = SimpleNamespace(stats=stats, num_restarts=0,
                           client=SimpleNamespace(engine_states=lambda: []))
     registry = CollectorRegistry()
@@ -568,7 +575,13 @@ def test_metrics_expose_prompt_and_kv_transfer_counters():
                  'ppengine:kv_transfer_sent_tokens_total{model_name="m"} 64.0',
                  'ppengine:kv_transfer_received_tokens_total{model_name="m"} 32.0',
                  'ppengine:kv_transfer_sent_bytes_total{model_name="m"} 1024.0',
-                 'ppengine:kv_transfer_seconds_total{model_name="m"} 0.5'):
+                 'ppengine:kv_transfer_seconds_total{model_name="m"} 0.5',
+                 'ppengine:kv_lease_expired_total{model_name="m",side="producer"} 3.0',
+                 'ppengine:kv_lease_expired_total{model_name="m",side="consumer"} 2.0',
+                 'ppengine:kv_transfer_held_total{model_name="m"} 5.0',
+                 'ppengine:kv_overflow_transfers_total{model_name="m"} 4.0',
+                 'ppengine:kv_buffer_bytes{model_name="m"} 4096.0',
+                 'ppengine:kv_overflow_bytes{model_name="m"} 8192.0'):
         assert line in text, line
 
 
