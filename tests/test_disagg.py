@@ -339,6 +339,43 @@ def _offer(sock, connector, lease_id, num_blocks, compat_hash=None, num_bytes=No
     return msgspec.msgpack.decode(sock.recv(), type=PushReply)
 
 
+def test_decoder_silent_at_push_time_pulls_later(model_and_prompts, monkeypatch):
+    """P's offers get no answer (D not up yet): P waits once (PUSH_REPLY_TIMEOUT_S), not once
+    per request, keeps every lease, and the decoder pulls them when its requests come."""
+    from engine_core.disagg import connector
+
+    monkeypatch.setattr(connector, "PUSH_REPLY_TIMEOUT_S", 0.5)
+    model_dir, prompts, reference = model_and_prompts
+    port = _free_port()
+    p = _engine(model_dir, "kv_producer", send_type="PUT")
+    try:
+        start = time.monotonic()
+        first = _run(p, [_request(f"r{i}", prompts[i], 1, do_remote_decode=True,
+                                  kv_transfer_params=KVTransferParams(
+                                      kv_endpoint=f"tcp://127.0.0.1:{port}", block_ids=[],
+                                      num_tokens=0, compat_hash=p.kv_connector.compat_hash,
+                                      lease_id=f"t{i}", send_type="PUT"))
+                         for i in (2, 3, 4)])
+        assert time.monotonic() - start < 3.0
+        assert p.kv_connector.stats.transfers_held == 3 and len(p.kv_connector.leases) == 3
+        d = _engine(model_dir, "kv_consumer", send_type="PUT")
+        try:
+            d.kv_connector.fetch_timeout_s = 0.5  # no push comes: pull after that
+            out = _run(d, [_request(rid, prompts[int(rid[1:])], MAX_TOKENS,
+                                    kv_transfer_params=final.kv_transfer_params)
+                           for rid, (_, final) in first.items()])
+            for rid, (tokens, _) in out.items():
+                assert tokens == reference[rid], rid
+            assert d.kv_connector.stats.received_tokens == sum(
+                final.kv_transfer_params.num_tokens for _, final in first.values())
+            assert _settle(d) and _settle(p)
+            assert p.kv_connector.stats.leases_expired == 0
+        finally:
+            d.shutdown()
+    finally:
+        p.shutdown()
+
+
 def test_unclaimed_and_half_pushed_kv_expires_and_is_counted(model_and_prompts, dealer):
     """Pushed KV whose request never comes (complete, or cut off mid-push: P died) is dropped
     by D's endpoint after the TTL, without any engine step, and counted."""

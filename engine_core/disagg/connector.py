@@ -60,6 +60,7 @@ from engine_core.request import Request
 from engine_core.scheduler import Scheduler
 from engine_core.transport import (
     CurveAuthenticator,
+    CurveKeys,
     WarningLimiter,
     load_client_keys,
     load_server_keys,
@@ -113,6 +114,43 @@ class _Release:
     lease_id: str
 
 
+class _PeerSockets:
+    """One thread's DEALER sockets to peers' KV endpoints, by endpoint. A peer that did not
+    answer in time is `silenced`: its socket is closed (what was queued for it is dropped) and
+    `is_silent` says so for `PUSH_REPLY_TIMEOUT_S`, so a dead decoder costs one wait, not one
+    per request."""
+
+    def __init__(self, ctx: zmq.Context, keys: CurveKeys | None) -> None:
+        self.ctx, self.keys = ctx, keys
+        self._sockets: dict[str, zmq.Socket] = {}
+        self._silent_until: dict[str, float] = {}
+
+    def get(self, endpoint: str) -> zmq.Socket:
+        sock = self._sockets.get(endpoint)
+        if sock is None:
+            sock = self._sockets[endpoint] = self.ctx.socket(zmq.DEALER)
+            secure_client(sock, self.keys)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(endpoint)
+        return sock
+
+    def silence(self, endpoint: str) -> None:
+        self._sockets.pop(endpoint).close(linger=0)
+        self._silent_until[endpoint] = time.monotonic() + PUSH_REPLY_TIMEOUT_S
+
+    def is_silent(self, endpoint: str) -> bool:
+        until = self._silent_until.get(endpoint)
+        if until is not None and until <= time.monotonic():
+            del self._silent_until[endpoint]
+            until = None
+        return until is not None
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets.clear()
+
+
 class KVConnector:
     """Owned by one `EngineCore`; `stages` are its executor's `kv_stages()` (in-process stage
     workers, or adapters of Ray stage actors): the connector reads and writes KV only through
@@ -151,13 +189,13 @@ class KVConnector:
         self._sends: queue.SimpleQueue[tuple[str, KVTransferParams] | None] = \
             queue.SimpleQueue()  # PUT_ASYNC jobs (lease id, where to) for the sender thread
         self._sent: queue.SimpleQueue[str] = queue.SimpleQueue()  # their lease ids, once pushed
-        self._push_sockets: dict[str, zmq.Socket] = {}  # the engine thread's (PUT)
         self._bad_frames = WarningLimiter(logger)
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         # CurveZMQ: the endpoint is a CURVE server, every socket to a peer a CURVE client
         self._server_keys = load_server_keys(zmq_keys) if zmq_keys is not None else None
         self._client_keys = load_client_keys(zmq_keys) if zmq_keys is not None else None
+        self._push_sockets = _PeerSockets(self._ctx, self._client_keys)  # the engine thread's
         self._auth = (CurveAuthenticator(self._ctx, self._server_keys)
                       if self._server_keys is not None else None)
         self._bind_error: str | None = None
@@ -273,8 +311,7 @@ class KVConnector:
         self._sends.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
-        for sock in self._push_sockets.values():
-            sock.close(linger=0)
+        self._push_sockets.close()
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()
@@ -327,30 +364,26 @@ class KVConnector:
             sock.send_multipart([*prefix, *frames], copy=False)
             self.stats.sent_bytes += sum(memoryview(f).nbytes for f in frames)
 
-    def _push(self, sockets: dict[str, zmq.Socket], lease_id: str,
-              target: KVTransferParams) -> bool:
+    def _push(self, sockets: _PeerSockets, lease_id: str, target: KVTransferParams) -> bool:
         """Offer lease `lease_id` to the decoder at `target.kv_endpoint` and, once accepted,
         push its blocks. True if pushed (the caller ends the lease and frees the blocks); False
-        if D said hold or did not answer within PUSH_REPLY_TIMEOUT_S, or the lease is gone:
-        the lease stays for a pull. `sockets`: the calling thread's own DEALERs, by endpoint."""
+        if D said hold or did not answer within PUSH_REPLY_TIMEOUT_S (or did not lately), or
+        the lease is gone: the lease stays for a pull. `sockets`: the calling thread's own."""
         with self._lock:
             lease = self.leases.get(lease_id)
         if lease is None:  # released (by D or the proxy) or expired meanwhile
             return False
         start = time.perf_counter()
         endpoint = target.kv_endpoint
-        sock = sockets.get(endpoint)
-        if sock is None:
-            sock = sockets[endpoint] = self._ctx.socket(zmq.DEALER)
-            secure_client(sock, self._client_keys)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(endpoint)
-        num_blocks = len(lease.block_ids)
-        sock.send(msgspec.msgpack.encode(PushOffer(lease_id, self.compat_hash, num_blocks,
-                                                   num_blocks * self.block_bytes)))
-        reply = self._await_reply(sock, lease_id)
-        if reply is None:  # D is gone or stuck: drop what is queued for it, keep the lease
-            sockets.pop(endpoint).close(linger=0)
+        reply = None
+        if not sockets.is_silent(endpoint):
+            sock = sockets.get(endpoint)
+            num_blocks = len(lease.block_ids)
+            sock.send(msgspec.msgpack.encode(PushOffer(lease_id, self.compat_hash, num_blocks,
+                                                       num_blocks * self.block_bytes)))
+            reply = self._await_reply(sock, lease_id)
+            if reply is None:  # D is gone or stuck: drop what is queued for it
+                sockets.silence(endpoint)
         if reply is None or not reply.accepted:
             self.stats.transfers_held += 1
             logger.info("transfer %s not pushed to %s (%s): leased for a pull", lease_id,
@@ -390,7 +423,7 @@ class KVConnector:
         """PUT_ASYNC: offer and push leased requests' blocks; once pushed, the engine thread
         ends the lease and frees the blocks (ending it here would let the engine lend the same
         request again). A push not accepted leaves the lease for a pull."""
-        sockets: dict[str, zmq.Socket] = {}
+        sockets = _PeerSockets(self._ctx, self._client_keys)
         try:
             while True:
                 job = self._sends.get()
@@ -403,8 +436,7 @@ class KVConnector:
                 except Exception:
                     logger.exception("pushing the KV of transfer %s failed", lease_id)
         finally:
-            for sock in sockets.values():
-                sock.close(linger=0)
+            sockets.close()
 
     # ---- the KV endpoint thread (both sides) --------------------------------------------------
     def _serve(self, ready: threading.Event) -> None:
@@ -541,7 +573,7 @@ class KVConnector:
         is complete, or pulled when it was held, refused or dropped, or did not arrive within
         `fetch_timeout_s`. Tell producers about transfers given up."""
         awaiting: dict[str, tuple[_Fetch, float]] = {}  # request id -> (job, deadline)
-        sockets: dict[str, zmq.Socket] = {}  # DEALERs for ReleaseKV, by endpoint
+        sockets = _PeerSockets(self._ctx, self._client_keys)  # for ReleaseKV
         try:
             while not self._stop.is_set():
                 version = self._received.version
@@ -560,8 +592,7 @@ class KVConnector:
                 if awaiting:  # until a transfer completes, is held or dropped, or a new job
                     self._received.wait(version, timeout=0.1)
         finally:
-            for sock in sockets.values():
-                sock.close(linger=0)
+            sockets.close()
 
     def _take_jobs(self, block: bool) -> list[_Fetch | _Release | None]:
         jobs = [self._fetches.get()] if block else []
@@ -679,12 +710,5 @@ class KVConnector:
             sock.send(msgspec.msgpack.encode(ReleaseKV(params.lease_id)))
             sock.close()
 
-    def _send_release(self, sockets: dict[str, zmq.Socket], endpoint: str,
-                      lease_id: str) -> None:
-        sock = sockets.get(endpoint)
-        if sock is None:
-            sock = sockets[endpoint] = self._ctx.socket(zmq.DEALER)
-            secure_client(sock, self._client_keys)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(endpoint)
-        sock.send(msgspec.msgpack.encode(ReleaseKV(lease_id)))
+    def _send_release(self, sockets: _PeerSockets, endpoint: str, lease_id: str) -> None:
+        sockets.get(endpoint).send(msgspec.msgpack.encode(ReleaseKV(lease_id)))
