@@ -287,22 +287,23 @@ class KVConnector:
             if not params.block_ids:  # a prompt of at most one block: D computes it all
                 nothing_to_lend.append(request_id)
             elif params.send_type != "GET":
-                to_push.append((request_id, params.lease_id, request.remote_kv))
+                to_push.append((params.lease_id, request.remote_kv))
         for request_id in nothing_to_lend:
             scheduler.free_held_kv(request_id)
-        for request_id, lease_id, target in to_push:
-            if self.kv_config.send_type == "PUT_ASYNC":
-                self._sends.put((lease_id, target))
-                continue
-            try:  # PUT: push now, then free
-                pushed = self._push(self._push_sockets, lease_id, target)
-            except Exception:  # a stage read failed: the lease stays (a pull, or expiry)
-                logger.exception("pushing the KV of request %s failed", request_id)
-                pushed = False
-            if pushed:
+        if self.kv_config.send_type == "PUT_ASYNC":
+            for job in to_push:
+                self._sends.put(job)
+        elif to_push:  # PUT: push now, then free
+            try:
+                pushed = self._push(self._push_sockets, to_push)
+            except Exception:  # the leases stay (a pull, or expiry); the engine goes on
+                logger.exception("pushing KV failed")
+                pushed = []
+            for lease_id in pushed:
                 with self._lock:
-                    self.leases.release(lease_id)
-                scheduler.free_held_kv(request_id)
+                    lease = self.leases.release(lease_id)
+                if lease is not None:
+                    scheduler.free_held_kv(lease.request_id)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -364,77 +365,103 @@ class KVConnector:
             sock.send_multipart([*prefix, *frames], copy=False)
             self.stats.sent_bytes += sum(memoryview(f).nbytes for f in frames)
 
-    def _push(self, sockets: _PeerSockets, lease_id: str, target: KVTransferParams) -> bool:
-        """Offer lease `lease_id` to the decoder at `target.kv_endpoint` and, once accepted,
-        push its blocks. True if pushed (the caller ends the lease and frees the blocks); False
-        if D said hold or did not answer within PUSH_REPLY_TIMEOUT_S (or did not lately), or
-        the lease is gone: the lease stays for a pull. `sockets`: the calling thread's own."""
-        with self._lock:
-            lease = self.leases.get(lease_id)
-        if lease is None:  # released (by D or the proxy) or expired meanwhile
-            return False
+    def _push(self, sockets: _PeerSockets, jobs: list[tuple[str, KVTransferParams]]
+              ) -> list[str]:
+        """Push leased transfers, each job (lease id, target: the decoder's `kv_endpoint`): offer
+        them all, wait (PUSH_REPLY_TIMEOUT_S at most) for the answers, send the accepted ones.
+        Returns the lease ids pushed (the caller ends those leases and frees their blocks).
+        The others keep their leases for a pull: D said hold, did not answer (then, or lately),
+        a stage read failed, or the lease is gone. `sockets`: the calling thread's own."""
         start = time.perf_counter()
-        endpoint = target.kv_endpoint
-        reply = None
-        if not sockets.is_silent(endpoint):
-            sock = sockets.get(endpoint)
+        offered: dict[str, str] = {}  # lease id -> endpoint
+        for lease_id, target in jobs:
+            with self._lock:
+                lease = self.leases.get(lease_id)
+            if lease is None:  # released (by D or the proxy) or expired meanwhile
+                continue
+            if sockets.is_silent(target.kv_endpoint):
+                self._held(lease_id, target.kv_endpoint, "no answer lately")
+                continue
             num_blocks = len(lease.block_ids)
-            sock.send(msgspec.msgpack.encode(PushOffer(lease_id, self.compat_hash, num_blocks,
-                                                       num_blocks * self.block_bytes)))
-            reply = self._await_reply(sock, lease_id)
-            if reply is None:  # D is gone or stuck: drop what is queued for it
-                sockets.silence(endpoint)
-        if reply is None or not reply.accepted:
-            self.stats.transfers_held += 1
-            logger.info("transfer %s not pushed to %s (%s): leased for a pull", lease_id,
-                        endpoint, "no answer" if reply is None else reply.reason)
-            return False
-        with self._lock:
-            lease = self.leases.get(lease_id)
-            layers = self._read_blocks(list(lease.block_ids)) if lease is not None else None
-        if layers is None:
-            return False
-        self._send_layers(sock, [], lease_id, lease.num_tokens, layers)
-        sock.send(msgspec.msgpack.encode(PushDone(lease_id, len(layers))))
-        self.stats.sent_tokens += lease.num_tokens
-        self.stats.seconds += time.perf_counter() - start
-        return True
-
-    def _await_reply(self, sock: zmq.Socket, lease_id: str) -> PushReply | None:
-        """D's `PushReply` for `lease_id` (late replies to earlier offers are skipped), or None
-        after PUSH_REPLY_TIMEOUT_S."""
-        deadline = time.monotonic() + PUSH_REPLY_TIMEOUT_S
-        while not self._stop.is_set():
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                return None
-            if not sock.poll(min(remaining_ms, 100)):
+            sockets.get(target.kv_endpoint).send(msgspec.msgpack.encode(PushOffer(
+                lease_id, self.compat_hash, num_blocks, num_blocks * self.block_bytes)))
+            offered[lease_id] = target.kv_endpoint
+        replies = self._await_replies(sockets, offered)
+        pushed = []
+        for lease_id, endpoint in offered.items():
+            reply = replies.get(lease_id)
+            if reply is None or not reply.accepted:
+                self._held(lease_id, endpoint, "no answer" if reply is None else reply.reason)
                 continue
             try:
-                reply = _control.decode(sock.recv())
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                self.stats.dropped_messages += 1
+                with self._lock:
+                    lease = self.leases.get(lease_id)
+                    layers = self._read_blocks(list(lease.block_ids)) if lease else None
+            except RuntimeError:  # a stage died or timed out: D's reservation expires
+                logger.exception("reading the KV of transfer %s failed", lease_id)
                 continue
-            if isinstance(reply, PushReply) and reply.lease_id == lease_id:
-                return reply
-        return None
+            if lease is None:
+                continue
+            sock = sockets.get(endpoint)
+            self._send_layers(sock, [], lease_id, lease.num_tokens, layers)
+            sock.send(msgspec.msgpack.encode(PushDone(lease_id, len(layers))))
+            self.stats.sent_tokens += lease.num_tokens
+            pushed.append(lease_id)
+        self.stats.seconds += time.perf_counter() - start
+        return pushed
+
+    def _held(self, lease_id: str, endpoint: str, reason: str | None) -> None:
+        self.stats.transfers_held += 1
+        logger.info("transfer %s not pushed to %s (%s): leased for a pull", lease_id, endpoint,
+                    reason)
+
+    def _await_replies(self, sockets: _PeerSockets, offered: dict[str, str]
+                       ) -> dict[str, PushReply]:
+        """D's `PushReply` to each offer (lease id -> endpoint), within PUSH_REPLY_TIMEOUT_S;
+        replies to earlier offers are skipped. A decoder that left offers unanswered is
+        silenced (what is queued for it dropped)."""
+        replies: dict[str, PushReply] = {}
+        poller = zmq.Poller()
+        for endpoint in set(offered.values()):
+            poller.register(sockets.get(endpoint), zmq.POLLIN)
+        deadline = time.monotonic() + PUSH_REPLY_TIMEOUT_S
+        while len(replies) < len(offered) and not self._stop.is_set():
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                break
+            for sock, _ in poller.poll(min(remaining_ms, 100)):
+                try:
+                    reply = _control.decode(sock.recv())
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    self.stats.dropped_messages += 1
+                    continue
+                if isinstance(reply, PushReply) and reply.lease_id in offered:
+                    replies[reply.lease_id] = reply
+        for endpoint in {e for lease_id, e in offered.items() if lease_id not in replies}:
+            sockets.silence(endpoint)
+        return replies
 
     def _send_loop(self) -> None:
-        """PUT_ASYNC: offer and push leased requests' blocks; once pushed, the engine thread
-        ends the lease and frees the blocks (ending it here would let the engine lend the same
-        request again). A push not accepted leaves the lease for a pull."""
+        """PUT_ASYNC: push leased transfers, all that are queued at once; once pushed, the
+        engine thread ends their leases and frees the blocks (ending them here would let the
+        engine lend the same request again). A push not accepted leaves the lease for a pull."""
         sockets = _PeerSockets(self._ctx, self._client_keys)
         try:
             while True:
-                job = self._sends.get()
-                if job is None:
+                jobs = [self._sends.get()]
+                while True:
+                    try:
+                        jobs.append(self._sends.get_nowait())
+                    except queue.Empty:
+                        break
+                if None in jobs:
                     return
-                lease_id, target = job
                 try:
-                    if self._push(sockets, lease_id, target):
+                    for lease_id in self._push(sockets, jobs):
                         self._sent.put(lease_id)
                 except Exception:
-                    logger.exception("pushing the KV of transfer %s failed", lease_id)
+                    logger.exception("pushing the KV of transfers %s failed",
+                                     [lease_id for lease_id, _ in jobs])
         finally:
             sockets.close()
 
