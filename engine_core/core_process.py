@@ -334,7 +334,10 @@ class EngineCoreLoop:
             stats = msgspec.structs.replace(
                 stats, kv_sent_tokens=kv.sent_tokens, kv_received_tokens=kv.received_tokens,
                 kv_sent_bytes=kv.sent_bytes, kv_received_bytes=kv.received_bytes,
-                kv_transfer_seconds=kv.seconds)
+                kv_transfer_seconds=kv.seconds, kv_leases_expired=kv.leases_expired,
+                kv_pushes_expired=kv.pushes_expired, kv_transfers_held=kv.transfers_held,
+                kv_overflow_transfers=kv.overflow_transfers, kv_buffer_bytes=kv.buffer_bytes,
+                kv_overflow_bytes=kv.overflow_bytes)
         return stats
 
     def _send(self, message: EngineCoreOutputs) -> None:

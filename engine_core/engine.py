@@ -88,11 +88,14 @@ class EngineCore:
         self.block_manager = KVBlockManager(self.executor.num_kv_blocks, cache.block_size,
                                             cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.block_manager)
+        if kv_connector is not None:  # it tells senders whether a pushed transfer fits
+            kv_connector.set_free_blocks(self.block_manager.num_free_blocks)
         self.in_flight: deque[tuple[StepBatch, StepFuture]] = deque()
         self.step_timeout_s = step_timeout_s
         self.error: BaseException | None = None  # set once a step failed: the engine is dead
         self.stats = LoopStats()
         self._pending_outputs: list[EngineCoreOutput] = []  # to return with the next step
+        self._stalled = False  # the last step found waiting requests but could schedule nothing
 
     def add_request(self, core_request: EngineCoreRequest) -> None:
         """Queue a request. ValueError (naming the field) if it is invalid for this model; the
@@ -101,6 +104,7 @@ class EngineCore:
         validate_kv_transfer(core_request, self.kv_connector and self.kv_connector.kv_config,
                              self.config.cache.block_size)
         self.scheduler.add_request(Request(core_request, self.config.scheduler.max_model_len))
+        self._stalled = False
 
     def add_requests(self, core_requests: list[EngineCoreRequest]) -> None:
         """Queue the sequences of one user request (see `client/base.py`)."""
@@ -109,15 +113,19 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
+        self._stalled = False
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished_requests() or bool(self.in_flight)
                 or bool(self._pending_outputs))
 
     def needs_compute(self) -> bool:
-        """True if `step()` has model work to do now (or outputs to hand back)."""
+        """True if `step()` has model work to do now (or outputs to hand back). Waiting requests
+        that could not be scheduled because KV transfers hold the blocks do not count: they
+        wait for `has_kv_transfers` to change something."""
         s = self.scheduler
-        return bool(self.in_flight or self._pending_outputs or s.waiting or s.running)
+        return bool(self.in_flight or self._pending_outputs or s.running
+                    or (s.waiting and not self._stalled))
 
     def has_kv_transfers(self) -> bool:
         """True while KV is on its way in (requests waiting for it) or held for a decoder
@@ -146,13 +154,15 @@ class EngineCore:
                     break
                 self.in_flight.append((batch, self._submit(batch)))
                 self.stats.submit_s += time.perf_counter() - submit_start
+            s = self.scheduler
+            self._stalled = not self.in_flight and bool(s.waiting)
             if not self.in_flight:
-                if (self.scheduler.has_unfinished_requests()  # would spin forever otherwise
-                        and not self.scheduler.waiting_for_kv):
+                # blocks held for or by KV transfers come back by themselves; else stuck for good
+                if s.has_unfinished_requests() and not (s.waiting_for_kv or s.kv_held):
                     raise RuntimeError(
-                        f"the scheduler can make no progress: {self.scheduler.num_running} "
-                        f"running and {self.scheduler.num_waiting} waiting requests, nothing "
-                        f"in flight, {self.block_manager.num_free_blocks} free KV blocks")
+                        f"the scheduler can make no progress: {s.num_running} running and "
+                        f"{s.num_waiting} waiting requests, nothing in flight, "
+                        f"{self.block_manager.num_free_blocks} free KV blocks")
                 return self._take_pending()
             batch, future = self.in_flight.popleft()
             wait_start = time.perf_counter()

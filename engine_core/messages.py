@@ -129,6 +129,13 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     kv_sent_bytes: int = 0
     kv_received_bytes: int = 0
     kv_transfer_seconds: float = 0.0
+    kv_leases_expired: int = 0  # producer: leases no decoder took in time
+    kv_pushes_expired: int = 0  # consumer: pushed KV whose request never came
+    kv_transfers_held: int = 0  # back-pressure: pushes told to hold (D) / held (P)
+    kv_overflow_transfers: int = 0  # consumer: pushes kept in the overflow pool
+    # gauges, now: bytes of pushed KV in the consumer's receive buffer and overflow pool
+    kv_buffer_bytes: int = 0
+    kv_overflow_bytes: int = 0
 
 
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):

@@ -52,6 +52,7 @@ class Request:
         self.do_remote_decode = core_request.do_remote_decode
         self.remote_kv = core_request.kv_transfer_params
         self.num_remote_kv_tokens = 0  # leading tokens whose KV arrived from a prefill instance
+        self.remote_kv_fetched = False  # its one fetch is over (whatever came of it)
         self.all_token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         room = max(1, max_model_len - self.num_prompt_tokens)  # the last token needs no KV
@@ -83,6 +84,14 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def needs_remote_kv(self) -> bool:
+        """A decode instance's request whose prompt KV is still to be fetched (once: after the
+        fetch, ok or not, and after a preemption it computes what it lacks)."""
+        remote = self.remote_kv
+        return (remote is not None and not self.do_remote_decode and remote.num_tokens > 0
+                and not self.remote_kv_fetched)
 
     @property
     def stop_ids_for_min_tokens(self) -> list[int]:

@@ -12,9 +12,12 @@ in flight has no tokens left to schedule and is skipped, and each microbatch is 
 of the active requests and of the token budget, so the pipeline fills evenly.
 
 Disaggregated prefill/decode adds two small hooks. On a decode instance a request whose KV comes
-from a prefill instance gets its blocks at once and waits apart (WAITING_FOR_REMOTE_KV), out of
-scheduling, until `remote_kv_ready`; its transferred tokens then count as computed. On a prefill
-instance a finished `do_remote_decode` request keeps its blocks (`kv_held`) until `free_held_kv`.
+from a prefill instance waits in FCFS order like any other; at the head of the queue it gets
+blocks for its prompt (or stays there until blocks free up) and waits apart
+(WAITING_FOR_REMOTE_KV), out of scheduling, while the KV connector fetches into them; at
+`remote_kv_ready` it goes back to the head, its transferred tokens counted as computed. On a
+prefill instance a finished `do_remote_decode` request keeps its blocks (`kv_held`) until
+`free_held_kv`.
 """
 
 from __future__ import annotations
@@ -53,21 +56,16 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        remote = request.remote_kv
-        fetches_kv = (remote is not None and not request.do_remote_decode
-                      and remote.num_tokens > 0)
-        if fetches_kv and self._allocate(request, remote.num_tokens, 0) is not None:
-            request.status = RequestStatus.WAITING_FOR_REMOTE_KV
-            self.waiting_for_kv[request.request_id] = request
-        else:  # no blocks for it now: compute the prompt here
-            self.waiting.append(request)
+        self.waiting.append(request)
 
     def remote_kv_ready(self, request_id: str, ok: bool) -> None:
         """The KV of a WAITING_FOR_REMOTE_KV request has arrived in its blocks (`ok`), or will
-        not (then the prompt is computed here). Either way it joins the waiting queue."""
+        not (then the prompt is computed here). Either way it goes back to the head of the
+        waiting queue (it had reached it), never to fetch again."""
         request = self.waiting_for_kv.pop(request_id, None)
         if request is None:
             return
+        request.remote_kv_fetched = True
         if request.is_finished:  # aborted meanwhile
             request.num_valid_kv_tokens = 0
             self._release(request)
@@ -77,7 +75,7 @@ class Scheduler:
         else:
             self.block_manager.free(request_id, 0)
         request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        self.waiting.appendleft(request)
 
     def free_held_kv(self, request_id: str) -> None:
         """A decoder has the KV of this finished prefill (or its lease expired): free it."""
@@ -97,6 +95,9 @@ class Scheduler:
                 continue  # its KV may still be written into its blocks: remote_kv_ready frees
             if request in self.waiting:
                 self.waiting.remove(request)
+                if request.needs_remote_kv:  # the connector gives up its transfer, then
+                    self.waiting_for_kv[request_id] = request  # remote_kv_ready releases it
+                    continue
             else:
                 self.running.remove(request)
             if request.num_inflight_steps == 0:
@@ -162,6 +163,10 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_inflight_steps:
                 break  # a preempted request whose last step has not returned yet
+            if request.needs_remote_kv:  # a decode instance's: its KV is fetched first
+                if not self._start_remote_kv(request):
+                    break  # waits at the head for blocks
+                continue
             if request.num_remote_kv_tokens:  # its blocks already hold a prefill's KV
                 cached_blocks, num_cached = [], request.num_remote_kv_tokens
             else:
@@ -187,6 +192,21 @@ class Scheduler:
         return self.block_manager.allocate(
             request.request_id, request.all_token_ids, num_new,
             request.num_computed_tokens if num_computed is None else num_computed, cached_blocks)
+
+    def _start_remote_kv(self, request: Request) -> bool:
+        """Move the head request to `waiting_for_kv` with blocks for its whole prompt (the KV
+        connector fetches into the first ones; the rest are its tail's, so it can run once the
+        KV is there without waiting for more). False if it must wait: too few free blocks, or
+        `max_num_seqs` requests are running or fetching. No token ids are given, so the blocks
+        enter the prefix cache only when it is scheduled, with its KV written."""
+        if len(self.running) + len(self.waiting_for_kv) >= self.config.max_num_seqs:
+            return False
+        if self.block_manager.allocate(request.request_id, [], request.num_tokens, 0) is None:
+            return False
+        self.waiting.popleft()
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.waiting_for_kv[request.request_id] = request
+        return True
 
     def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
         """Allocate blocks for a running request's next tokens, preempting lower-priority

@@ -13,6 +13,7 @@ import torch
 
 from engine_core.cli import main
 from engine_core.config import EngineArgs
+from engine_core.core_process import EngineCoreLoop
 from engine_core.disagg.config import KVTransferConfig
 from engine_core.disagg.connector import KVConnector
 from engine_core.disagg.leases import LeaseTable
@@ -80,19 +81,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _engine(model_dir, role=None, lease_ttl_s=30.0, send_type="GET", pipeline_parallel_size=1):
-    """An engine in-process, or with `pipeline_parallel_size` > 1 on Ray (one thread a stage)."""
+def _engine(model_dir, role=None, lease_ttl_s=30.0, send_type="GET", pipeline_parallel_size=1,
+            num_kv_blocks=64, max_model_len=128, **kv):
+    """An engine in-process, or with `pipeline_parallel_size` > 1 on Ray (one thread a stage).
+    `kv`: more KVTransferConfig fields (kv_buffer_size, kv_overflow_size)."""
     pp = {} if pipeline_parallel_size == 1 else {
         "pipeline_parallel_size": pipeline_parallel_size, "distributed_executor_backend": "ray",
         "threads_per_stage": 1}
-    config = EngineArgs(model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=64,
-                        max_model_len=128, **pp).resolve()
+    config = EngineArgs(model=model_dir, dtype="float32", block_size=BLOCK,
+                        num_kv_blocks=num_kv_blocks, max_model_len=max_model_len, **pp).resolve()
     executor = make_executor(config)
     connector = None
     try:
         if role is not None:
             kv_config = KVTransferConfig(kv_role=role, kv_port=_free_port(),
-                                         proxy_address="127.0.0.1:1", send_type=send_type)
+                                         proxy_address="127.0.0.1:1", send_type=send_type, **kv)
             connector = KVConnector(config, kv_config, executor.kv_stages(),
                                     lease_ttl_s=lease_ttl_s, fetch_timeout_s=5.0)
     except BaseException:
@@ -157,17 +160,57 @@ def make_model_and_prompts(checkpoint_factory):
 
 @pytest.mark.parametrize("send_type", ["GET", "PUT", "PUT_ASYNC"])
 def test_prefill_then_decode_is_token_identical(model_and_prompts, send_type):
-    check_prefill_then_decode(model_and_prompts, send_type)
+    p, d = check_prefill_then_decode(model_and_prompts, send_type)
+    for stats in (p.kv_connector.stats, d.kv_connector.stats):  # room for every push
+        assert stats.transfers_held == stats.overflow_transfers == 0
 
 
-def check_prefill_then_decode(model_and_prompts, send_type, producer_pp=1):
-    """P (at `producer_pp` stages) prefills every prompt, D (in-process) decodes from its KV:
-    token-identical to one engine, D computes only the tails, every block free afterwards."""
+NUM_TRANSFERS = sum((n - 1) // BLOCK > 0 for n in PROMPT_LENGTHS)  # prompts of 2+ blocks
+
+
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
+def test_pushes_beyond_the_buffer_go_to_the_overflow_pool(model_and_prompts, send_type):
+    """A receive buffer smaller than one transfer: every push is kept in the overflow pool."""
+    p, d = check_prefill_then_decode(model_and_prompts, send_type, kv_buffer_size=1)
+    stats_p, stats_d = p.kv_connector.stats, d.kv_connector.stats
+    assert stats_d.overflow_transfers == NUM_TRANSFERS
+    assert stats_p.transfers_held == stats_d.transfers_held == 0
+
+
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
+def test_pushes_with_no_room_are_held_and_pulled(model_and_prompts, send_type):
+    """Buffer and overflow pool both too small: D tells P to hold every push, P keeps the
+    leases, D pulls them (GET) and releases them: no lease expires, every block comes back."""
+    p, d = check_prefill_then_decode(model_and_prompts, send_type, kv_buffer_size=1,
+                                     kv_overflow_size=1)
+    stats_p, stats_d = p.kv_connector.stats, d.kv_connector.stats
+    assert stats_p.transfers_held == stats_d.transfers_held == NUM_TRANSFERS
+    assert stats_d.overflow_transfers == 0
+
+
+@pytest.mark.parametrize("send_type", ["GET", "PUT"])
+def test_decoder_short_of_blocks_waits_for_them_instead_of_recomputing(model_and_prompts,
+                                                                        send_type):
+    """D's 11 usable blocks cannot hold every prompt at once (18 blocks): requests wait in
+    line for blocks, then take their KV; D still computes only the tails."""
+    p, d = check_prefill_then_decode(model_and_prompts, send_type, max_tokens=2,
+                                     num_kv_blocks=12, max_model_len=40)
+    assert sum(-(-n // BLOCK) for n in PROMPT_LENGTHS) > d.block_manager.num_usable_blocks
+    assert d.kv_connector.stats.received_tokens == p.kv_connector.stats.sent_tokens
+    if send_type == "PUT":  # the 7-block push found 11 free blocks, 6 promised to others
+        assert d.kv_connector.stats.overflow_transfers == 1
+
+
+def check_prefill_then_decode(model_and_prompts, send_type, producer_pp=1, max_tokens=MAX_TOKENS,
+                              **decoder):
+    """P (at `producer_pp` stages) prefills every prompt, D (in-process; `decoder`: more
+    `_engine` arguments) decodes from its KV: token-identical to one engine, D computes only
+    the tails, every block free afterwards, no lease expired. Returns (P's, D's) engine."""
     model_dir, prompts, reference = model_and_prompts
     p = _engine(model_dir, "kv_producer", send_type=send_type,
                 pipeline_parallel_size=producer_pp)
     try:
-        d = _engine(model_dir, "kv_consumer", send_type=send_type)
+        d = _engine(model_dir, "kv_consumer", send_type=send_type, **decoder)
     except BaseException:
         p.shutdown()
         raise
@@ -186,10 +229,10 @@ def check_prefill_then_decode(model_and_prompts, send_type, producer_pp=1):
         assert all(pp is not None for pp in params.values())
         if send_type == "GET":
             assert p.block_manager.num_free_blocks < p.block_manager.num_usable_blocks  # leased
-        decoded = _run(d, [_request(rid, prompts[int(rid[1:])], MAX_TOKENS,
+        decoded = _run(d, [_request(rid, prompts[int(rid[1:])], max_tokens,
                                     kv_transfer_params=params[rid]) for rid in params])
         for rid, (tokens, _) in decoded.items():
-            assert tokens == reference[rid], rid
+            assert tokens == reference[rid][:max_tokens], rid
             assert first[rid][0] == reference[rid][:1]  # P's first token agrees
         # D ran only the tail of each prompt: at most the last partial block and last token
         assert d.scheduler.num_prompt_tokens_computed == sum(
@@ -201,8 +244,12 @@ def check_prefill_then_decode(model_and_prompts, send_type, producer_pp=1):
         assert stats_p.sent_tokens == stats_d.received_tokens == sum(  # each sent once
             pp.num_tokens for pp in params.values()) > 0
         assert stats_d.received_bytes > 0
-        assert d.kv_connector._buffer == {}
+        assert d.kv_connector._received.num_transfers == 0
+        assert stats_d.buffer_bytes == stats_d.overflow_bytes == 0
         assert len(p.kv_connector.leases) == 0
+        assert stats_p.leases_expired == stats_d.pushes_expired == 0
+        assert d.scheduler.num_preemptions == 0
+        return p, d
     finally:
         p.shutdown()
         d.shutdown()
@@ -238,8 +285,169 @@ def test_lease_expiry_returns_producer_blocks(model_and_prompts):
         assert p.block_manager.num_free_blocks < p.block_manager.num_usable_blocks
         assert _settle(p, timeout_s=5.0)  # no decoder came: the lease expired
         assert len(p.kv_connector.leases) == 0
+        assert p.kv_connector.stats.leases_expired == 1
     finally:
         p.shutdown()
+
+
+def _wait_for(condition, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _layer_frames(connector, lease_id, num_blocks, compat_hash=None):
+    """The frames of every layer of a pushed transfer of `num_blocks` blocks (zeros)."""
+    m = connector.config.model
+    k = torch.zeros(num_blocks, BLOCK, m.num_kv_heads, m.head_dim)
+    return [[bytes(f) for f in encode_layer(KVLayerHeader(
+        lease_id, compat_hash or connector.compat_hash, layer, m.num_layers, num_blocks * BLOCK,
+        "float32", list(k.shape)), k, k)] for layer in range(m.num_layers)]
+
+
+@pytest.fixture
+def dealer():
+    """dealer(endpoint): a DEALER connected there, like P's pushes or the proxy's ReleaseKV."""
+    import zmq
+
+    ctx = zmq.Context()
+    sockets = []
+
+    def connect(endpoint):
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(endpoint)
+        sockets.append(sock)
+        return sock
+
+    yield connect
+    for sock in sockets:
+        sock.close(linger=0)
+    ctx.term()
+
+
+def _offer(sock, connector, lease_id, num_blocks, compat_hash=None, num_bytes=None):
+    """Send a PushOffer, return D's PushReply (within 5 s)."""
+    from engine_core.disagg.kv_wire import PushOffer, PushReply
+
+    sock.send(msgspec.msgpack.encode(PushOffer(
+        lease_id, compat_hash or connector.compat_hash, num_blocks,
+        num_blocks * connector.block_bytes if num_bytes is None else num_bytes)))
+    assert sock.poll(5000), "no PushReply"
+    return msgspec.msgpack.decode(sock.recv(), type=PushReply)
+
+
+def test_decoder_silent_at_push_time_pulls_later(model_and_prompts, monkeypatch):
+    """P's offers get no answer (D not up yet): P waits once (PUSH_REPLY_TIMEOUT_S), not once
+    per request, keeps every lease, and the decoder pulls them when its requests come."""
+    from engine_core.disagg import connector
+
+    monkeypatch.setattr(connector, "PUSH_REPLY_TIMEOUT_S", 0.5)
+    model_dir, prompts, reference = model_and_prompts
+    port = _free_port()
+    p = _engine(model_dir, "kv_producer", send_type="PUT")
+    try:
+        start = time.monotonic()
+        first = _run(p, [_request(f"r{i}", prompts[i], 1, do_remote_decode=True,
+                                  kv_transfer_params=KVTransferParams(
+                                      kv_endpoint=f"tcp://127.0.0.1:{port}", block_ids=[],
+                                      num_tokens=0, compat_hash=p.kv_connector.compat_hash,
+                                      lease_id=f"t{i}", send_type="PUT"))
+                         for i in (2, 3, 4)])
+        assert time.monotonic() - start < 3.0
+        assert p.kv_connector.stats.transfers_held == 3 and len(p.kv_connector.leases) == 3
+        d = _engine(model_dir, "kv_consumer", send_type="PUT")
+        try:
+            d.kv_connector.fetch_timeout_s = 0.5  # no push comes: pull after that
+            out = _run(d, [_request(rid, prompts[int(rid[1:])], MAX_TOKENS,
+                                    kv_transfer_params=final.kv_transfer_params)
+                           for rid, (_, final) in first.items()])
+            for rid, (tokens, _) in out.items():
+                assert tokens == reference[rid], rid
+            assert d.kv_connector.stats.received_tokens == sum(
+                final.kv_transfer_params.num_tokens for _, final in first.values())
+            assert _settle(d) and _settle(p)
+            assert p.kv_connector.stats.leases_expired == 0
+        finally:
+            d.shutdown()
+    finally:
+        p.shutdown()
+
+
+def test_unclaimed_and_half_pushed_kv_expires_and_is_counted(model_and_prompts, dealer):
+    """Pushed KV whose request never comes (complete, or cut off mid-push: P died) is dropped
+    by D's endpoint after the TTL, without any engine step, and counted."""
+    from engine_core.disagg.kv_wire import PushDone
+
+    model_dir, _, _ = model_and_prompts
+    d = _engine(model_dir, "kv_consumer", send_type="PUT", lease_ttl_s=0.5)
+    try:
+        conn = d.kv_connector
+        sock = dealer(conn.endpoint)
+        assert _offer(sock, conn, "whole", 2).accepted
+        for frames in _layer_frames(conn, "whole", 2):
+            sock.send_multipart(frames)
+        sock.send(msgspec.msgpack.encode(PushDone("whole", conn.config.model.num_layers)))
+        assert _offer(sock, conn, "half", 1).accepted
+        sock.send_multipart(_layer_frames(conn, "half", 1)[0])  # then P dies
+        assert conn.stats.buffer_bytes == 3 * conn.block_bytes  # reserved at the offers
+        assert _wait_for(lambda: conn.stats.pushes_expired == 2, timeout_s=5.0)
+        assert conn.stats.buffer_bytes == conn.stats.overflow_bytes == 0
+        stats = EngineCoreLoop(d, None, None)._stats()  # what the front-end's metrics get
+        assert (stats.kv_pushes_expired, stats.kv_buffer_bytes, stats.kv_leases_expired) == (
+            2, 0, 0)
+        assert conn._received.num_transfers == 0
+        dropped = conn.stats.dropped_messages
+        sock.send_multipart(_layer_frames(conn, "half", 1)[1])  # a late layer: dropped at once
+        assert _wait_for(lambda: conn.stats.dropped_messages == dropped + 1)
+        assert _settle(d)
+    finally:
+        d.shutdown()
+
+
+def test_release_from_a_third_party_ends_leases_and_drops_buffered_kv(model_and_prompts,
+                                                                       dealer):
+    """ReleaseKV, sent by a DEALER as the proxy will: P frees a lease's blocks long before its
+    TTL; D drops a push it buffered. A request aborted before its fetch started releases P's
+    lease too."""
+    from engine_core.disagg.kv_wire import ReleaseKV
+
+    model_dir, prompts, _ = model_and_prompts
+    p = _engine(model_dir, "kv_producer", lease_ttl_s=60.0)
+    d = _engine(model_dir, "kv_consumer", send_type="PUT", lease_ttl_s=60.0)
+    try:
+        params = _run(p, [_request("r4", prompts[4], 1, do_remote_decode=True)])["r4"][1] \
+            .kv_transfer_params
+        assert params.lease_id in p.kv_connector.leases
+        start = time.monotonic()
+        dealer(p.kv_connector.endpoint).send(msgspec.msgpack.encode(ReleaseKV(params.lease_id)))
+        assert _settle(p, timeout_s=5.0) and time.monotonic() - start < 5.0
+        assert len(p.kv_connector.leases) == 0 and p.kv_connector.stats.leases_expired == 0
+
+        conn = d.kv_connector
+        sock = dealer(conn.endpoint)
+        assert _offer(sock, conn, "buffered", 2).accepted
+        assert conn.stats.buffer_bytes == 2 * conn.block_bytes
+        dealer(conn.endpoint).send(msgspec.msgpack.encode(ReleaseKV("buffered")))
+        assert _wait_for(lambda: conn.stats.buffer_bytes == 0)
+        assert conn._received.num_transfers == 0 and conn.stats.pushes_expired == 0
+
+        # D's request is aborted after it got blocks, before its fetch started
+        params = _run(p, [_request("r3", prompts[3], 1, do_remote_decode=True)])["r3"][1] \
+            .kv_transfer_params
+        d.add_request(_request("a", prompts[3], MAX_TOKENS, kv_transfer_params=params))
+        d.step()  # it got its blocks; the fetch would start with the next step
+        assert "a" in d.scheduler.waiting_for_kv
+        d.abort_requests(["a"])
+        assert _settle(d, timeout_s=5.0) and not d.scheduler.has_unfinished_requests()
+        assert _settle(p, timeout_s=5.0)  # D's ReleaseKV ended the lease
+        assert p.kv_connector.stats.leases_expired == 0
+        assert p.kv_connector.stats.sent_tokens == 0  # nothing was pulled
+    finally:
+        p.shutdown()
+        d.shutdown()
 
 
 def test_executor_without_kv_stages_names_itself():
@@ -299,32 +507,32 @@ def msgspec_replace(struct, **changes):
     return msgspec.structs.replace(struct, **changes)
 
 
-def test_pushed_garbage_is_dropped_and_the_decoder_still_serves(model_and_prompts):
-    import zmq
-
+def test_pushed_garbage_is_dropped_and_the_decoder_still_serves(model_and_prompts, dealer):
     model_dir, prompts, reference = model_and_prompts
     d = _engine(model_dir, "kv_consumer", send_type="PUT")
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
+    conn = d.kv_connector
     try:
-        sock.connect(d.kv_connector.endpoint)
-        k = torch.zeros(1, BLOCK, 2, 8)
-        wrong_hash = KVLayerHeader("x", "0" * 16, 0, 1, BLOCK, "float32", list(k.shape))
-        frames = [bytes(f) for f in encode_layer(wrong_hash, k, k)]
+        sock = dealer(conn.endpoint)
+        frames = _layer_frames(conn, "x", 1, compat_hash="0" * 16)[0]
         sock.send_multipart(frames)  # another KV layout
         sock.send_multipart([frames[0], frames[1][:-1], frames[2]])  # truncated
         sock.send_multipart([b"\x00garbage", b"more"])  # neither a layer nor a control message
-        deadline = time.monotonic() + 5
-        while d.kv_connector.stats.dropped_messages < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert d.kv_connector.stats.dropped_messages == 3
-        assert d.kv_connector._buffer == {}
+        assert _wait_for(lambda: conn.stats.dropped_messages >= 3)
+        assert conn.stats.dropped_messages == 3
+        # an offer of another KV layout is refused, naming it; its layers are dropped
+        reply = _offer(sock, conn, "x", 1, compat_hash="0" * 16)
+        assert not reply.accepted and "hash" in reply.reason
+        reply = _offer(sock, conn, "y", 1, num_bytes=7)  # a size that does not fit the layout
+        assert not reply.accepted and "bytes" in reply.reason
+        for frames in _layer_frames(conn, "y", 1):  # no accepted offer for them
+            sock.send_multipart(frames)
+        num_layers = conn.config.model.num_layers
+        assert _wait_for(lambda: conn.stats.dropped_messages == 5 + num_layers)
+        assert conn._received.num_transfers == 0 and conn.stats.buffer_bytes == 0
         out = _run(d, [_request("r3", prompts[3], MAX_TOKENS)])
         assert out["r3"][0] == reference["r3"]
         assert _settle(d)
     finally:
-        sock.close(linger=0)
-        ctx.term()
         d.shutdown()
 
 
@@ -391,7 +599,10 @@ def test_metrics_expose_prompt_and_kv_transfer_counters():
     from engine_core.server.metrics import _EngineStatsCollector
 
     stats = SchedulerStats(num_prompt_tokens_computed=7, kv_sent_tokens=64,
-                           kv_received_tokens=32, kv_sent_bytes=1024, kv_transfer_seconds=0.5)
+                           kv_received_tokens=32, kv_sent_bytes=1024, kv_transfer_seconds=0.5,
+                           kv_leases_expired=3, kv_pushes_expired=2, kv_transfers_held=5,
+                           kv_overflow_transfers=4, kv_buffer_bytes=4096,
+                           kv_overflow_bytes=8192)
     llm = SimpleNamespace(stats=stats, num_restarts=0,
                           client=SimpleNamespace(engine_states=lambda: []))
     registry = CollectorRegistry()
@@ -401,7 +612,13 @@ def test_metrics_expose_prompt_and_kv_transfer_counters():
                  'ppengine:kv_transfer_sent_tokens_total{model_name="m"} 64.0',
                  'ppengine:kv_transfer_received_tokens_total{model_name="m"} 32.0',
                  'ppengine:kv_transfer_sent_bytes_total{model_name="m"} 1024.0',
-                 'ppengine:kv_transfer_seconds_total{model_name="m"} 0.5'):
+                 'ppengine:kv_transfer_seconds_total{model_name="m"} 0.5',
+                 'ppengine:kv_lease_expired_total{model_name="m",side="producer"} 3.0',
+                 'ppengine:kv_lease_expired_total{model_name="m",side="consumer"} 2.0',
+                 'ppengine:kv_transfer_held_total{model_name="m"} 5.0',
+                 'ppengine:kv_overflow_transfers_total{model_name="m"} 4.0',
+                 'ppengine:kv_buffer_bytes{model_name="m"} 4096.0',
+                 'ppengine:kv_overflow_bytes{model_name="m"} 8192.0'):
         assert line in text, line
 
 

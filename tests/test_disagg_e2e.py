@@ -72,15 +72,22 @@ class Proc:
         self.kill()
 
 
-def _group_gone(pgid: int) -> bool:
-    """True if no process of the group `pgid` is left."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    return False
-    return True
+def _group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
+    """True once no process of the group `pgid` is left (SIGKILLed processes die
+    asynchronously: waits up to `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = False
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                    left = left or (int(fields[2]) == pgid and fields[0] != "Z")
+        if not left:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _metric(text: str, name: str) -> float:
@@ -177,9 +184,6 @@ class Cluster:
         groups = [p.proc.pid for p in self.procs]
         for proc in reversed(self.procs):
             proc.stop()
-        deadline = time.monotonic() + 10
-        while not all(_group_gone(g) for g in groups) and time.monotonic() < deadline:
-            time.sleep(0.1)
         assert all(_group_gone(g) for g in groups), "a process was left behind"
 
 
@@ -259,7 +263,7 @@ def _send_garbage_kv(endpoints: list[str]) -> None:
     import msgspec
     import zmq
 
-    from engine_core.disagg.connector import PullKV
+    from engine_core.disagg.kv_wire import PullKV
     from executors.kv_endpoint import KVLayerHeader
 
     header = msgspec.msgpack.encode(KVLayerHeader("no-such-lease", "0" * 16, 0, 2, 16,

@@ -6,6 +6,7 @@ import itertools
 
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import SchedulerConfig
+from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.messages import EngineCoreRequest, SampledToken, StepBatch, StepOutput
 from engine_core.request import Request, RequestStatus
 from engine_core.sampling_params import SamplingParams
@@ -202,3 +203,74 @@ def test_pipelined_chunked_prefill_schedules_next_chunk_in_flight():
     a2 = add(s2, 30)
     assert scheduled(s2.schedule()) == {a2: 10}
     assert s2.schedule() is None
+
+
+def add_remote(scheduler, prompt_len, num_kv_tokens, max_tokens=4, first_token=1):
+    """A decode instance's request whose first `num_kv_tokens` tokens' KV a prefill made."""
+    rid = f"r{next(_ids)}"
+    prompt = [first_token + i for i in range(prompt_len)]
+    params = KVTransferParams(kv_endpoint="tcp://127.0.0.1:1",
+                              block_ids=list(range(num_kv_tokens // BLOCK)),
+                              num_tokens=num_kv_tokens, compat_hash="h", lease_id=rid,
+                              send_type="GET")
+    core = EngineCoreRequest(rid, prompt, SamplingParams(max_tokens=max_tokens), [0],
+                             kv_transfer_params=params)
+    scheduler.add_request(Request(core, scheduler.config.max_model_len))
+    return rid
+
+
+def test_remote_kv_request_waits_at_the_head_for_blocks_and_fetches_once():
+    s = make_scheduler(num_blocks=10, max_len=36)  # 9 usable blocks of 4 tokens
+    a = add(s, 24, max_tokens=2)  # 6 blocks, then a 7th for its decode step
+    finish(s, s.schedule())
+    r = add_remote(s, 17, 16, first_token=100)  # needs 5 blocks for its prompt: 3 free
+    c = add(s, 3, first_token=200)
+    batch = s.schedule()
+    assert scheduled(batch) == {a: 1}  # neither r nor c behind it (FCFS) got in
+    assert s.waiting[0].request_id == r and not s.waiting_for_kv
+    assert s.requests[r].status == RequestStatus.WAITING
+    assert finish(s, batch)[0].finish_reason == "length"  # a is done: its blocks free
+    batch = s.schedule()
+    assert scheduled(batch) == {c: 3}  # r moved on to fetch its KV, c went on
+    assert list(s.waiting_for_kv) == [r]
+    assert s.requests[r].status == RequestStatus.WAITING_FOR_REMOTE_KV
+    assert len(s.block_manager.block_ids(r)) == 5  # its whole prompt, tail included
+    prompt_r = list(range(100, 117))
+    assert s.block_manager.get_computed_blocks(prompt_r) == ([], 0)  # no KV yet: not cached
+    finish(s, batch)
+    s.remote_kv_ready(r, ok=False)  # the fetch failed: blocks freed, back at the head
+    assert s.waiting[0].request_id == r and s.block_manager.block_ids(r) == []
+    batch = s.schedule()
+    new = {n.request_id: n for n in batch.new_requests}
+    assert new[r].num_computed_tokens == 0 and new[r].num_new_tokens == 17  # computed here
+    assert not s.waiting_for_kv
+    finish(s, batch)
+    s._preempt(s.requests[r])  # after a preemption it recomputes, never fetches again
+    while s.has_unfinished_requests():
+        batch = s.schedule()
+        assert not s.waiting_for_kv
+        finish(s, batch)
+    assert s.block_manager.num_free_blocks == s.block_manager.num_usable_blocks
+
+
+def test_remote_kv_ready_counts_the_fetched_tokens_and_abort_before_fetch_releases():
+    s = make_scheduler(num_blocks=20)
+    r = add_remote(s, 17, 16)
+    assert s.schedule() is None and list(s.waiting_for_kv) == [r]
+    s.remote_kv_ready(r, ok=True)
+    batch = s.schedule()
+    new = {n.request_id: n for n in batch.new_requests}
+    assert new[r].num_computed_tokens == 16 and new[r].num_new_tokens == 1
+    assert s.num_prompt_tokens_computed == 1
+    finish(s, batch)
+    # aborted while waiting for blocks: parked for the connector to give its transfer up
+    a = add(s, 60, max_tokens=30)
+    b = add_remote(s, 17, 16)
+    s.abort_requests([b])
+    assert s.waiting_for_kv[b].is_finished and b not in [q.request_id for q in s.waiting]
+    s.remote_kv_ready(b, ok=False)
+    assert b not in s.requests and not s.waiting_for_kv
+    s.abort_requests([a, r])
+    while s.has_unfinished_requests():
+        finish(s, s.schedule())
+    assert s.block_manager.num_free_blocks == s.block_manager.num_usable_blocks

@@ -484,7 +484,13 @@ class DPEngineCoreClient:
             kv_received_tokens=sum(s.kv_received_tokens for s in live),
             kv_sent_bytes=sum(s.kv_sent_bytes for s in live),
             kv_received_bytes=sum(s.kv_received_bytes for s in live),
-            kv_transfer_seconds=sum(s.kv_transfer_seconds for s in live))
+            kv_transfer_seconds=sum(s.kv_transfer_seconds for s in live),
+            kv_leases_expired=sum(s.kv_leases_expired for s in live),
+            kv_pushes_expired=sum(s.kv_pushes_expired for s in live),
+            kv_transfers_held=sum(s.kv_transfers_held for s in live),
+            kv_overflow_transfers=sum(s.kv_overflow_transfers for s in live),
+            kv_buffer_bytes=sum(s.kv_buffer_bytes for s in live),
+            kv_overflow_bytes=sum(s.kv_overflow_bytes for s in live))
 
     def engine_states(self) -> list[EngineState]:
         return [EngineState(e.rank, e.alive, e.stats, e.num_routed, e.pid) for e in self.engines]

@@ -25,8 +25,12 @@ class KVTransferConfig:
     sent it. `send_type`: PUT (P pushes
     after prefill), GET (D pulls), PUT_ASYNC (P pushes from a background sender).
     `kv_buffer_size`: bytes of pushed KV a consumer buffers at most until its requests
-    arrive. `lease_ttl_s`: how long a producer holds a prompt's blocks for a decoder that
-    has not fetched them (and a consumer keeps pushed KV whose request has not come).
+    arrive (on an accelerator: device memory, taken into KV blocks soon). `kv_overflow_size`:
+    bytes of pushed KV a consumer keeps at most in its host overflow pool, used when the buffer
+    is full or the instance has no free KV blocks for a transfer; when both are full the
+    producer is told to hold (it keeps the lease, the consumer pulls it). `lease_ttl_s`: how
+    long a producer holds a prompt's blocks for a decoder that has not fetched them (and a
+    consumer keeps pushed KV whose request has not come).
     `zmq_keys`: the CurveZMQ key directory (`pp-engine keys`) that secures the KV
     sockets (None: unsecured; `serve` refuses that without `--insecure-tcp`).
     """
@@ -36,6 +40,7 @@ class KVTransferConfig:
     proxy_address: str
     send_type: str = "PUT"
     kv_buffer_size: float = 1e9
+    kv_overflow_size: float = 1e9
     kv_ip: str = "127.0.0.1"
     lease_ttl_s: float = 30.0
     zmq_keys: str | None = None  # CurveZMQ key directory; `serve` fills it from --zmq-keys
@@ -71,10 +76,11 @@ class KVTransferConfig:
         if (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl)
                 or ttl <= 0):
             raise ValueError(f"lease_ttl_s must be a positive number of seconds, got {ttl!r}")
-        size = self.kv_buffer_size
-        if (isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size)
-                or size <= 0):
-            raise ValueError(f"kv_buffer_size must be a positive number of bytes, got {size!r}")
+        for name in ("kv_buffer_size", "kv_overflow_size"):
+            size = getattr(self, name)
+            if (isinstance(size, bool) or not isinstance(size, (int, float))
+                    or not math.isfinite(size) or size <= 0):
+                raise ValueError(f"{name} must be a positive number of bytes, got {size!r}")
 
     @property
     def is_producer(self) -> bool:

@@ -1,5 +1,5 @@
-"""A producer's leases: blocks of finished prefills held for a decoder until it confirms it has
-their KV, or until the lease's time-to-live runs out."""
+"""A producer's leases: blocks of finished prefills held for a decoder until it (or the proxy)
+releases them, or until the lease's time-to-live runs out."""
 
 from __future__ import annotations
 
@@ -40,9 +40,16 @@ class LeaseTable:
     def __contains__(self, lease_id: str) -> bool:
         return lease_id in self._leases
 
-    def grant(self, request_id: str, block_ids: list[int], num_tokens: int) -> Lease:
-        lease = Lease(f"{self._prefix}-{next(self._ids)}", request_id, tuple(block_ids),
-                      num_tokens, self.clock() + self.ttl_s)
+    def grant(self, request_id: str, block_ids: list[int], num_tokens: int,
+              lease_id: str | None = None) -> Lease:
+        """Lease `block_ids` of `request_id` as `lease_id` (None: a fresh id of this table).
+        ValueError if `lease_id` is already leased."""
+        if lease_id is None:
+            lease_id = f"{self._prefix}-{next(self._ids)}"
+        elif lease_id in self._leases:
+            raise ValueError(f"lease_id {lease_id!r} is already leased")
+        lease = Lease(lease_id, request_id, tuple(block_ids), num_tokens,
+                      self.clock() + self.ttl_s)
         self._leases[lease.lease_id] = lease
         return lease
 
@@ -53,7 +60,8 @@ class LeaseTable:
         return self._leases.get(lease_id)
 
     def release(self, lease_id: str) -> Lease | None:
-        """The decoder has the KV (or gave up): the lease ends. None for an unknown lease."""
+        """The decoder has the KV (or gave up, or the proxy released it): the lease ends. None
+        for an unknown lease."""
         return self._leases.pop(lease_id, None)
 
     def expire(self) -> list[Lease]:

@@ -12,9 +12,11 @@ class KVTransferParams(msgspec.Struct, frozen=True, omit_defaults=True):
 
     `kv_endpoint`: P's KV endpoint address (for GET). `block_ids`: P's blocks holding the first
     `num_tokens` tokens of the prompt (whole blocks only). `compat_hash`: P's KV layout hash.
-    `lease_id`: names P's hold on those blocks; P frees them when D confirms the lease or it
-    expires. With PUT/PUT_ASYNC it is the transfer id the proxy chose, and the *prefill* request
-    carries params too: D's `kv_endpoint` to push to and that `lease_id` (no blocks).
+    `lease_id`: names P's hold on those blocks; P frees them after a push D accepted, when a
+    `ReleaseKV` for it arrives (from D after a pull, or from the proxy) or when it expires. With
+    PUT/PUT_ASYNC it is the transfer id the proxy chose, and the *prefill* request carries
+    params too: D's `kv_endpoint` to push to and that `lease_id` (no blocks). `send_type` in
+    P's answer: "GET" when P pushes nothing (then D pulls at once).
     """
 
     kv_endpoint: str

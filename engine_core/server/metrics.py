@@ -46,6 +46,10 @@ class _EngineStatsCollector(Collector):
             ("num_kv_blocks", "Usable KV cache blocks.", stats.num_total_blocks),
             ("engine_restarts", "Times the engine core was restarted after it died.",
              self.llm.num_restarts),
+            ("kv_buffer_bytes", "Bytes of pushed KV in the receive buffer now (decode "
+             "instance).", stats.kv_buffer_bytes),
+            ("kv_overflow_bytes", "Bytes of pushed KV in the host overflow pool now (decode "
+             "instance).", stats.kv_overflow_bytes),
         )
         for name, doc, value in gauges:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
@@ -61,11 +65,22 @@ class _EngineStatsCollector(Collector):
             ("kv_transfer_sent_bytes", "Bytes of KV sent.", stats.kv_sent_bytes),
             ("kv_transfer_received_bytes", "Bytes of KV received.", stats.kv_received_bytes),
             ("kv_transfer_seconds", "Seconds spent moving KV.", stats.kv_transfer_seconds),
+            ("kv_transfer_held", "KV pushes held for lack of room (back-pressure): told to "
+             "hold on a decode instance, held on a prefill instance.", stats.kv_transfers_held),
+            ("kv_overflow_transfers", "KV pushes kept in the host overflow pool.",
+             stats.kv_overflow_transfers),
         )
         for name, doc, value in counters:
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], float(value))
             yield counter
+        expired = CounterMetricFamily(
+            PREFIX + "kv_lease_expired", "KV transfers dropped when their time-to-live ran out: "
+            "leased blocks no decoder took (producer), pushed KV whose request never came "
+            "(consumer).", labels=["model_name", "side"])
+        expired.add_metric([self.model_name, "producer"], float(stats.kv_leases_expired))
+        expired.add_metric([self.model_name, "consumer"], float(stats.kv_pushes_expired))
+        yield expired
         states = self.llm.client.engine_states()
         alive = GaugeMetricFamily(PREFIX + "engines_alive", "Engine cores alive (data parallel).",
                                   labels=["model_name"])
