@@ -674,3 +674,42 @@ def test_max_chars_per_token(model_dir):
     assert PPTokenizer(words).max_chars_per_token is None  # whitespace is dropped
     wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     assert PPTokenizer(wordpiece).max_chars_per_token is None  # a word -> one [UNK]
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_a_stream_whose_send_fails_closes_its_generator_before_returning(spec_version):
+    """A client gone in the middle of a send: the SSE generator is closed (its `finally` aborts
+    the engine requests behind it) before the response returns, not whenever the garbage
+    collector gets to it."""
+    from engine_core.server.http_setup import ClosingStreamingResponse
+
+    closed: list[bool] = []
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for i in range(100):
+                yield f"data: {i}\n\n"
+                await asyncio.sleep(0)
+        finally:
+            closed.append(True)
+
+    async def run() -> None:
+        response = ClosingStreamingResponse(events(), media_type="text/event-stream")
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body" and len(sent) >= 3:
+                raise OSError("the client is gone")
+            sent.append(message)
+
+        async def receive() -> dict:
+            await asyncio.Event().wait()  # the disconnect is never reported
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}}
+        with pytest.raises(Exception):  # noqa: B017 (OSError, or starlette's ClientDisconnect)
+            await response(scope, receive, send)
+        assert closed == [True]  # `response` still holds the generator here
+        assert len(sent) == 3
+
+    asyncio.run(asyncio.wait_for(run(), TIMEOUT))

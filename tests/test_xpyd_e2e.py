@@ -4,7 +4,8 @@ instances (`pp-engine serve --kv-transfer-config`), driven by the official `open
 - 64 concurrent streams, half through each proxy, over CurveZMQ: every greedy output equals a
   single `pp-engine serve`'s, each proxy answers only its own requests, the decode instances
   computed only the tails of the prompts, and every KV block comes back.
-- One decode instance has no room to buffer pushed KV: its pushes are held and it pulls them.
+- One decode instance has no room to buffer pushed KV: every push to it is held and it pulls
+  the KV instead (GET).
 - Garbage at every socket is dropped; a process without the keys can neither register, nor send
   an instance a request, nor pull KV; a client that disconnects mid-stream frees everything.
 - A proxy killed mid-stream: the instances drop its return address and abort its requests, the
@@ -139,7 +140,7 @@ def test_two_proxies_share_2p2d_under_64_streams_over_curvezmq(model_dir, refere
     create_keys(keys)
     with xpyd_cluster(model_dir, str(tmp), num_proxies=2, keys_dir=keys) as c:
         c.add("kv_producer", "PUT_ASYNC")
-        c.add("kv_producer", "GET")
+        c.add("kv_producer", "PUT")
         c.add("kv_consumer")
         tight = c.add("kv_consumer", kv_buffer_size=1, kv_overflow_size=1)  # pushes held
         c.wait_registered()

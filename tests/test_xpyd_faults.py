@@ -5,7 +5,7 @@ processes, the official `openai` client): instances join and die while clients s
   then the 64 clients walk away at once.
 - A decode instance killed (-9) mid-stream: its streams end with an error within ~5 s, requests
   not yet streaming are retried on the other decode instance, and the prefill instance's leased
-  blocks come back once the lease expires.
+  blocks come back (released by the proxy, or at the latest when the lease expires).
 - A prefill instance killed (-9): requests in flight are retried or fail cleanly, new ones go
   to the other prefill instance.
 After each: no KV block leaked on any live instance, no process left behind.
@@ -95,7 +95,7 @@ def test_a_killed_decode_instance_fails_its_streams_fast_and_the_rest_is_retried
         model_dir, reference, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("xpyd-dead-d")
     with xpyd_cluster(model_dir, str(tmp), heartbeat_timeout_s=3.0) as c:
-        producer = c.add("kv_producer", "GET", lease_ttl_s=3.0)
+        c.add("kv_producer", "GET", lease_ttl_s=3.0)
         doomed = c.add("kv_consumer")
         c.add("kv_consumer")
         c.wait_registered()
@@ -133,9 +133,9 @@ def test_a_killed_decode_instance_fails_its_streams_fast_and_the_rest_is_retried
                 assert _prefixes_match(result, PROMPTS[i % 4], reference, 300)
         for i, (result, _) in enumerate(late_results):
             assert result == reference[PROMPTS[i % 8]], result
-        # P's leases for the dead D expire (3 s) and come back; nothing else leaks
+        # P's leases for the dead D come back: released by the proxy when a decode leg failed
+        # before D took the KV, else when they expire (3 s); nothing else leaks
         c.wait_blocks_free(timeout_s=20)
-        assert producer.metric("ppengine:kv_lease_expired_total") > 0
 
 
 def test_a_killed_prefill_instance_is_routed_around(model_dir, reference,  # noqa: F811

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from engine_core.disagg.compat import kv_compat_hash
@@ -62,7 +62,13 @@ from engine_core.disagg.proxy_metrics import ProxyMetrics
 from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.disagg.wire import ProxyRequest, ResponseChunk, ResponseHead
 from engine_core.server.disconnect import ClientDisconnected, unless_disconnected
-from engine_core.server.http_setup import add_error_handlers, api_key_check, exit_on_sigterm, listen
+from engine_core.server.http_setup import (
+    ClosingStreamingResponse,
+    add_error_handlers,
+    api_key_check,
+    exit_on_sigterm,
+    listen,
+)
 from engine_core.server.limits import DEFAULT_MAX_REQUEST_BYTES, RequestBodyLimit
 from engine_core.server.protocol import (
     ChatCompletionRequest,
@@ -136,7 +142,7 @@ class _Stream:
     done: bool = False  # ran to its end (or to an error event): not a client disconnect
 
 
-class _DecodeStreamResponse(StreamingResponse):
+class _DecodeStreamResponse(ClosingStreamingResponse):
     """A StreamingResponse that releases the decode leg however the response ends (a client
     that disconnects before the first byte included)."""
 

@@ -49,7 +49,7 @@ from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
 from engine_core.server.disconnect import ClientDisconnected as _ClientDisconnected
 from engine_core.server.disconnect import unless_disconnected as _unless_disconnected
-from engine_core.server.http_setup import add_error_handlers
+from engine_core.server.http_setup import ClosingStreamingResponse, add_error_handlers
 from engine_core.server.http_setup import api_key_check as _api_key_check
 from engine_core.server.http_setup import exit_on_sigterm as _exit_on_sigterm
 from engine_core.server.http_setup import listen as _listen
@@ -335,7 +335,7 @@ class OpenAIServing:
         return await _unless_disconnected(request, run())
 
     def _stream(self, events: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream",
+        return ClosingStreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- /v1/completions ----------------------------------------------------------------------

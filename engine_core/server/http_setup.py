@@ -1,21 +1,40 @@
 """What the HTTP front doors (`pp-engine serve`, `pp-engine proxy`) share around their app:
-binding the port early, the `--api-key` check, OpenAI-style error bodies for every error, and
-leaving cleanly on SIGTERM."""
+binding the port early, the `--api-key` check, OpenAI-style error bodies for every error, SSE
+responses that always end their event generator, and leaving cleanly on SIGTERM."""
 
 from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from engine_core.server.protocol import RequestError, error_body
 
-__all__ = ["add_error_handlers", "api_key_check", "exit_on_sigterm", "listen"]
+__all__ = ["ClosingStreamingResponse", "add_error_handlers", "api_key_check", "exit_on_sigterm",
+           "listen"]
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body's async generator however the response ends.
+
+    Starlette's leaves the generator suspended at its `yield` when sending a chunk fails or is
+    cancelled (the client went away mid-send); the generator's `finally`, which aborts the work
+    behind the stream, then runs only when the garbage collector gets to it, and a reference
+    cycle through the exception can put that off for as long as the process lives."""
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def add_error_handlers(app: FastAPI) -> None:
