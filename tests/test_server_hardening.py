@@ -713,3 +713,35 @@ def test_a_stream_whose_send_fails_closes_its_generator_before_returning(spec_ve
         assert len(sent) == 3
 
     asyncio.run(asyncio.wait_for(run(), TIMEOUT))
+
+
+def test_work_that_ends_after_its_client_left_has_its_result_discarded():
+    """`unless_disconnected` cancels the work of a client that went away; work that ends with a
+    result all the same (Python 3.11's `asyncio.wait_for` swallows a cancellation that meets
+    its inner wait's completion) has it handed to `discard`, never leaked."""
+    from starlette.requests import Request
+
+    from engine_core.server.disconnect import ClientDisconnected, unless_disconnected
+
+    async def run() -> list[str]:
+        discarded: list[str] = []
+
+        async def stubborn() -> str:
+            with contextlib.suppress(asyncio.CancelledError):  # as wait_for does in the race
+                await asyncio.sleep(10)
+            await asyncio.sleep(0.01)
+            return "an open stream"
+
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+        with pytest.raises(ClientDisconnected):
+            await unless_disconnected(request, stubborn(), discard=discarded.append)
+        for _ in range(50):
+            if discarded:
+                break
+            await asyncio.sleep(0.01)
+        return discarded
+
+    assert asyncio.run(asyncio.wait_for(run(), TIMEOUT)) == ["an open stream"]

@@ -142,6 +142,12 @@ class _Stream:
     done: bool = False  # ran to its end (or to an error event): not a client disconnect
 
 
+def _release_stream(answer: Response | _Stream) -> None:
+    """An answer that came after its client left: let go of the decode leg it holds open."""
+    if isinstance(answer, _Stream):
+        answer.leg.release()
+
+
 class _DecodeStreamResponse(ClosingStreamingResponse):
     """A StreamingResponse that releases the decode leg however the response ends (a client
     that disconnects before the first byte included)."""
@@ -181,7 +187,8 @@ class ProxyServing:
             self._check_model(request.model)
             request.check_supported()
             prefix = "cmpl" if route == COMPLETIONS else "chatcmpl"
-            answer = await unless_disconnected(raw, self._answer(route, body, prefix, arrival))
+            answer = await unless_disconnected(raw, self._answer(route, body, prefix, arrival),
+                                               discard=_release_stream)
         except Exception as exc:
             return self._error_response(exc)
         if isinstance(answer, Response):
