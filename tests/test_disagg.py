@@ -31,7 +31,10 @@ GOOD = {"kv_role": "kv_producer", "kv_port": 21001, "proxy_address": "127.0.0.1:
 def test_kv_transfer_config_parses_and_is_frozen():
     config = KVTransferConfig.from_json(json.dumps(GOOD))
     assert config.is_producer and not config.is_consumer
-    assert config.proxy_host_port == ("127.0.0.1", 30001)
+    assert config.proxy_addresses == ["127.0.0.1:30001"]
+    several = KVTransferConfig.from_json(json.dumps(
+        {**GOOD, "proxy_address": "10.0.0.1:30001, proxy-b:30002"}))
+    assert several.proxy_addresses == ["10.0.0.1:30001", "proxy-b:30002"]
     with pytest.raises(AttributeError):
         config.kv_role = "kv_consumer"  # type: ignore[misc]
     both = KVTransferConfig.from_json(json.dumps({**GOOD, "kv_role": "kv_both"}))
@@ -45,6 +48,9 @@ def test_kv_transfer_config_parses_and_is_frozen():
     ({"kv_port": 0}, "kv_port"),
     ({"kv_port": "21001"}, "kv_port"),
     ({"proxy_address": "localhost"}, "proxy_address"),
+    ({"proxy_address": "127.0.0.1:30001,"}, "proxy_address"),
+    ({"proxy_address": "127.0.0.1:30001,localhost"}, "proxy_address"),
+    ({"proxy_address": "127.0.0.1:30001,127.0.0.1:30001"}, "proxy_address"),
     ({"kv_buffer_size": -1}, "kv_buffer_size"),
     ({"kv_buffer_size": True}, "kv_buffer_size"),
 ])
@@ -537,7 +543,7 @@ def test_pushed_garbage_is_dropped_and_the_decoder_still_serves(model_and_prompt
 
 
 def test_registry_refuses_mismatched_layout_and_names_missing_roles():
-    from engine_core.disagg.discovery import Heartbeat, NoInstanceError, Register, Registry
+    from engine_core.disagg.discovery import Heartbeat, Load, NoInstanceError, Register, Registry
 
     now = [0.0]
     registry = Registry(heartbeat_timeout_s=5.0, clock=lambda: now[0])
@@ -555,7 +561,7 @@ def test_registry_refuses_mismatched_layout_and_names_missing_roles():
                                       fields)).error is None
     assert registry.register(Register("d1", "kv_consumer", "tcp://c:1", "tcp://c:2",
                                       fields)).error is None
-    assert registry.heartbeat(Heartbeat("d0", num_running=3))
+    assert registry.heartbeat(Heartbeat("d0", Load(num_running=3)))
     p, d = registry.pick_pair()
     assert (p.register.instance_id, d.register.instance_id) == ("p0", "d1")  # least loaded
     now[0] = 4.0

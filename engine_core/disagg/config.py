@@ -60,10 +60,11 @@ class KVTransferConfig:
         addresses = self.proxy_addresses
         for address in addresses:
             host, _, port = address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if (not host or any(c in host for c in "/ *") or not port.isascii()
+                    or not port.isdigit() or not 0 < int(port) < 65536):
                 raise ValueError(f"proxy_address must be 'host:port[,host:port...]', "
                                  f"got {self.proxy_address!r}")
-        if not addresses or len(set(addresses)) != len(addresses):
+        if len(set(addresses)) != len(addresses):
             raise ValueError(f"proxy_address must name each proxy once, "
                              f"got {self.proxy_address!r}")
         if not isinstance(self.kv_ip, str) or not self.kv_ip or any(
@@ -93,7 +94,7 @@ class KVTransferConfig:
     @property
     def proxy_addresses(self) -> list[str]:
         """Each proxy's discovery address, 'host:port'."""
-        return [a.strip() for a in self.proxy_address.split(",") if a.strip()]
+        return [a.strip() for a in self.proxy_address.split(",")]
 
     @classmethod
     def from_json(cls, text: str) -> KVTransferConfig:
