@@ -72,6 +72,17 @@ def test_serve_with_bad_kv_transfer_config_exits_2_naming_the_key(capsys):
     assert "send_typ" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change", [{"kv_ip": "10.1.2.3"},
+                                    {"proxy_address": "127.0.0.1:30001,10.1.2.3:30002"}])
+def test_serve_refuses_kv_transfer_past_this_host_without_keys(capsys, change):
+    """Loopback-only disaggregation may run without keys; an address other hosts can reach
+    needs --zmq-keys, or --insecure-tcp said out loud."""
+    config = json.dumps({**GOOD, **change})
+    assert main(["serve", "--kv-transfer-config", config]) == 2
+    err = capsys.readouterr().err
+    assert "10.1.2.3" in err and "--insecure-tcp" in err and "--zmq-keys" in err
+
+
 # ---- P -> D KV hand-over between two in-process engines (send type GET) ----------------------
 
 
