@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -88,6 +88,34 @@ def _group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
+
+
+def stop_processes(procs: list[Proc]) -> None:
+    """Stop every process, the last started first, and assert that none is left behind."""
+    groups = [p.proc.pid for p in procs]
+    for proc in reversed(procs):
+        proc.stop()
+    assert all(_group_gone(g) for g in groups), "a process was left behind"
+
+
+def wait_idle(urls: list[str], logs: Callable[[], str], timeout_s: float = 20.0) -> None:
+    """Until every instance at `urls` runs no request and has every KV block back in the pool
+    (leases released or expired, pushed KV dropped); AssertionError with `logs()` if not."""
+    deadline = time.monotonic() + timeout_s
+    pending: list[str] = []
+    while time.monotonic() < deadline:
+        pending = []
+        for url in urls:
+            text = httpx.get(url + "/metrics", timeout=5).text
+            free = _metric(text, "ppengine:num_free_kv_blocks")
+            busy = (_metric(text, "ppengine:num_requests_running")
+                    + _metric(text, "ppengine:num_requests_waiting"))
+            if free != _metric(text, "ppengine:num_kv_blocks") or busy:
+                pending.append(f"{url}: {free} free, {busy} requests")
+        if not pending:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"KV blocks not returned: {pending}\n{logs()}")
 
 
 def _metric(text: str, name: str) -> float:
@@ -164,27 +192,11 @@ class Cluster:
 
     def wait_blocks_free(self, timeout_s: float = 20.0) -> None:
         """Every live instance's KV blocks back in the pool (leases released or expired)."""
-        deadline = time.monotonic() + timeout_s
-        pending: list[str] = []
-        while time.monotonic() < deadline:
-            pending = []
-            for proc, url in self.prefill + self.decode:
-                if not proc.alive():
-                    continue
-                text = self.instance_metrics(url)
-                free = _metric(text, "ppengine:num_free_kv_blocks")
-                if free != _metric(text, "ppengine:num_kv_blocks"):
-                    pending.append(f"{url}: {free} free")
-            if not pending:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"KV blocks not returned: {pending}\n{self.logs()}")
+        wait_idle([url for proc, url in self.prefill + self.decode if proc.alive()],
+                  self.logs, timeout_s)
 
     def stop(self) -> None:
-        groups = [p.proc.pid for p in self.procs]
-        for proc in reversed(self.procs):
-            proc.stop()
-        assert all(_group_gone(g) for g in groups), "a process was left behind"
+        stop_processes(self.procs)
 
 
 @pytest.fixture(scope="module")

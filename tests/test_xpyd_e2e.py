@@ -64,6 +64,25 @@ async def stream(client: openai.AsyncOpenAI, prompt: str, max_tokens: int = MAX_
     return text, ids
 
 
+class Progress:
+    """How many tokens each tracked stream has received so far."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[int, int] = {}
+
+    def track(self, key: int):
+        """The `on_chunk` callback of stream `key`."""
+        return lambda n: self.tokens.__setitem__(key, n)
+
+    async def until_streaming(self, count: int, min_tokens: int = 3,
+                              timeout_s: float = 60.0) -> None:
+        """Until `count` streams have each received at least `min_tokens` tokens."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.tokens) < count or min(self.tokens.values()) < min_tokens:
+            assert time.monotonic() < deadline, self.tokens
+            await asyncio.sleep(0.05)
+
+
 async def many_streams(c: XPyDCluster, count: int) -> list[tuple[str, tuple[str, list[int]]]]:
     """`count` concurrent streams spread over every live proxy: (prompt, result) each."""
     clients = [p.async_client() for p in c.live_proxies()]
@@ -186,22 +205,16 @@ def test_a_killed_proxy_is_dropped_and_the_other_serves_on(model_dir, reference,
         decode = c.add("kv_consumer")
         c.wait_registered()
         doomed, survivor = c.proxies
-        progress: dict[int, int] = {}
+        progress = Progress()
 
         async def scenario() -> tuple[float, list, list]:
             a, b = doomed.async_client(), survivor.async_client()
             prompt = PROMPTS[2]
-
-            def track(i: int):
-                return lambda n: progress.__setitem__(i, n)
-
-            on_a = [asyncio.ensure_future(stream(a, prompt, 900, track(i))) for i in range(4)]
-            on_b = [asyncio.ensure_future(stream(b, prompt, 150, track(10 + i)))
+            on_a = [asyncio.ensure_future(stream(a, prompt, 900, progress.track(i)))
                     for i in range(4)]
-            deadline = time.monotonic() + 60
-            while len(progress) < 8 or min(progress.values()) < 3:
-                assert time.monotonic() < deadline, progress
-                await asyncio.sleep(0.05)
+            on_b = [asyncio.ensure_future(stream(b, prompt, 150, progress.track(10 + i)))
+                    for i in range(4)]
+            await progress.until_streaming(8)
             doomed.proc.kill()
             killed_at = time.monotonic()
             a_results = await asyncio.gather(*on_a, return_exceptions=True)

@@ -19,7 +19,7 @@ import time
 import openai
 
 from tests.test_disagg_e2e import MAX_TOKENS, model_dir  # noqa: F401
-from tests.test_xpyd_e2e import PROMPTS, reference, stream  # noqa: F401
+from tests.test_xpyd_e2e import PROMPTS, Progress, reference, stream  # noqa: F401
 from tests.xpyd_cluster import xpyd_cluster
 
 
@@ -100,20 +100,14 @@ def test_a_killed_decode_instance_fails_its_streams_fast_and_the_rest_is_retried
         c.add("kv_consumer")
         c.wait_registered()
         (proxy,) = c.proxies
-        progress: dict[int, int] = {}
+        progress = Progress()
 
         async def scenario() -> tuple[float, list, list]:
             client = proxy.async_client(timeout_s=120)
-
-            def track(i: int):
-                return lambda n: progress.__setitem__(i, n)
-
             streaming = [asyncio.ensure_future(_timed(stream(client, PROMPTS[i % 4], 300,
-                                                             track(i)))) for i in range(16)]
-            deadline = time.monotonic() + 60
-            while len(progress) < 16 or min(progress.values()) < 3:
-                assert time.monotonic() < deadline, progress
-                await asyncio.sleep(0.05)
+                                                             progress.track(i))))
+                         for i in range(16)]
+            await progress.until_streaming(16)
             doomed.proc.kill()
             killed_at = time.monotonic()
             late = [asyncio.ensure_future(_timed(stream(client, PROMPTS[i % 8])))

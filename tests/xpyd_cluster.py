@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import httpx
 import openai
 
-from tests.test_disagg_e2e import MAX_MODEL_LEN, MODEL, Proc, _group_gone, _metric
+from tests.test_disagg_e2e import (
+    MAX_MODEL_LEN,
+    MODEL,
+    Proc,
+    _metric,
+    stop_processes,
+    wait_idle,
+)
 from tests.test_server import _free_port
 
 BLOCK = 16
@@ -137,30 +144,10 @@ class XPyDCluster:
     def wait_blocks_free(self, timeout_s: float = 20.0) -> None:
         """Every live instance idle with every KV block back in the pool (leases released or
         expired, buffered KV dropped)."""
-        deadline = time.monotonic() + timeout_s
-        pending: list[str] = []
-        while time.monotonic() < deadline:
-            pending = []
-            for inst in self.live_instances():
-                text = inst.metrics()
-                free = _metric(text, "ppengine:num_free_kv_blocks")
-                busy = (_metric(text, "ppengine:num_requests_running")
-                        + _metric(text, "ppengine:num_requests_waiting"))
-                if free != _metric(text, "ppengine:num_kv_blocks") or busy:
-                    pending.append(f"{inst.url}: {free} free, {busy} requests")
-            if not pending:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"KV blocks not returned: {pending}\n{self.logs()}")
+        wait_idle([i.url for i in self.live_instances()], self.logs, timeout_s)
 
     def stop(self) -> None:
-        groups = [p.proc.pid for p in self.procs]
-        for proc in reversed(self.procs):
-            proc.stop()
-        deadline = time.monotonic() + 10
-        while not all(_group_gone(g) for g in groups) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert all(_group_gone(g) for g in groups), "a process was left behind"
+        stop_processes(self.procs)
 
 
 @contextlib.contextmanager
