@@ -92,7 +92,6 @@ class LegFailed(RequestError):
                          status=504 if timeout else 502, type="server_error",
                          code="instance_timeout" if timeout else "instance_failed")
         self.instance_id = leg.instance_id
-        self.producer = leg.role == "prefill"
 
 
 @dataclass
