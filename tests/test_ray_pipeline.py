@@ -208,14 +208,19 @@ def test_ray_job_submit(checkpoint_factory):
     if ray.is_initialized():
         ray.shutdown()
     model_dir = checkpoint_factory("qwen2", num_hidden_layers=4)
-    port, dash = _free_port(), _free_port()
+    # Ray's dashboard agent listens on 52365 unless told otherwise. Another Ray on this host
+    # (a parallel test worker's ray.init) may hold it: the agent then runs without its HTTP
+    # server and `job submit` answers "No available agent" for ever. Own ports for everything.
+    port, dash, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # unix socket paths must be short
     head = subprocess.Popen(
         [RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
@@ -235,7 +240,7 @@ def test_ray_job_submit(checkpoint_factory):
                 env=env, capture_output=True, text=True, timeout=300)
             if "No available agent" not in job.stderr + job.stdout:
                 break
-            assert time.monotonic() < deadline + 240, job.stderr[-2000:]  # slow under load
+            assert time.monotonic() < deadline + 120, job.stderr[-2000:]  # slow under load
             time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "RESULT generated 4 completions, 32 tokens" in job.stdout
