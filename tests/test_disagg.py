@@ -351,7 +351,7 @@ def _offer(sock, connector, lease_id, num_blocks, compat_hash=None, num_bytes=No
 
     sock.send(msgspec.msgpack.encode(PushOffer(
         lease_id, compat_hash or connector.compat_hash, num_blocks,
-        num_blocks * connector.block_bytes if num_bytes is None else num_bytes)))
+        num_blocks * connector.local.block_bytes if num_bytes is None else num_bytes)))
     assert sock.poll(5000), "no PushReply"
     return msgspec.msgpack.decode(sock.recv(), type=PushReply)
 
@@ -359,9 +359,9 @@ def _offer(sock, connector, lease_id, num_blocks, compat_hash=None, num_bytes=No
 def test_decoder_silent_at_push_time_pulls_later(model_and_prompts, monkeypatch):
     """P's offers get no answer (D not up yet): P waits once (PUSH_REPLY_TIMEOUT_S), not once
     per request, keeps every lease, and the decoder pulls them when its requests come."""
-    from engine_core.disagg import connector
+    from engine_core.disagg import kv_pusher
 
-    monkeypatch.setattr(connector, "PUSH_REPLY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(kv_pusher, "PUSH_REPLY_TIMEOUT_S", 0.5)
     model_dir, prompts, reference = model_and_prompts
     port = _free_port()
     p = _engine(model_dir, "kv_producer", send_type="PUT")
@@ -377,7 +377,7 @@ def test_decoder_silent_at_push_time_pulls_later(model_and_prompts, monkeypatch)
         assert p.kv_connector.stats.transfers_held == 3 and len(p.kv_connector.leases) == 3
         d = _engine(model_dir, "kv_consumer", send_type="PUT")
         try:
-            d.kv_connector.fetch_timeout_s = 0.5  # no push comes: pull after that
+            d.kv_connector.fetcher.fetch_timeout_s = 0.5  # no push comes: pull after that
             out = _run(d, [_request(rid, prompts[int(rid[1:])], MAX_TOKENS,
                                     kv_transfer_params=final.kv_transfer_params)
                            for rid, (_, final) in first.items()])
@@ -409,7 +409,7 @@ def test_unclaimed_and_half_pushed_kv_expires_and_is_counted(model_and_prompts, 
         sock.send(msgspec.msgpack.encode(PushDone("whole", conn.config.model.num_layers)))
         assert _offer(sock, conn, "half", 1).accepted
         sock.send_multipart(_layer_frames(conn, "half", 1)[0])  # then P dies
-        assert conn.stats.buffer_bytes == 3 * conn.block_bytes  # reserved at the offers
+        assert conn.stats.buffer_bytes == 3 * conn.local.block_bytes  # reserved at the offers
         assert _wait_for(lambda: conn.stats.pushes_expired == 2, timeout_s=5.0)
         assert conn.stats.buffer_bytes == conn.stats.overflow_bytes == 0
         stats = EngineCoreLoop(d, None, None)._stats()  # what the front-end's metrics get
@@ -446,7 +446,7 @@ def test_release_from_a_third_party_ends_leases_and_drops_buffered_kv(model_and_
         conn = d.kv_connector
         sock = dealer(conn.endpoint)
         assert _offer(sock, conn, "buffered", 2).accepted
-        assert conn.stats.buffer_bytes == 2 * conn.block_bytes
+        assert conn.stats.buffer_bytes == 2 * conn.local.block_bytes
         dealer(conn.endpoint).send(msgspec.msgpack.encode(ReleaseKV("buffered")))
         assert _wait_for(lambda: conn.stats.buffer_bytes == 0)
         assert conn._received.num_transfers == 0 and conn.stats.pushes_expired == 0
@@ -586,7 +586,7 @@ def test_registry_refuses_mismatched_layout_and_names_missing_roles():
 def test_dead_producer_or_abort_while_waiting_for_kv_ends_in_bounded_time(model_and_prompts):
     model_dir, prompts, reference = model_and_prompts
     d = _engine(model_dir, "kv_consumer")
-    d.kv_connector.fetch_timeout_s = 0.5
+    d.kv_connector.fetcher.fetch_timeout_s = 0.5
     try:  # P is gone: its endpoint answers nothing
         dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{_free_port()}", block_ids=[1, 2],
                                 num_tokens=2 * BLOCK, compat_hash=d.kv_connector.compat_hash,
@@ -604,6 +604,34 @@ def test_dead_producer_or_abort_while_waiting_for_kv_ends_in_bounded_time(model_
         assert _settle(d, timeout_s=5.0)
         assert not d.scheduler.has_unfinished_requests()
     finally:
+        d.shutdown()
+
+
+def test_a_dead_producer_delays_only_its_own_pull(model_and_prompts):
+    """Pulls run side by side: while one waits out a producer that answers nothing, another
+    request's KV arrives from a live producer at once and it decodes."""
+    model_dir, prompts, reference = model_and_prompts
+    p = _engine(model_dir, "kv_producer")
+    d = _engine(model_dir, "kv_consumer")
+    d.kv_connector.fetcher.fetch_timeout_s = 8.0
+    try:
+        first = _run(p, [_request("r4", prompts[4], 1, do_remote_decode=True)])
+        live = first["r4"][1].kv_transfer_params
+        dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{_free_port()}", block_ids=[1, 2],
+                                num_tokens=2 * BLOCK, compat_hash=d.kv_connector.compat_hash,
+                                lease_id="gone", send_type="GET")
+        d.add_request(_request("stuck", prompts[3], MAX_TOKENS, kv_transfer_params=dead))
+        d.step()  # the dead pull starts first
+        start = time.monotonic()
+        out = _run(d, [_request("r4", prompts[4], MAX_TOKENS, kv_transfer_params=live)])
+        assert time.monotonic() - start < 4.0  # not behind the other pull's 8 s
+        assert out["r4"][0] == reference["r4"]
+        assert "stuck" in d.scheduler.waiting_for_kv  # still waiting out its producer
+        assert d.kv_connector.stats.received_tokens == live.num_tokens
+        d.abort_requests(["stuck"])
+        assert _settle(p) and _settle(d, timeout_s=15.0)
+    finally:
+        p.shutdown()
         d.shutdown()
 
 
@@ -666,7 +694,7 @@ def test_shutdown_does_not_wait_out_a_pending_fetch(model_and_prompts):
     model_dir, prompts, _ = model_and_prompts
     for send_type in ("GET", "PUT"):
         d = _engine(model_dir, "kv_consumer", send_type=send_type)
-        d.kv_connector.fetch_timeout_s = 60.0
+        d.kv_connector.fetcher.fetch_timeout_s = 60.0
         dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{_free_port()}", block_ids=[1],
                                 num_tokens=BLOCK, compat_hash=d.kv_connector.compat_hash,
                                 lease_id="never", send_type=send_type)
