@@ -500,7 +500,7 @@ def test_pp2_server_matches_offline(model_dir, offline, tmp_path):
 # ---- pieces, in process -----------------------------------------------------------------------
 def test_stream_holds_back_a_possible_stop_string():
     from engine_core.outputs import CompletionOutput
-    from engine_core.server.api_server import _ChoiceStream
+    from engine_core.server.serving import _ChoiceStream
 
     state, seen = _ChoiceStream(), []
     for text, finish in (("ab", None), ("abXY", None), ("abXYZ", None), ("abX", "stop")):
