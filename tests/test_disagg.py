@@ -635,6 +635,42 @@ def test_a_dead_producer_delays_only_its_own_pull(model_and_prompts):
         d.shutdown()
 
 
+def test_the_fetcher_survives_an_error_of_its_own(model_and_prompts, monkeypatch):
+    """An unexpected error inside D's fetcher fails the fetches in flight (those requests
+    compute their prompts, same tokens) and the fetcher goes on serving the next ones."""
+    model_dir, prompts, reference = model_and_prompts
+    p = _engine(model_dir, "kv_producer")
+    d = _engine(model_dir, "kv_consumer", send_type="PUT")
+    received = d.kv_connector._received
+    real_state, failures = received.state, []
+
+    def state_failing_once(lease_id):
+        if not failures:
+            failures.append(lease_id)
+            raise RuntimeError("injected")
+        return real_state(lease_id)
+
+    monkeypatch.setattr(received, "state", state_failing_once)
+    try:
+        pushed = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{_free_port()}",
+                                  block_ids=[1, 2], num_tokens=2 * BLOCK,
+                                  compat_hash=d.kv_connector.compat_hash, lease_id="x",
+                                  send_type="PUT")
+        start = time.monotonic()
+        out = _run(d, [_request("a", prompts[4], MAX_TOKENS, kv_transfer_params=pushed)])
+        assert failures == ["x"] and time.monotonic() - start < 4.0  # failed, not timed out
+        assert out["a"][0] == reference["r4"]
+        first = _run(p, [_request("r4", prompts[4], 1, do_remote_decode=True)])
+        live = first["r4"][1].kv_transfer_params
+        out = _run(d, [_request("r4", prompts[4], MAX_TOKENS, kv_transfer_params=live)])
+        assert out["r4"][0] == reference["r4"]
+        assert d.kv_connector.stats.received_tokens == live.num_tokens
+        assert _settle(p) and _settle(d)
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
 def test_metrics_expose_prompt_and_kv_transfer_counters():
     from types import SimpleNamespace
 

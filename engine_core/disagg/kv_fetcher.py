@@ -88,37 +88,55 @@ class KVFetcher:
         releases = PeerSockets(self.ctx, self.keys, silent_s=0.0)  # ReleaseKV of given-up KV
         try:
             while not self.stop.is_set():
-                version = self.received.version
-                for job in self._take_jobs(block=not self._awaiting and not self._pulls):
-                    if job is None:
+                try:
+                    if not self._step(releases):
                         return
-                    if isinstance(job, ReleaseJob):
-                        self._release(releases, job)
-                    elif job.params.compat_hash != self.local.compat_hash:
-                        logger.warning("KV params with layout hash %s, ours is %s: not fetched",
-                                       job.params.compat_hash, self.local.compat_hash)
-                        self.fetched.put((job.request_id, False))
-                    elif job.params.send_type == "GET":
-                        self._start_pull(job)
-                    else:
-                        deadline = time.monotonic() + self.fetch_timeout_s
-                        self._awaiting[job.request_id] = (job, deadline)
-                for request_id, (job, deadline) in list(self._awaiting.items()):
-                    if self._advance_push(job, deadline):
-                        del self._awaiting[request_id]
-                if self._pulls:
-                    for sock, _ in self._poller.poll(PULL_POLL_MS):
-                        self._receive(self._pulls[sock])
-                    for pull in list(self._pulls.values()):
-                        ok = self._pull_result(pull)
-                        if ok is not None:
-                            self._end_pull(pull, ok)
-                elif self._awaiting:  # until a push completes, is held or dropped, or a job
-                    self.received.wait(version, timeout=0.1)
+                except Exception:  # a bug, not a peer: fail what is in flight, keep serving
+                    logger.exception("the KV fetcher failed; the fetches in flight fail")
+                    self._fail_all()
         finally:
-            for pull in list(self._pulls.values()):
-                self._end_pull(pull, ok=False)
+            self._fail_all()
             releases.close()
+
+    def _step(self, releases: PeerSockets) -> bool:
+        """Take new jobs, move every fetch on, wait a little (bounded) for news; False once
+        told to stop."""
+        version = self.received.version
+        for job in self._take_jobs(block=not self._awaiting and not self._pulls):
+            if job is None:
+                return False
+            if isinstance(job, ReleaseJob):
+                self._release(releases, job)
+            elif job.params.compat_hash != self.local.compat_hash:
+                logger.warning("KV params with layout hash %s, ours is %s: not fetched",
+                               job.params.compat_hash, self.local.compat_hash)
+                self.fetched.put((job.request_id, False))
+            elif job.params.send_type == "GET":
+                self._start_pull(job)
+            else:
+                deadline = time.monotonic() + self.fetch_timeout_s
+                self._awaiting[job.request_id] = (job, deadline)
+        for request_id, (job, deadline) in list(self._awaiting.items()):
+            if self._advance_push(job, deadline):
+                del self._awaiting[request_id]
+        if self._pulls:
+            for sock, _ in self._poller.poll(PULL_POLL_MS):
+                self._receive(self._pulls[sock])
+            for pull in list(self._pulls.values()):
+                ok = self._pull_result(pull)
+                if ok is not None:
+                    self._end_pull(pull, ok)
+        elif self._awaiting:  # until a push completes, is held or dropped, or a new job
+            self.received.wait(version, timeout=0.1)
+        return True
+
+    def _fail_all(self) -> None:
+        for pull in list(self._pulls.values()):
+            self._end_pull(pull, ok=False)
+        for job, _ in self._awaiting.values():
+            self.received.drop(job.params.lease_id)
+            self.fetched.put((job.request_id, False))
+        self._awaiting.clear()
 
     def _release(self, releases: PeerSockets, job: ReleaseJob) -> None:
         try:
