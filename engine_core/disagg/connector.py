@@ -72,11 +72,9 @@ class KVConnector:
         self.kv_config = kv_config
         self.stages = stages
         self.local = LocalKV(config, stages, lease_ttl_s)
-        self.compat_fields = self.local.compat_fields
         self.compat_hash = self.local.compat_hash
         self.leases = self.local.leases
         self.endpoint = f"tcp://{host}:{kv_config.kv_port}"
-        self.lease_ttl_s = lease_ttl_s
         self.stats = KVTransferStats()
         drop = DroppedMessages(self.stats, logger)
         self._stop = threading.Event()
@@ -94,7 +92,8 @@ class KVConnector:
         client_keys = load_client_keys(zmq_keys) if zmq_keys is not None else None
         self._auth = (CurveAuthenticator(self._ctx, server_keys)
                       if server_keys is not None else None)
-        self._pusher = KVPusher(self.local, self.stats, self._stop, self._ctx, client_keys)
+        self._pusher = KVPusher(self.local, self.stats, drop, self._stop, self._ctx,
+                                client_keys)
         self._push_sockets = self._pusher.new_sockets()  # the engine thread's (PUT)
         self._server = KVServer(self.endpoint, kv_config, self.local, self._received,
                                 self.stats, drop, self._released, self._stop)
@@ -135,8 +134,7 @@ class KVConnector:
             lease = self.local.release(lease_id)
             if lease is not None:
                 scheduler.free_held_kv(lease.request_id)
-        with self.local.lock:
-            expired = self.leases.expire()
+        expired = self.local.expire()
         self.stats.leases_expired += len(expired)
         for lease in expired:
             logger.warning("KV lease %s of request %s expired", lease.lease_id, lease.request_id)
@@ -177,8 +175,7 @@ class KVConnector:
         if not scheduler.kv_held:
             return
         by_id = {out.request_id: out for out in outputs if out.finish_reason is not None}
-        with self.local.lock:
-            leased = self.leases.request_ids()
+        leased = self.local.leased_request_ids()
         nothing_to_lend, to_push = [], []
         for request_id, request in scheduler.kv_held.items():
             if request_id in leased:

@@ -16,7 +16,7 @@ from engine_core.disagg.kv_wire import KVControl, PushDone, PushOffer, PushReply
 from engine_core.disagg.local_kv import LocalKV
 from engine_core.disagg.peer_sockets import PeerSockets
 from engine_core.disagg.transfer_params import KVTransferParams
-from engine_core.disagg.transfer_stats import KVTransferStats
+from engine_core.disagg.transfer_stats import DroppedMessages, KVTransferStats
 from engine_core.transport import CurveKeys
 
 __all__ = ["PUSH_REPLY_TIMEOUT_S", "KVPusher", "PushJob"]
@@ -34,10 +34,11 @@ class KVPusher:
     """`push` runs in the calling thread, on that thread's own `PeerSockets` (PUT: the engine
     thread); `run` is the PUT_ASYNC sender thread."""
 
-    def __init__(self, local: LocalKV, stats: KVTransferStats, stop: threading.Event,
-                 ctx: zmq.Context, keys: CurveKeys | None) -> None:
+    def __init__(self, local: LocalKV, stats: KVTransferStats, drop: DroppedMessages,
+                 stop: threading.Event, ctx: zmq.Context, keys: CurveKeys | None) -> None:
         self.local = local
         self.stats = stats
+        self.drop = drop
         self.stop = stop
         self.ctx, self.keys = ctx, keys
 
@@ -136,8 +137,8 @@ class KVPusher:
             for sock, _ in poller.poll(min(remaining_ms, 100)):
                 try:
                     reply = _control.decode(sock.recv())
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    self.stats.dropped_messages += 1
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    self.drop(f"a bad answer to a push offer: {exc}")
                     continue
                 if isinstance(reply, PushReply) and reply.lease_id in offered:
                     replies[reply.lease_id] = reply

@@ -31,8 +31,7 @@ class LocalKV:
     def __init__(self, config: EngineConfig, stages: list[KVStage], lease_ttl_s: float) -> None:
         self.config = config
         self.stages = stages
-        self.compat_fields = kv_compat_fields(config)
-        self.compat_hash = kv_compat_hash(self.compat_fields)
+        self.compat_hash = kv_compat_hash(kv_compat_fields(config))
         self.num_layers = config.model.num_layers
         m = config.model
         itemsize = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
@@ -56,6 +55,15 @@ class LocalKV:
     def release(self, lease_id: str) -> Lease | None:
         with self.lock:
             return self.leases.release(lease_id)
+
+    def expire(self) -> list[Lease]:
+        """End the leases past their TTL; the caller frees their blocks."""
+        with self.lock:
+            return self.leases.expire()
+
+    def leased_request_ids(self) -> set[str]:
+        with self.lock:
+            return self.leases.request_ids()
 
     def get_lease(self, lease_id: str) -> Lease | None:
         with self.lock:
