@@ -9,6 +9,8 @@ the offending field's name.
 
 from __future__ import annotations
 
+import re
+
 from engine_core.config import EngineConfig
 from engine_core.disagg.config import SEND_TYPES, KVTransferConfig
 from engine_core.messages import EngineCoreRequest
@@ -23,6 +25,7 @@ __all__ = [
 ]
 
 MAX_REQUEST_ID_CHARS = 256
+_TCP_ENDPOINT = re.compile(r"tcp://[^\s/]+:\d{1,5}")  # a KV endpoint, as instances name theirs
 
 
 def validate_prompt(prompt_token_ids: list[int], config: EngineConfig) -> None:
@@ -78,6 +81,9 @@ def validate_kv_transfer(request: EngineCoreRequest, kv_config: KVTransferConfig
     if kv_config is None:
         raise ValueError("kv_transfer_params: this engine is not a disaggregated prefill/decode "
                          "instance (no KV transfer config)")
+    if params is not None and not _TCP_ENDPOINT.fullmatch(params.kv_endpoint):
+        raise ValueError(f"kv_transfer_params.kv_endpoint must be tcp://HOST:PORT, got "
+                         f"{params.kv_endpoint[:100]!r}")
     if request.do_remote_decode:
         if not kv_config.is_producer:
             raise ValueError(f"do_remote_decode: this instance is a {kv_config.kv_role}, it "

@@ -758,10 +758,15 @@ def test_transfer_fields_must_fit_the_engines_role(model_and_prompts):
             d.add_request(_request("b", prompt, 1, do_remote_decode=True))
         with pytest.raises(ValueError, match="kv_transfer_params"):
             p.add_request(_request("c", prompt, 4, kv_transfer_params=good))
+        with pytest.raises(ValueError, match=r"kv_transfer_params\.kv_endpoint"):  # push target
+            p.add_request(_request("c", prompt, 1, do_remote_decode=True,
+                                   kv_transfer_params=msgspec_replace(good, kv_endpoint="x:1")))
         for bad in (msgspec_replace(good, num_tokens=7),  # not whole blocks
                     msgspec_replace(good, num_tokens=12),  # 3 blocks' tokens in 2 blocks
                     msgspec_replace(good, block_ids=list(range(8)), num_tokens=32),  # > prompt
-                    msgspec_replace(good, send_type="POST")):
+                    msgspec_replace(good, send_type="POST"),
+                    msgspec_replace(good, kv_endpoint="not an address"),
+                    msgspec_replace(good, kv_endpoint="ipc:///tmp/x")):
             with pytest.raises(ValueError, match="kv_transfer_params"):
                 d.add_request(_request("d", prompt, 4, kv_transfer_params=bad))
         for engine in (plain, p, d):  # nothing was admitted, no block taken
