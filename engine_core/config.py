@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from engine_core.disagg.config import KVTransferConfig
 from models import ModelConfig, load_model_config
 
+MAX_THREADS_PER_STAGE = 1024  # far more than any host's cores; torch crashes on absurd counts
+_INT64_MAX = (1 << 63) - 1
+_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.manual_seed takes
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -216,8 +220,10 @@ class EngineArgs:
             executor_backend=self._executor_backend(),
             ray_compiled_graph=self.ray_compiled_graph,
         )
-        if self.threads_per_stage is not None and self.threads_per_stage < 1:
-            raise ValueError(f"threads_per_stage must be >= 1, got {self.threads_per_stage}")
+        if self.threads_per_stage is not None and not (
+                1 <= self.threads_per_stage <= MAX_THREADS_PER_STAGE):
+            raise ValueError(f"threads_per_stage must be in [1, {MAX_THREADS_PER_STAGE}], "
+                             f"got {self.threads_per_stage}")
         scheduler = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=max_batched,
@@ -233,6 +239,10 @@ class EngineArgs:
         )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not _SEED_MIN <= self.seed <= _SEED_MAX:
+            raise ValueError(f"seed must be a 64-bit int (in [-2**63, 2**64 - 1]), "
+                             f"got {self.seed}")
+        _check_device(self.device)
         return EngineConfig(
             model_dir=os.path.abspath(self.model), model=model, dtype=dtype, device=self.device,
             seed=self.seed, scheduler=scheduler, cache=cache, parallel=parallel,
@@ -299,6 +309,25 @@ def _require_positive(obj: object, *fields: str) -> None:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if value > _INT64_MAX:  # the config crosses to engine processes as msgpack
+            raise ValueError(f"{name} must be at most 2**63 - 1, got {value}")
+
+
+def _check_device(device: object) -> None:
+    """ValueError unless `device` names a torch device this host has."""
+    import torch
+
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', "
+                         f"got {device!r}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"device {device!r}: this host has {count} CUDA device(s)")
 
 
 def lm_head_cost_in_layers(model: ModelConfig) -> float:
