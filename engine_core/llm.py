@@ -11,6 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from engine_core.chat import check_messages
 from engine_core.config import DataParallelConfig, EngineArgs
 from engine_core.engine import EngineCore
 from engine_core.interrupts import DeferredInterrupt
@@ -105,14 +106,26 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or to a
-        list of conversations, rendered with the model's chat template."""
+        list of conversations, rendered with the model's chat template. A message without
+        content (only an assistant message with tool_calls may omit it), with content that is
+        neither a string nor a non-empty list of text parts, or with an unknown role raises
+        ValueError naming the field, e.g. "messages[1].content"."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model directory "
                              "has no tokenizer.json")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt": self.tokenizer.apply_chat_template(
-                        conv, add_generation_prompt=add_generation_prompt),
-                    "add_special_tokens": False} for conv in conversations]
+        single = not isinstance(messages, list) or not messages or not isinstance(
+            messages[0], list)
+        conversations = [messages] if single else messages
+        prompts = []
+        for k, conversation in enumerate(conversations):
+            where = "" if single else f"conversation {k}: "
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    check_messages(conversation), add_generation_prompt=add_generation_prompt)
+            except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError) as exc:
+                # the template fails on these messages: a bad argument, as for the server
+                raise ValueError(f"{where}{exc}") from None
+            prompts.append({"prompt": text, "add_special_tokens": False})
         params_list = self._params_per_prompt(sampling_params, len(prompts))
         tokenized = [self._tokenize(p, i) for i, p in enumerate(prompts)]
         return self._run(tokenized, params_list, use_tqdm)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engine_core.chat import ChatMessageError, require_content
 from engine_core.outputs import CompletionOutput, Logprob
 from engine_core.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -206,9 +207,13 @@ class TextContent(_Strict):
 
 
 class ChatMessage(_Strict):
+    """One message. `content` is required (`ChatCompletionRequest.check_supported`) except for
+    an assistant message with `tool_calls`, as OpenAI allows."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContent] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     def to_template(self) -> dict[str, Any]:
         """The {"role", "content"} dict a chat template reads; text parts joined by newlines."""
@@ -218,6 +223,8 @@ class ChatMessage(_Strict):
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls is not None:
+            message["tool_calls"] = self.tool_calls
         return message
 
 
@@ -242,6 +249,11 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        for i, message in enumerate(self.messages):
+            try:
+                require_content(i, message.role, message.content, bool(message.tool_calls))
+            except ChatMessageError as exc:
+                raise RequestError(str(exc), param=".".join(map(str, exc.field))) from None
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
