@@ -17,6 +17,7 @@ from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
 
 __all__ = [
+    "MAX_N",
     "MAX_REQUEST_ID_CHARS",
     "validate_core_request",
     "validate_kv_transfer",
@@ -25,6 +26,9 @@ __all__ = [
 ]
 
 MAX_REQUEST_ID_CHARS = 256
+# Each of a request's n sequences is a request of its own in the engine: without a bound,
+# n=2**31 would make the front-end build two billion of them.
+MAX_N = 1024
 _TCP_ENDPOINT = re.compile(r"tcp://[^\s/]+:\d{1,5}")  # a KV endpoint, as instances name theirs
 
 
@@ -49,6 +53,9 @@ def validate_sampling_params(params: SamplingParams, config: EngineConfig) -> No
     """Raise ValueError unless `params` (already valid on their own) fit this model."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+    if params.n > MAX_N:
+        raise ValueError(f"n must be <= {MAX_N} (each sequence is an engine request), "
+                         f"got {params.n}")
     vocab = config.model.vocab_size
     bad = _out_of_vocab(params.stop_token_ids or [], vocab)
     if bad:
