@@ -309,3 +309,32 @@ def test_the_reported_bodies_now_generate(text_model, reference, params) -> None
         assert all(math.isfinite(lp.logprob) for step in out.logprobs for lp in step.values())
     _assert_sound(llm, reference)
     llm.shutdown()
+
+
+def test_a_dropped_step_leaves_no_unwritten_kv_in_the_prefix_cache(
+        text_model, reference, monkeypatch) -> None:
+    """The marked request's prompt step is dropped at the stage (nothing written), yet its
+    blocks were hashed when allocated: a later request with the same prompt must not hit them."""
+    prompt = {"prompt_token_ids": [1 + (5 * j) % 97 for j in range(40)]}
+    clean_llm = LLM(text_model, dtype="float32", block_size=4, enable_prefix_caching=False)
+    expected = clean_llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    clean_llm.shutdown()
+    real_build = Scheduler._build_batch
+
+    def planted(self, scheduled):
+        batch = real_build(self, scheduled)
+        for new in batch.new_requests:
+            if new.sampling_params.seed == MARKED:
+                new.block_ids[-1] = 10**6
+        return batch
+
+    monkeypatch.setattr(Scheduler, "_build_batch", planted)
+    llm = LLM(text_model, dtype="float32", block_size=4, enable_prefix_caching=True)
+    marked = SamplingParams(temperature=0, seed=MARKED, max_tokens=10, ignore_eos=True)
+    failed = llm.generate([prompt], marked, use_tqdm=False)[0].outputs[0]
+    assert failed.finish_reason == "error" and failed.token_ids == []
+    again = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert again.outputs[0].token_ids == expected
+    assert again.num_cached_tokens == 0
+    _assert_sound(llm, reference)
+    llm.shutdown()
