@@ -272,7 +272,9 @@ class Scheduler:
     # ---- update -------------------------------------------------------------------------------
     def update(self, batch: StepBatch, output: StepOutput) -> list[EngineCoreOutput]:
         """Apply a finished step: append sampled tokens, finish requests, free their blocks."""
+        step_start: dict[str, int] = {}  # request id -> its computed tokens before this step
         for item in itertools.chain(batch.new_requests, batch.cached_requests):
+            step_start[item.request_id] = item.num_computed_tokens
             request = self.requests.get(item.request_id)
             if request is not None:
                 request.num_inflight_steps -= 1
@@ -283,6 +285,12 @@ class Scheduler:
                 continue
             if sampled.error is not None:  # this request alone failed: finish it, go on
                 request.status, request.error = RequestStatus.FINISHED_ERROR, sampled.error
+                # A stage may have dropped it before writing this step's KV: keep that KV out
+                # of the prefix cache.
+                valid = step_start.get(request_id, 0)
+                if request.num_valid_kv_tokens is not None:
+                    valid = min(valid, request.num_valid_kv_tokens)
+                request.num_valid_kv_tokens = valid
                 self.running.remove(request)
                 outputs.append(EngineCoreOutput(request_id, [], finish_reason="error",
                                                 error=sampled.error))
