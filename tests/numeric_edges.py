@@ -68,7 +68,7 @@ IN_RANGE = {
     "repetition_penalty": lambda x: x > 0,
     "top_k": lambda x: x >= -1,
     "seed": lambda x: -(2**63) <= x < 2**64,
-    "max_tokens": lambda x: 1 <= x,
+    "max_tokens": lambda x: x >= 1,
     "min_tokens": lambda x: 0 <= x <= 3,
     "logprobs": lambda x: 0 <= x <= 20,
     "n": lambda x: 1 <= x <= 3,

@@ -148,3 +148,27 @@ def test_huge_n_is_refused_before_anything_starts(engine):
         with pytest.raises(ValueError, match=r"^n must be <= "):
             engine.llm.generate(PROMPT, SamplingParams(n=n), use_tqdm=False)
     _sound(engine)
+
+
+# ---- the response encoder ---------------------------------------------------------------------
+def test_responses_never_hold_nan_or_infinity():
+    """Whatever logprobs reach the server (the sampler promises finite ones), its bodies are
+    JSON: NaN and -inf as -9999.0 (vLLM's convention), +inf as 0.0."""
+    from engine_core.outputs import Logprob
+    from engine_core.server.protocol import chat_logprobs, completion_logprobs
+    from engine_core.server.serving import _sse
+    from tests.numeric_edges import strict_json
+
+    values = [float("nan"), float("-inf"), float("inf"), -1e308, -0.0, 1e-9, -0.5]
+    entries = [{7: Logprob(v, rank=1, decoded_token="a"), 8: Logprob(v, rank=2)}
+               for v in values]
+    ids = [7] * len(values)
+    completion, _ = completion_logprobs(ids, entries, 0)
+    chat = chat_logprobs(ids, entries, 2)
+    for body in (completion, chat):
+        decoded = strict_json(_sse(body).removeprefix("data: "))
+        assert decoded == body
+    assert completion["token_logprobs"] == [-9999.0, -9999.0, 0.0, -9999.0, -0.0, 0.0, -0.5]
+    assert [c["logprob"] for c in chat["content"]] == completion["token_logprobs"]
+    with pytest.raises(ValueError):
+        _sse({"x": float("nan")})

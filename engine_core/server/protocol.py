@@ -8,6 +8,7 @@ OpenAI clients send fields this engine does not know.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -283,7 +284,12 @@ def _token_text(token_id: int, logprob: Logprob) -> str:
 
 
 def _clamp(logprob: float) -> float:
-    return max(logprob, _MIN_LOGPROB)
+    """A logprob JSON can hold: -inf (and NaN, which no distribution has) as -9999.0, like
+    vLLM, anything above 0 (+inf) as 0.0: a response never holds NaN or Infinity, which are
+    not JSON."""
+    if math.isnan(logprob):
+        return _MIN_LOGPROB
+    return min(max(logprob, _MIN_LOGPROB), 0.0)
 
 
 def _sampled(token_id: int, entry: dict[int, Logprob]) -> Logprob:

@@ -115,7 +115,10 @@ def _holdback(params: SamplingParams) -> int:
 
 
 def _sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    """One server-sent event. Like JSONResponse, never NaN or Infinity (not JSON): a body
+    holding one raises ValueError, and the stream ends with an error event."""
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return f"data: {text}\n\n"
 
 
 class _RequestFailed(RequestError):
