@@ -163,6 +163,12 @@ class StageWorker:
         if self.is_first:
             ids = [t for s, c, n in zip(states, computed, query_lens) for t in s.token_ids[c:c + n]]
             input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [num_tokens]
+        elif hidden_states is None or hidden_states.shape != (sum(query_lens),
+                                                             self.config.model.hidden_size):
+            # the stages disagree on the batch: a broken pipeline, not one request's fault
+            shape = None if hidden_states is None else list(hidden_states.shape)
+            raise ValueError(f"stage {self.stage_index} got hidden states {shape} for "
+                             f"{sum(query_lens)} tokens of step {batch.step_id}")
         hidden = self.model(input_ids, hidden_states, self.kv_caches, meta)
         if not self.is_last:
             return hidden
