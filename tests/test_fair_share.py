@@ -10,6 +10,7 @@ import random
 import pytest
 
 from engine_core import LLM, SamplingParams
+from engine_core.output_processor import OutputProcessor
 from tests.test_generate_parity import hf_greedy
 
 MAX_TOKENS = 24
@@ -85,3 +86,12 @@ def test_small_request_behind_a_giant_is_fast_and_every_sequence_exact(case, eng
             llm.shutdown()
     assert waits[True] <= 2  # its first token within a couple of engine steps
     assert waits[False] >= MAX_TOKENS  # FCFS: behind the giant's sequences
+
+
+def test_every_sequence_of_a_request_carries_its_owner_and_priority():
+    processor = OutputProcessor(None)
+    core = processor.add_request("cmpl-1-0", None, [1, 2], SamplingParams(n=3), [0],
+                                 owner_id="cmpl-1", priority=4)
+    assert [(r.owner_id, r.priority) for r in core] == [("cmpl-1", 4)] * 3
+    alone = processor.add_request("7", None, [1, 2], SamplingParams(n=2), [0])
+    assert [r.owner_id for r in alone] == ["7", "7"]  # an offline prompt owns its n sequences
