@@ -11,10 +11,10 @@ token budget and a sequence cap:
    share is preempted for it, so a small request behind a giant waits a step, not the giant;
 2. running requests, in admission order. When blocks run out, the running request the policy
    ranks last that is not in flight is preempted by recompute: its blocks are freed, it is
-   reset to zero computed tokens and goes back to the waiting queue, and no new request is
-   admitted in that step;
-3. waiting requests, in the policy's order (`request_queue.py`: round-robin over owners, then
-   FCFS, or by `priority` then arrival), until one gets no seat or no blocks.
+   reset to zero computed tokens and goes back to the waiting queue;
+3. unless 1 or 2 preempted, waiting requests in the policy's order (`request_queue.py`:
+   round-robin over owners, then FCFS, or by `priority` then arrival), until one gets no seat
+   or no blocks.
 
 Alone, an owner may take every seat: fair share only acts while another owner waits.
 `fair_share=False` gives plain FCFS (or priority) admission over sequences.
@@ -100,8 +100,8 @@ class Scheduler:
 
     def remote_kv_ready(self, request_id: str, ok: bool) -> None:
         """The KV of a WAITING_FOR_REMOTE_KV request has arrived in its blocks (`ok`), or will
-        not (then the prompt is computed here). Either way it goes back to the head of the
-        waiting queue (it had reached it), never to fetch again."""
+        not (then the prompt is computed here). Either way it goes back to the waiting queue,
+        in its place there, never to fetch again."""
         request = self.waiting_for_kv.pop(request_id, None)
         if request is None:
             return
@@ -180,11 +180,11 @@ class Scheduler:
                      token_budget=max(1, -(-cfg.max_num_batched_tokens // share)))
         self.seats = Counter(r.owner for r in self.running)
         self.seats.update(r.owner for r in self.waiting_for_kv.values())
+        preemptions_before = self.num_preemptions
         if cfg.fair_share:  # owners below their fair share first, making room if need be
             self._admit_waiting(step, make_room=True)
-        preemptions_before = self.num_preemptions
         self._schedule_running(step)
-        if self.num_preemptions == preemptions_before:  # no admission in a step that preempted
+        if self.num_preemptions == preemptions_before:  # blocks are short: admit no more
             self._admit_waiting(step, make_room=False)
         return self._build_batch(step.scheduled) if step.scheduled else None
 
