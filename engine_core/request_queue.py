@@ -14,8 +14,9 @@ sequences, or vLLM's (priority, arrival_time). `priority`: lower is served first
 
 Contract with the scheduler: it admits `peek(seats)`, the waiting request of lowest rank (ties:
 the earliest to arrive), and preempts the running request of highest `rank` (ties: the latest
-admitted). Within one owner, sequences come out in their own (priority, arrival) order, so a
-preempted one is admitted again before its owner's never-admitted ones.
+admitted). Within one owner, sequences come out in the engine's arrival order (under
+"priority": by (priority, arrival_time) first), so a preempted one is admitted again before its
+owner's never-admitted ones. `peek` costs O(owners waiting); add and remove O(log n).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = ["RequestQueue"]
 
 
 class RequestQueue:
-    """Waiting requests grouped by owner; `peek` costs O(owners waiting), the rest O(log n)."""
+    """The waiting requests, grouped by owner."""
 
     def __init__(self, policy: str = "fcfs", fair_share: bool = True) -> None:
         if policy not in SCHEDULING_POLICIES:

@@ -540,3 +540,44 @@ def test_fcfs_refuses_priority():
     add_owned(p, "x", priority=-(1 << 63))
     with pytest.raises(ValueError, match="scheduling_policy"):
         make_fair(policy="lottery")
+
+
+def test_fair_share_makes_room_for_a_decode_instance_request_and_its_fetch():
+    s = make_fair(max_num_seqs=4)
+    giant = [add_owned(s, "giant", max_tokens=30, first_token=1 + i) for i in range(6)]
+    run_round(s)
+    r = add_remote(s, 17, 16, first_token=100)  # its own owner
+    batch, _ = run_round(s)
+    assert list(s.waiting_for_kv) == [r] and s.num_running == 3  # a giant seat gave way
+    assert r not in scheduled(batch)
+    s.remote_kv_ready(r, ok=True)
+    batch, _ = run_round(s)
+    new = {n.request_id: n for n in batch.new_requests}
+    assert new[r].num_computed_tokens == 16 and new[r].num_new_tokens == 1
+    assert s.num_preemptions == 1
+    s.abort_requests(giant)
+    drain(s)
+    assert_all_blocks_free(s)
+
+
+def test_request_queue_removes_lazily_and_takes_a_request_back():
+    from engine_core.request_queue import RequestQueue
+
+    queue = RequestQueue("fcfs", fair_share=True)
+    requests = []
+    for i, owner in enumerate(["a", "a", "b"]):
+        core = EngineCoreRequest(f"q{i}", [1, 2], SamplingParams(), owner_id=owner)
+        request = Request(core, 64)
+        request.order = i
+        requests.append(request)
+        queue.add(request)
+    first, second, other = requests
+    assert queue.peek({}) is first
+    queue.remove(first)  # admitted
+    assert queue.peek({"a": 1}) is other  # b holds fewer seats
+    queue.add(first)  # preempted: back before its owner's later sequence
+    assert queue.peek({}) is first and len(queue) == 3 and first in queue
+    queue.remove(other)
+    assert queue.owners == {"a"} and set(queue) == {first, second}
+    with pytest.raises(ValueError, match="already waiting"):
+        queue.add(first)
