@@ -105,6 +105,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pipelined-chunked-prefill", dest="pipelined_chunked_prefill",
                    action="store_false",
                    help="never keep two chunks of one prompt in flight at once")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="fcfs: by arrival; priority: by each request's `priority` (lower "
+                        "first), then arrival (default: %(default)s)")
+    g.add_argument("--no-fair-share", dest="fair_share", action="store_false",
+                   help="admit sequences in policy order alone, so one request with many "
+                        "prompts or a large n may hold every slot while others wait")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,7 +118,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
              "num_kv_blocks", "kv_cache_memory", "enable_prefix_caching", "seed", "device",
              "pipeline_parallel_size", "pp_layer_partition", "max_concurrent_batches",
              "threads_per_stage", "distributed_executor_backend", "ray_compiled_graph",
-             "pipelined_chunked_prefill"]
+             "pipelined_chunked_prefill", "scheduling_policy", "fair_share"]
     return {name: getattr(args, name) for name in names}
 
 

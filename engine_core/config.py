@@ -19,6 +19,7 @@ from models import ModelConfig, load_model_config
 MAX_THREADS_PER_STAGE = 1024  # far more than any host's cores; torch crashes on absurd counts
 _INT64_MAX = (1 << 63) - 1
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.manual_seed takes
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,17 @@ class SchedulerConfig:
     max_model_len: int
     max_concurrent_batches: int = 1
     pipelined_chunked_prefill: bool = False
+    policy: str = "fcfs"  # "fcfs" | "priority" (vLLM's --scheduling-policy)
+    fair_share: bool = True  # round-robin over user requests, preempting over-share ones
 
     def __post_init__(self) -> None:
         _require_positive(self, "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                           "max_concurrent_batches")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, "
+                             f"got {self.policy!r}")
+        if not isinstance(self.fair_share, bool):
+            raise ValueError(f"fair_share must be a bool, got {self.fair_share!r}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,8 @@ class EngineArgs:
     distributed_executor_backend: str | None = None  # "ray" (default when PP > 1) | "inprocess"
     ray_compiled_graph: bool = False
     kv_transfer_config: KVTransferConfig | None = None  # disaggregated prefill/decode
+    scheduling_policy: str = "fcfs"  # "fcfs" | "priority": by (priority, arrival)
+    fair_share: bool = True  # False: admission over sequences alone (one request may starve)
 
     def resolve(self) -> EngineConfig:
         """Read the model directory and produce the validated `EngineConfig`."""
@@ -230,6 +240,8 @@ class EngineArgs:
             max_model_len=max_model_len,
             max_concurrent_batches=self.max_concurrent_batches or self.pipeline_parallel_size,
             pipelined_chunked_prefill=self.pipelined_chunked_prefill,
+            policy=self.scheduling_policy,
+            fair_share=self.fair_share,
         )
         cache = CacheConfig(
             block_size=self.block_size,

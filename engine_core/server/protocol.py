@@ -135,6 +135,7 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # add each choice's (new) output token ids
+    priority: int = 0  # lower is served first; non-zero needs --scheduling-policy priority
 
     @property
     def include_usage(self) -> bool:
