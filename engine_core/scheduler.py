@@ -61,6 +61,7 @@ class _Step:
     token_budget: int
     # (request, num_new_tokens, is_new)
     scheduled: list[tuple[Request, int, bool]] = field(default_factory=list)
+    request_ids: set[str] = field(default_factory=set)  # of `scheduled`: once a step each
 
     def has_room(self) -> bool:
         return len(self.scheduled) < self.seq_cap and self.token_budget > 0
@@ -68,6 +69,7 @@ class _Step:
     def add(self, request: Request, num_new: int, is_new: bool) -> None:
         request.num_inflight_steps += 1
         self.scheduled.append((request, num_new, is_new))
+        self.request_ids.add(request.request_id)
         self.token_budget -= num_new
 
 
@@ -195,6 +197,8 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if request.request_id in step.request_ids:
+                continue  # admitted by fair share in this step (its tokens count at build)
             if request.num_inflight_steps and not self.config.pipelined_chunked_prefill:
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, step.token_budget)

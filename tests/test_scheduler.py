@@ -280,10 +280,11 @@ def test_remote_kv_ready_counts_the_fetched_tokens_and_abort_before_fetch_releas
 
 # ---- fair share and priority ------------------------------------------------------------------
 def make_fair(fair_share=True, policy="fcfs", num_blocks=4000, max_num_seqs=16, budget=512,
-              max_len=256, concurrent=1):
+              max_len=256, concurrent=1, pipelined=False):
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                              max_model_len=max_len, max_concurrent_batches=concurrent,
-                             policy=policy, fair_share=fair_share)
+                             policy=policy, fair_share=fair_share,
+                             pipelined_chunked_prefill=pipelined)
     return Scheduler(config, KVBlockManager(num_blocks, BLOCK, enable_prefix_caching=True))
 
 
@@ -383,6 +384,27 @@ def test_over_share_owner_is_preempted_newest_first_and_gets_its_seats_back():
             max_giant_seats = max(max_giant_seats, s.num_running)
     assert max_giant_seats == 8  # the giant alone takes every seat again
     assert s.num_preemptions == 3  # and nothing was preempted back and forth
+    assert_all_blocks_free(s)
+
+
+def test_a_request_admitted_by_fair_share_is_scheduled_once_in_its_step():
+    """With pipelined chunked prefill (the engine's default) the running pass may schedule a
+    request with a step in flight: it must skip the one fair share just admitted, whose
+    computed tokens only advance when the batch is built (else its prompt ran twice in one
+    batch and the engine stalled with more computed tokens than it has)."""
+    s = make_fair(max_num_seqs=16, pipelined=True, concurrent=2)
+    for i in range(4):
+        add_owned(s, "giant", max_tokens=6, first_token=1 + i)
+    first = s.schedule()  # the giant's prompts, still in flight
+    small = add_owned(s, "small", max_tokens=3, first_token=100)
+    second = s.schedule()  # fair share admits the small one; the running giants wait
+    ids = [r.request_id for r in (*second.new_requests, *second.cached_requests)]
+    assert small in ids and len(ids) == len(set(ids)), ids
+    finish(s, first)
+    finish(s, second)
+    for request in s.requests.values():
+        assert request.num_computed_tokens <= request.num_tokens
+    drain(s)
     assert_all_blocks_free(s)
 
 
