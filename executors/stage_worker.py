@@ -21,6 +21,7 @@ from executors.host_memory import keep_freed_memory
 from executors.kv_memory import allocate_resident
 from executors.sampler import Sampler, SamplingRow
 from models import AttentionMetadata, load_model
+from models.linear import warm_up_linears
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class StageWorker:
             keep_freed_memory()  # no page faults on every step's activations
         self.model = load_model(config.model_dir, config.model, self.layer_range, self.dtype,
                                 self.device)
+        if self.device.type == "cpu":  # oneDNN's primitives for every step size, built now
+            sched, head = config.scheduler, getattr(self.model, "lm_head", None)
+            warm_up_linears(self.model, sched.max_num_batched_tokens,
+                            {head: sched.max_num_seqs} if head is not None else None)
         self.sampler = Sampler(config.seed) if self.is_last else None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.requests: dict[str, _RequestState] = {}

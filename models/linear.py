@@ -92,6 +92,31 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def warm_up_linears(model: nn.Module, max_rows: int,
+                    max_rows_of: dict[nn.Module, int] | None = None) -> int:
+    """Run each distinct shape of packed `Linear` in `model` once at every padded row count up
+    to `max_rows` (a module in `max_rows_of`: up to its own bound), on zeros, so that oneDNN's
+    primitives for them are built, and their memory taken, before the first request instead of
+    piecemeal under load. Returns the number of calls made."""
+    max_rows_of = max_rows_of or {}
+    bound: dict[tuple, int] = {}
+    example: dict[tuple, Linear] = {}
+    for module in model.modules():
+        if isinstance(module, Linear) and module.packed_weight is not None:
+            key = (module.in_features, module.out_features, module.bias is not None,
+                   module.packed_weight.dtype)
+            bound[key] = max(bound.get(key, 0), max_rows_of.get(module, max_rows))
+            example.setdefault(key, module)
+    calls = 0
+    with torch.inference_mode():
+        for key, rows in bound.items():
+            module, dtype = example[key], key[3]
+            for size in sorted({padded_rows(n) for n in range(1, rows + 1)}):
+                module(torch.zeros(size, module.in_features, dtype=dtype))  # [size, in]
+                calls += 1
+    return calls
+
+
 def pack_linear_weights(model: nn.Module) -> None:
     """Pack the weight of every `Linear` in `model` (see the module docstring)."""
     for module in model.modules():

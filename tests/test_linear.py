@@ -51,3 +51,16 @@ def test_padding_changes_no_result(dtype, n):
     assert got.shape == (n, 48)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+@onednn
+def test_warm_up_runs_each_shape_once_per_padded_size():
+    from torch import nn
+
+    model = nn.Sequential(Linear(32, 64), Linear(32, 64), Linear(64, 32, bias=False))
+    for layer in model:
+        layer.pack_weight()
+    head = model[2]
+    calls = linear_module.warm_up_linears(model, 100, {head: 20})
+    sizes_100 = len({padded_rows(n) for n in range(1, 101)})
+    assert calls == sizes_100 + 20  # the two (32, 64) layers share their primitives
