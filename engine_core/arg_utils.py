@@ -5,35 +5,99 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 from typing import Any
 
-from engine_core.config import DataParallelConfig
+from engine_core.config import MAX_THREADS_PER_STAGE, DataParallelConfig
 
-__all__ = ["add_data_parallel_args", "add_engine_args", "data_parallel_config", "engine_kwargs"]
+__all__ = ["INT_MAX", "SEED_MAX", "SEED_MIN", "add_data_parallel_args", "add_engine_args",
+           "data_parallel_config", "engine_kwargs", "finite_float", "int_in"]
+
+# Engine arguments cross to the engine-core process as msgpack: every int must fit an int64.
+INT_MAX = (1 << 63) - 1
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.manual_seed takes
+
+
+def int_in(low: int, high: int = INT_MAX, what: str = "", bounds: str = ""
+           ) -> Callable[[str], int]:
+    """An argparse `type`: an int in [low, high], else argparse's "argument --flag: ..." error
+    (exit code 2). `bounds` spells the range in that message (default: the numbers)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {_shown(text)}") from None
+        if not low <= value <= high:
+            if bounds:
+                bound = bounds
+            elif high == INT_MAX:
+                bound = f">= {low}" if value < low else "at most 2**63 - 1"
+            else:
+                bound = f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {what or 'an integer'} {bound}, "
+                                             f"got {_shown(text, quote=False)}")
+        return value
+
+    return parse
+
+
+def _shown(text: str, quote: bool = True) -> str:
+    """`text` for an error message, cut to a readable length."""
+    cut = text if len(text) <= 40 else text[:37] + "..."
+    return repr(cut) if quote else cut
+
+
+def finite_float(low: float, high: float = math.inf, *, low_open: bool = False
+                 ) -> Callable[[str], float]:
+    """An argparse `type`: a finite float in [low, high] (`low_open`: (low, high])."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {_shown(text)}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got "
+                                             f"{_shown(text, quote=False)}")
+        if value < low or (low_open and value == low) or value > high:
+            left = "(" if low_open else "["
+            bound = f"> {low}" if high == math.inf and low_open else (
+                f">= {low}" if high == math.inf else f"in {left}{low}, {high}]")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {_shown(text, quote=False)}")
+        return value
+
+    return parse
+
+
+PORT = int_in(0, 65535, "a port")  # 0: any free port
+SEED = int_in(SEED_MIN, SEED_MAX, "a 64-bit seed", "in [-2**63, 2**64 - 1]")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Engine options, named as vLLM's flags."""
     g = parser.add_argument_group("engine")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None,
+    g.add_argument("--max-model-len", type=int_in(1), default=None)
+    g.add_argument("--max-num-seqs", type=int_in(1), default=256)
+    g.add_argument("--max-num-batched-tokens", type=int_in(1), default=None)
+    g.add_argument("--block-size", type=int_in(1), default=16)
+    g.add_argument("--num-kv-blocks", type=int_in(2), default=None,
                    help="KV blocks per stage (overrides --kv-cache-memory)")
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes per stage")
+    g.add_argument("--kv-cache-memory", type=int_in(1), default=None,
+                   help="KV cache bytes per stage")
     g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", help="turn prefix caching off")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--device", default="cpu")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int_in(1), default=1)
     g.add_argument("--pp-layer-partition", default=None,
                    help="layers per stage, e.g. '3,2' (default: balanced by cost, the LM "
                         "head counted on the last stage)")
-    g.add_argument("--max-concurrent-batches", type=int, default=None,
+    g.add_argument("--max-concurrent-batches", type=int_in(1), default=None,
                    help="microbatches in flight (default: the pipeline size)")
-    g.add_argument("--threads-per-stage", type=int, default=None)
+    g.add_argument("--threads-per-stage", type=int_in(1, MAX_THREADS_PER_STAGE), default=None)
     g.add_argument("--distributed-executor-backend", choices=["ray", "inprocess"], default=None,
                    help="where stages run (default: ray when --pipeline-parallel-size > 1)")
     g.add_argument("--ray-compiled-graph", action="store_true",
@@ -41,6 +105,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pipelined-chunked-prefill", dest="pipelined_chunked_prefill",
                    action="store_false",
                    help="never keep two chunks of one prompt in flight at once")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="fcfs: by arrival; priority: by each request's `priority` (lower "
+                        "first), then arrival (default: %(default)s)")
+    g.add_argument("--no-fair-share", dest="fair_share", action="store_false",
+                   help="admit sequences in policy order alone, so one request with many "
+                        "prompts or a large n may hold every slot while others wait")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,24 +118,24 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
              "num_kv_blocks", "kv_cache_memory", "enable_prefix_caching", "seed", "device",
              "pipeline_parallel_size", "pp_layer_partition", "max_concurrent_batches",
              "threads_per_stage", "distributed_executor_backend", "ray_compiled_graph",
-             "pipelined_chunked_prefill"]
+             "pipelined_chunked_prefill", "scheduling_policy", "fair_share"]
     return {name: getattr(args, name) for name in names}
 
 
 def add_data_parallel_args(parser: argparse.ArgumentParser) -> None:
     """Data-parallel options of `pp-engine serve` (vLLM's names)."""
     g = parser.add_argument_group("data parallel")
-    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+    g.add_argument("--data-parallel-size", "-dp", type=int_in(1), default=1,
                    help="engine cores in all, each a full engine (default: %(default)s)")
-    g.add_argument("--data-parallel-size-local", "-dpl", type=int, default=None,
+    g.add_argument("--data-parallel-size-local", "-dpl", type=int_in(0), default=None,
                    help="engine cores on this host (default: all; 0 on a head that only "
                         "serves the API)")
-    g.add_argument("--data-parallel-start-rank", "-dpr", type=int, default=0,
+    g.add_argument("--data-parallel-start-rank", "-dpr", type=int_in(0), default=0,
                    help="first rank of this host's engines (--headless; the head's are 0..)")
     g.add_argument("--data-parallel-address", default="127.0.0.1",
                    help="the head's address: it binds there, headless engines connect there "
                         "(default: %(default)s)")
-    g.add_argument("--data-parallel-rpc-port", type=int, default=None,
+    g.add_argument("--data-parallel-rpc-port", type=int_in(1, 65535, "a port"), default=None,
                    help="the head's handshake port (needed with remote engines)")
     g.add_argument("--dp-routing", choices=["load", "prefix"], default="load",
                    help="load: the least loaded engine; prefix: the engine holding the most "

@@ -21,7 +21,7 @@ from engine_core.messages import EngineCoreOutputs, SchedulerStats
 from engine_core.output_processor import OutputProcessor
 from engine_core.outputs import RequestOutput
 from engine_core.sampling_params import SamplingParams
-from engine_core.validation import validate_prompt, validate_sampling_params
+from engine_core.validation import validate_priority, validate_prompt, validate_sampling_params
 from models import Tokenizer, load_tokenizer
 
 
@@ -168,9 +168,14 @@ class AsyncLLM:
     async def generate(self, prompt: str | list[int] | dict, sampling_params: SamplingParams,
                        request_id: str | None = None, *, add_special_tokens: bool = True,
                        do_remote_decode: bool = False,
-                       kv_transfer_params: KVTransferParams | None = None
+                       kv_transfer_params: KVTransferParams | None = None,
+                       priority: int = 0, owner_id: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative snapshots of the request's output; the last has `finished=True`.
+
+        `priority` (vLLM's): lower is served first; non-zero needs an engine with
+        scheduling_policy "priority". `owner_id`: the user request this prompt belongs to, for
+        fair share (the server passes one id for every prompt of a request); default: its own.
 
         Disaggregated prefill/decode (an engine with a KV transfer config): `do_remote_decode`
         keeps the prompt's KV for a decode instance (the final output carries its
@@ -182,12 +187,14 @@ class AsyncLLM:
         EngineDeadError if the engine core dies meanwhile."""
         self.check_health()
         validate_sampling_params(sampling_params, self.config)
+        validate_priority(priority, self.config.scheduler.policy)
         text, token_ids = self.tokenize(prompt, add_special_tokens)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         core_requests = self.processor.add_request(request_id, text, token_ids, sampling_params,
-                                                   self._eos_token_ids, time.time())
+                                                   self._eos_token_ids, time.time(),
+                                                   owner_id=owner_id or "", priority=priority)
         for core_request in core_requests:
             core_request.do_remote_decode = do_remote_decode
         core_requests[0].kv_transfer_params = kv_transfer_params

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from engine_core.disagg.config import KVTransferConfig
 from models import ModelConfig, load_model_config
 
+MAX_THREADS_PER_STAGE = 1024  # far more than any host's cores; torch crashes on absurd counts
+_INT64_MAX = (1 << 63) - 1
+_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.manual_seed takes
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -26,10 +31,17 @@ class SchedulerConfig:
     max_model_len: int
     max_concurrent_batches: int = 1
     pipelined_chunked_prefill: bool = False
+    policy: str = "fcfs"  # "fcfs" | "priority" (vLLM's --scheduling-policy)
+    fair_share: bool = True  # round-robin over user requests, preempting over-share ones
 
     def __post_init__(self) -> None:
         _require_positive(self, "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                           "max_concurrent_batches")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, "
+                             f"got {self.policy!r}")
+        if not isinstance(self.fair_share, bool):
+            raise ValueError(f"fair_share must be a bool, got {self.fair_share!r}")
 
 
 @dataclass(frozen=True)
@@ -198,6 +210,8 @@ class EngineArgs:
     distributed_executor_backend: str | None = None  # "ray" (default when PP > 1) | "inprocess"
     ray_compiled_graph: bool = False
     kv_transfer_config: KVTransferConfig | None = None  # disaggregated prefill/decode
+    scheduling_policy: str = "fcfs"  # "fcfs" | "priority": by (priority, arrival)
+    fair_share: bool = True  # False: admission over sequences alone (one request may starve)
 
     def resolve(self) -> EngineConfig:
         """Read the model directory and produce the validated `EngineConfig`."""
@@ -216,14 +230,18 @@ class EngineArgs:
             executor_backend=self._executor_backend(),
             ray_compiled_graph=self.ray_compiled_graph,
         )
-        if self.threads_per_stage is not None and self.threads_per_stage < 1:
-            raise ValueError(f"threads_per_stage must be >= 1, got {self.threads_per_stage}")
+        if self.threads_per_stage is not None and not (
+                1 <= self.threads_per_stage <= MAX_THREADS_PER_STAGE):
+            raise ValueError(f"threads_per_stage must be in [1, {MAX_THREADS_PER_STAGE}], "
+                             f"got {self.threads_per_stage}")
         scheduler = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=max_batched,
             max_model_len=max_model_len,
             max_concurrent_batches=self.max_concurrent_batches or self.pipeline_parallel_size,
             pipelined_chunked_prefill=self.pipelined_chunked_prefill,
+            policy=self.scheduling_policy,
+            fair_share=self.fair_share,
         )
         cache = CacheConfig(
             block_size=self.block_size,
@@ -233,6 +251,10 @@ class EngineArgs:
         )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not _SEED_MIN <= self.seed <= _SEED_MAX:
+            raise ValueError(f"seed must be a 64-bit int (in [-2**63, 2**64 - 1]), "
+                             f"got {self.seed}")
+        _check_device(self.device)
         return EngineConfig(
             model_dir=os.path.abspath(self.model), model=model, dtype=dtype, device=self.device,
             seed=self.seed, scheduler=scheduler, cache=cache, parallel=parallel,
@@ -299,6 +321,25 @@ def _require_positive(obj: object, *fields: str) -> None:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if value > _INT64_MAX:  # the config crosses to engine processes as msgpack
+            raise ValueError(f"{name} must be at most 2**63 - 1, got {value}")
+
+
+def _check_device(device: object) -> None:
+    """ValueError unless `device` names a torch device this host has."""
+    import torch
+
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', "
+                         f"got {device!r}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"device {device!r}: this host has {count} CUDA device(s)")
 
 
 def lm_head_cost_in_layers(model: ModelConfig) -> float:

@@ -10,12 +10,13 @@ future, then update the scheduler). Filling the pipeline has priority over colle
 
 One thread drives it: the caller adds requests and aborts between calls to `step()`.
 
-Failures are kept to their owner. A request that fails on its own (its sampling row raised)
-finishes with finish_reason "error" and the batch goes on; only a failed step (a stage down, a
-timeout) fails the engine. An interrupt (KeyboardInterrupt, or any non-`Exception`) raised inside
-`step()` leaves the engine sound: a step being waited for stays in flight and is finished by the
-next call, and a batch whose submission was cut short is cancelled (its requests aborted, its
-blocks returned once nothing of theirs is in flight).
+Failures are kept to their owner. A request that fails on its own (its sampling row raised, a
+stage found its inputs out of range, or its returned token broke an invariant, see
+`invariants.py`) finishes with finish_reason "error" and the batch goes on; only a failed step
+(a stage down, a timeout, a malformed output) fails the engine. An interrupt (KeyboardInterrupt,
+or any non-`Exception`) raised inside `step()` leaves the engine sound: a step being waited for
+stays in flight and is finished by the next call, and a batch whose submission was cut short is
+cancelled (its requests aborted, its blocks returned once nothing of theirs is in flight).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import EngineConfig
 from engine_core.executor import Executor, StepFuture
+from engine_core.invariants import checked_step_output
 from engine_core.messages import EngineCoreOutput, EngineCoreRequest, StepBatch
 from engine_core.request import Request
 from engine_core.scheduler import Scheduler
@@ -173,6 +175,8 @@ class EngineCore:
                     self.in_flight.appendleft((batch, future))
                 raise
             self.stats.wait_s += time.perf_counter() - wait_start
+            output = checked_step_output(batch, output, self.scheduler.requests,
+                                         self.config.model.vocab_size)
         except Exception as exc:
             self.error = exc
             self.in_flight.clear()

@@ -11,13 +11,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from engine_core.chat import check_messages
 from engine_core.config import DataParallelConfig, EngineArgs
 from engine_core.engine import EngineCore
 from engine_core.interrupts import DeferredInterrupt
 from engine_core.output_processor import OutputProcessor
 from engine_core.outputs import RequestOutput
 from engine_core.sampling_params import SamplingParams
-from engine_core.validation import validate_prompt, validate_sampling_params
+from engine_core.validation import validate_priority, validate_prompt, validate_sampling_params
 from executors.factory import make_executor
 from models import load_tokenizer
 
@@ -87,38 +88,55 @@ class LLM:
     # ---- generation ---------------------------------------------------------------------------
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None
+                 ) -> list[RequestOutput]:
         """Generate completions for the prompts; outputs come back in input order.
 
         A prompt is a string or `{"prompt_token_ids": [...]}`. `sampling_params` is one for all
-        prompts or one per prompt. Every prompt is validated before any is started, so a bad one
-        raises ValueError and leaves the engine untouched.
+        prompts or one per prompt. `priority` (vLLM's): one int per prompt, lower served first;
+        needs `scheduling_policy="priority"` unless all are 0. Every prompt is validated before
+        any is started, so a bad one raises ValueError and leaves the engine untouched.
+        Each prompt is a user request of its own for fair share (`request_queue.py`).
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         params_list = self._params_per_prompt(sampling_params, len(prompts))
+        priorities = self._priorities(priority, len(prompts))
         tokenized = [self._tokenize(p, i) for i, p in enumerate(prompts)]
-        return self._run(tokenized, params_list, use_tqdm)
+        return self._run(tokenized, params_list, use_tqdm, priorities)
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or to a
-        list of conversations, rendered with the model's chat template."""
+        list of conversations, rendered with the model's chat template. A message without
+        content (only an assistant message with tool_calls may omit it), with content that is
+        neither a string nor a non-empty list of text parts, or with an unknown role raises
+        ValueError naming the field, e.g. "messages[1].content"."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model directory "
                              "has no tokenizer.json")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt": self.tokenizer.apply_chat_template(
-                        conv, add_generation_prompt=add_generation_prompt),
-                    "add_special_tokens": False} for conv in conversations]
+        single = not isinstance(messages, list) or not messages or not isinstance(
+            messages[0], list)
+        conversations = [messages] if single else messages
+        prompts = []
+        for k, conversation in enumerate(conversations):
+            where = "" if single else f"conversation {k}: "
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    check_messages(conversation), add_generation_prompt=add_generation_prompt)
+            except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError) as exc:
+                # the template fails on these messages: a bad argument, as for the server
+                raise ValueError(f"{where}{exc}") from None
+            prompts.append({"prompt": text, "add_special_tokens": False})
         params_list = self._params_per_prompt(sampling_params, len(prompts))
         tokenized = [self._tokenize(p, i) for i, p in enumerate(prompts)]
         return self._run(tokenized, params_list, use_tqdm)
 
     def _run(self, tokenized: list[tuple[str | None, list[int]]],
-             params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+             params_list: list[SamplingParams], use_tqdm: bool,
+             priorities: list[int] | None = None) -> list[RequestOutput]:
         """Run the requests to completion. Any exception or interrupt (Ctrl-C) aborts every
         request of this call and finishes the steps in flight, so all KV blocks are back and the
         next call works; Ctrl-C is taken between engine steps (twice: at once)."""
@@ -129,12 +147,14 @@ class LLM:
         start, num_output_tokens = time.perf_counter(), 0
         try:
             with DeferredInterrupt() as interrupt:
-                for (prompt, token_ids), params in zip(tokenized, params_list):
+                priorities = priorities or [0] * len(tokenized)
+                for (prompt, token_ids), params, priority in zip(tokenized, params_list,
+                                                                 priorities):
                     request_id = str(next(self._request_counter))
                     request_ids.append(request_id)
                     self.engine.add_requests(self.processor.add_request(
                         request_id, prompt, token_ids, params, self._eos_token_ids,
-                        time.time()))
+                        time.time(), priority=priority))
                 while len(finished) < len(request_ids):
                     core_outputs = self.engine.step()
                     num_output_tokens += sum(len(o.new_token_ids) for o in core_outputs)
@@ -183,6 +203,22 @@ class LLM:
             except ValueError as exc:
                 raise ValueError(f"sampling_params[{i}]: {exc}") from None
         return params_list
+
+    def _priorities(self, priority: Sequence[int] | None, num_prompts: int) -> list[int]:
+        if priority is None:
+            return [0] * num_prompts
+        if isinstance(priority, (int, str, bytes)) or not isinstance(priority, Sequence):
+            raise ValueError(f"priority must be a list of ints, one per prompt, got "
+                             f"{type(priority).__name__}")
+        if len(priority) != num_prompts:
+            raise ValueError(f"priority has {len(priority)} entries for {num_prompts} prompts; "
+                             f"pass one per prompt")
+        for i, value in enumerate(priority):
+            try:
+                validate_priority(value, self.config.scheduler.policy)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (priority[{i}])") from None
+        return list(priority)
 
     def _tokenize(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
         try:

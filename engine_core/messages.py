@@ -51,6 +51,11 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     sampling_params: SamplingParams
     eos_token_ids: list[int] = []
     arrival_time: float = 0.0
+    # Fair share and priority (engine_core/request_queue.py): the user request this sequence
+    # belongs to, shared by every prompt and all n sequences of one API request ("": the
+    # request is its own); and its priority, lower served first (scheduling_policy "priority").
+    owner_id: str = ""
+    priority: int = 0
     # Disaggregated prefill/decode (engine_core/disagg/): on a prefill instance, keep the
     # prompt's KV for a decode instance; on a decode instance, where to get it from.
     do_remote_decode: bool = False

@@ -48,8 +48,11 @@ class OutputProcessor:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, eos_token_ids: list[int],
-                    arrival_time: float = 0.0) -> list[EngineCoreRequest]:
-        """Register a request; returns the engine-core requests to submit (one per sequence)."""
+                    arrival_time: float = 0.0, owner_id: str = "", priority: int = 0
+                    ) -> list[EngineCoreRequest]:
+        """Register a request; returns the engine-core requests to submit (one per sequence).
+        They carry `owner_id` (the user request they belong to, for fair share; default: this
+        request) and `priority`."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if params.stop and self.tokenizer is None:
@@ -71,8 +74,9 @@ class OutputProcessor:
             state.sequences[core_id] = _Sequence(index, child_params, detok, completion)
             state.output.outputs.append(completion)
             self._sequence_owner[core_id] = request_id
-            core_requests.append(EngineCoreRequest(core_id, list(prompt_token_ids), child_params,
-                                                   list(eos_token_ids), arrival_time))
+            core_requests.append(EngineCoreRequest(
+                core_id, list(prompt_token_ids), child_params, list(eos_token_ids), arrival_time,
+                owner_id=owner_id or request_id, priority=priority))
         state.num_unfinished = params.n
         self._requests[request_id] = state
         return core_requests

@@ -49,6 +49,9 @@ class Request:
         self.eos_token_ids = frozenset(core_request.eos_token_ids)
         self.stop_token_ids = frozenset(params.stop_token_ids or ())
         self.arrival_time = core_request.arrival_time
+        self.owner = core_request.owner_id or core_request.request_id  # its user request
+        self.priority = core_request.priority  # lower is served first (policy "priority")
+        self.order = 0  # the engine's arrival order, set by the scheduler
         self.do_remote_decode = core_request.do_remote_decode
         self.remote_kv = core_request.kv_transfer_params
         self.num_remote_kv_tokens = 0  # leading tokens whose KV arrived from a prefill instance

@@ -4,7 +4,22 @@
 fields. `__post_init__` runs both on construction and on msgpack decode: it rejects bad values
 with a `ValueError` naming the field and its allowed range (msgspec reports it as a
 `msgspec.ValidationError`, itself a `ValueError`, when decoding), and normalises the accepted
-spellings (`top_k=-1` -> 0, a single stop string -> a list, ints in float fields -> floats).
+spellings (`top_k=-1` -> 0, a single stop string -> a list, ints in float fields -> floats,
+-0.0 -> 0.0).
+
+Numeric edges, decided per field (the sampler computes in float32, see `executors/sampler.py`):
+
+- temperature: finite, >= 0. Below 1e-5 (0, -0.0, denormals) greedy. Above float32's max
+  (3.4e38, e.g. 1e308) sampled as 3.4e38: uniform over the tokens the filters keep.
+- top_p: (0, 1]. The most likely token is always kept, so a denormal (1e-320, 0 in float32)
+  is top-1.
+- min_p: [0, 1]. The most likely token is always kept; 1 keeps the tokens tied with it.
+- presence_penalty, frequency_penalty: [-2, 2], exact (count x 2 cannot overflow).
+- repetition_penalty: finite, > 0, taken within float32's normal range [1.2e-38, 3.4e38].
+  Where a division overflows (a positive logit / 1e-300 is +inf) the row takes its argmax
+  over the penalised logits: greedy among the seen tokens.
+
+Not finite (NaN, inf, a JSON 1e400, an int too large for a float) is refused, naming the field.
 """
 
 from __future__ import annotations
@@ -123,12 +138,18 @@ def _int(name: str, value: Any) -> int:
 
 
 def _float(name: str, value: Any) -> float:
-    """`value` as a finite float; ints are accepted, bools are not."""
+    """`value` as a finite float (-0.0 as 0.0); ints are accepted, bools are not."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond a double's range
+        raise ValueError(f"{name} must be finite, got an int of {value.bit_length()} bits") \
+            from None
+    if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    # the same object when it is one (msgspec omits a default by identity); -0.0 as 0.0
+    return 0.0 if number == 0 and math.copysign(1.0, number) < 0 else number
 
 
 def _stop_strings(value: Any) -> list[str]:

@@ -1,21 +1,34 @@
 """Continuous-batching scheduler over the one shared KV block manager.
 
 Each step, every scheduled request's computed tokens catch up towards its total: no separate
-prefill and decode phases. Running requests come first, then waiting ones in arrival order (FCFS),
-under a token budget and a sequence cap. Long prompts are split over steps (chunked prefill). When
-blocks run out, the latest-admitted running request that is not in flight is preempted by
-recompute: its blocks are freed, it is reset to zero computed tokens and put back at the front of
-the waiting queue, and no new request is admitted in that step.
+prefill and decode phases. Long prompts are split over steps (chunked prefill). A step, under a
+token budget and a sequence cap:
+
+1. fair share: a waiting request whose owner (its user request: all prompts and n sequences of
+   one API request) holds fewer seats than its fair share (the seats in use split evenly over
+   the owners holding or wanting one) is admitted first; if it finds no seat or too few blocks,
+   the latest-admitted sequence not in flight of the owner holding the most seats beyond its
+   share is preempted for it, so a small request behind a giant waits a step, not the giant;
+2. running requests, in admission order. When blocks run out, the running request the policy
+   ranks last that is not in flight is preempted by recompute: its blocks are freed, it is
+   reset to zero computed tokens and goes back to the waiting queue;
+3. unless 1 or 2 preempted, waiting requests in the policy's order (`request_queue.py`:
+   round-robin over owners, then FCFS, or by `priority` then arrival), until one gets no seat
+   or no blocks.
+
+Alone, an owner may take every seat: fair share only acts while another owner waits.
+`fair_share=False` gives plain FCFS (or priority) admission over sequences.
 
 With `max_concurrent_batches = N > 1` several microbatches are in flight. A request whose step is
-in flight has no tokens left to schedule and is skipped, and each microbatch is capped at about 1/N
-of the active requests and of the token budget, so the pipeline fills evenly.
+in flight has no tokens left to schedule and is skipped (nor can it be preempted: the stages may
+still write its blocks), and each microbatch is capped at about 1/N of the active requests and
+of the token budget, so the pipeline fills evenly.
 
 Disaggregated prefill/decode adds two small hooks. On a decode instance a request whose KV comes
-from a prefill instance waits in FCFS order like any other; at the head of the queue it gets
+from a prefill instance waits in the queue like any other; at the head of the queue it gets
 blocks for its prompt (or stays there until blocks free up) and waits apart
 (WAITING_FOR_REMOTE_KV), out of scheduling, while the KV connector fetches into them; at
-`remote_kv_ready` it goes back to the head, its transferred tokens counted as computed. On a
+`remote_kv_ready` it goes back to the queue, its transferred tokens counted as computed. On a
 prefill instance a finished `do_remote_decode` request keeps its blocks (`kv_held`) until
 `free_held_kv`.
 """
@@ -23,7 +36,8 @@ prefill instance a finished `do_remote_decode` request keeps its blocks (`kv_hel
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter
+from dataclasses import dataclass, field
 
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import SchedulerConfig
@@ -35,6 +49,26 @@ from engine_core.messages import (
     StepOutput,
 )
 from engine_core.request import Request, RequestStatus
+from engine_core.request_queue import RequestQueue
+from engine_core.validation import validate_priority
+
+
+@dataclass
+class _Step:
+    """The microbatch being picked: what it holds so far and the room it has left."""
+
+    seq_cap: int
+    token_budget: int
+    # (request, num_new_tokens, is_new)
+    scheduled: list[tuple[Request, int, bool]] = field(default_factory=list)
+
+    def has_room(self) -> bool:
+        return len(self.scheduled) < self.seq_cap and self.token_budget > 0
+
+    def add(self, request: Request, num_new: int, is_new: bool) -> None:
+        request.num_inflight_steps += 1
+        self.scheduled.append((request, num_new, is_new))
+        self.token_budget -= num_new
 
 
 class Scheduler:
@@ -42,8 +76,10 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = RequestQueue(config.policy, config.fair_share)
         self.running: list[Request] = []
+        self.seats: Counter[str] = Counter()  # owner -> running and fetching; see schedule()
+        self._order = itertools.count()
         self._finished_ids: list[str] = []  # to tell the stages with the next batch
         self._step_ids = itertools.count()
         self.num_preemptions = 0
@@ -53,15 +89,19 @@ class Scheduler:
 
     # ---- requests in and out ------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        """Queue a request. ValueError if its id is in use or the policy refuses its
+        priority."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
+        validate_priority(request.priority, self.config.policy)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        request.order = next(self._order)
+        self.waiting.add(request)
 
     def remote_kv_ready(self, request_id: str, ok: bool) -> None:
         """The KV of a WAITING_FOR_REMOTE_KV request has arrived in its blocks (`ok`), or will
-        not (then the prompt is computed here). Either way it goes back to the head of the
-        waiting queue (it had reached it), never to fetch again."""
+        not (then the prompt is computed here). Either way it goes back to the waiting queue,
+        in its place there, never to fetch again."""
         request = self.waiting_for_kv.pop(request_id, None)
         if request is None:
             return
@@ -75,7 +115,7 @@ class Scheduler:
         else:
             self.block_manager.free(request_id, 0)
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        self.waiting.add(request)
 
     def free_held_kv(self, request_id: str) -> None:
         """A decoder has the KV of this finished prefill (or its lease expired): free it."""
@@ -136,56 +176,95 @@ class Scheduler:
         cfg = self.config
         share = cfg.max_concurrent_batches
         active = min(cfg.max_num_seqs, len(self.running) + len(self.waiting))
-        seq_cap = max(1, -(-active // share))
-        token_budget = max(1, -(-cfg.max_num_batched_tokens // share))
-        scheduled: list[tuple[Request, int, bool]] = []  # (request, num_new_tokens, is_new)
+        step = _Step(seq_cap=max(1, -(-active // share)),
+                     token_budget=max(1, -(-cfg.max_num_batched_tokens // share)))
+        self.seats = Counter(r.owner for r in self.running)
+        self.seats.update(r.owner for r in self.waiting_for_kv.values())
         preemptions_before = self.num_preemptions
+        if cfg.fair_share:  # owners below their fair share first, making room if need be
+            self._admit_waiting(step, make_room=True)
+        self._schedule_running(step)
+        if self.num_preemptions == preemptions_before:  # blocks are short: admit no more
+            self._admit_waiting(step, make_room=False)
+        return self._build_batch(step.scheduled) if step.scheduled else None
 
+    def _schedule_running(self, step: _Step) -> None:
+        """Every running request's next tokens, in admission order, while the step has room."""
         for request in list(self.running):
-            if len(scheduled) >= seq_cap or token_budget == 0:
+            if not step.has_room():
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if request.num_inflight_steps and not cfg.pipelined_chunked_prefill:
+            if request.num_inflight_steps and not self.config.pipelined_chunked_prefill:
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, step.token_budget)
             if num_new <= 0:
                 continue  # its step is in flight
             if not self._allocate_or_preempt(request, num_new):
                 continue  # waits for blocks (or was itself preempted)
-            request.num_inflight_steps += 1
-            scheduled.append((request, num_new, False))  # the stages already hold it
-            token_budget -= num_new
+            step.add(request, num_new, is_new=False)  # the stages already hold it
 
-        preempted = self.num_preemptions > preemptions_before
-        while (self.waiting and not preempted and len(scheduled) < seq_cap and token_budget > 0
-               and len(self.running) < cfg.max_num_seqs):
-            request = self.waiting[0]
+    def _admit_waiting(self, step: _Step, make_room: bool) -> None:
+        """Admit waiting requests in the policy's order while the step has room; stop at the
+        first that cannot get a seat or blocks (it keeps its place). With `make_room`, only
+        requests whose owner holds less than its fair share, and each may preempt sequences
+        of owners holding more than theirs."""
+        while self.waiting and step.has_room():
+            request = self.waiting.peek(self.seats)
             if request.num_inflight_steps:
-                break  # a preempted request whose last step has not returned yet
-            if request.needs_remote_kv:  # a decode instance's: its KV is fetched first
-                if not self._start_remote_kv(request):
-                    break  # waits at the head for blocks
-                continue
-            if request.num_remote_kv_tokens:  # its blocks already hold a prefill's KV
-                cached_blocks, num_cached = [], request.num_remote_kv_tokens
-            else:
-                cached_blocks, num_cached = self.block_manager.get_computed_blocks(
-                    request.all_token_ids)
-            num_new = min(request.num_tokens - num_cached, token_budget)
-            if self._allocate(request, num_new, num_cached, cached_blocks) is None:
-                break
-            self.waiting.popleft()
-            self.running.append(request)
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = request.num_cached_tokens = num_cached
-            request.num_inflight_steps += 1
-            scheduled.append((request, num_new, True))
-            token_budget -= num_new
+                return  # a preempted request whose last step has not returned yet
+            if make_room and self.seats[request.owner] >= self._fair_share():
+                return
+            while not self._admit(request, step):
+                if not (make_room and self._preempt_over_share(request)):
+                    return
 
-        if not scheduled:
-            return None
-        return self._build_batch(scheduled)
+    def _admit(self, request: Request, step: _Step) -> bool:
+        """Move a waiting request to running, in this step, with blocks for its first tokens
+        (prefix-cache hits counted as computed); or, on a decode instance, to fetch its KV.
+        False if it has no seat or too few blocks."""
+        if request.needs_remote_kv:  # a decode instance's: its KV is fetched first
+            return self._start_remote_kv(request)
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        if request.num_remote_kv_tokens:  # its blocks already hold a prefill's KV
+            cached_blocks, num_cached = [], request.num_remote_kv_tokens
+        else:
+            cached_blocks, num_cached = self.block_manager.get_computed_blocks(
+                request.all_token_ids)
+        num_new = min(request.num_tokens - num_cached, step.token_budget)
+        if self._allocate(request, num_new, num_cached, cached_blocks) is None:
+            return False
+        self.waiting.remove(request)
+        self.running.append(request)
+        self.seats[request.owner] += 1
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = request.num_cached_tokens = num_cached
+        step.add(request, num_new, is_new=True)
+        return True
+
+    def _fair_share(self) -> int:
+        """The seats each owner may hold while others wait: the seats in use (running and
+        fetching KV) split evenly over the owners that hold or want one."""
+        owners = {owner for owner, held in self.seats.items() if held} | self.waiting.owners
+        return (len(self.running) + len(self.waiting_for_kv)) // max(1, len(owners))
+
+    def _preempt_over_share(self, request: Request) -> bool:
+        """Make room for `request`, whose owner holds less than its fair share: preempt the
+        latest-admitted preemptible sequence of the owner holding the most seats beyond its
+        share (never one more urgent than `request`). False if there is none."""
+        fair = self._fair_share()
+        victim = None
+        for candidate in reversed(self.running):
+            held = self.seats[candidate.owner]
+            if (candidate.num_inflight_steps == 0 and candidate.owner != request.owner
+                    and candidate.priority >= request.priority and held > fair
+                    and (victim is None or held > self.seats[victim.owner])):
+                victim = candidate
+        if victim is None:
+            return False
+        self._preempt(victim)
+        return True
 
     def _allocate(self, request: Request, num_new: int, num_computed: int | None = None,
                   cached_blocks: list[int] | tuple[int, ...] = ()) -> list[int] | None:
@@ -194,7 +273,7 @@ class Scheduler:
             request.num_computed_tokens if num_computed is None else num_computed, cached_blocks)
 
     def _start_remote_kv(self, request: Request) -> bool:
-        """Move the head request to `waiting_for_kv` with blocks for its whole prompt (the KV
+        """Move a waiting request to `waiting_for_kv` with blocks for its whole prompt (the KV
         connector fetches into the first ones; the rest are its tail's, so it can run once the
         KV is there without waiting for more). False if it must wait: too few free blocks, or
         `max_num_seqs` requests are running or fetching. No token ids are given, so the blocks
@@ -203,7 +282,8 @@ class Scheduler:
             return False
         if self.block_manager.allocate(request.request_id, [], request.num_tokens, 0) is None:
             return False
-        self.waiting.popleft()
+        self.waiting.remove(request)
+        self.seats[request.owner] += 1
         request.status = RequestStatus.WAITING_FOR_REMOTE_KV
         self.waiting_for_kv[request.request_id] = request
         return True
@@ -221,22 +301,27 @@ class Scheduler:
         return True
 
     def _pick_victim(self) -> Request | None:
-        """The lowest-priority running request that can be preempted now: not in flight and not
-        scheduled in this step (both count in num_inflight_steps). May be the requester itself."""
-        for candidate in reversed(self.running):
+        """The running request the policy ranks last (ties: the latest admitted) that can be
+        preempted now: not in flight and not scheduled in this step (both count in
+        num_inflight_steps). May be the requester itself."""
+        victim, victim_key = None, None
+        for index, candidate in enumerate(self.running):
             if candidate.num_inflight_steps == 0:
-                return candidate
-        return None
+                key = (*self.waiting.rank(candidate, self.seats), index)
+                if victim_key is None or key > victim_key:
+                    victim, victim_key = candidate, key
+        return victim
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        self.seats[request.owner] -= 1
         self.block_manager.free(request.request_id)
         self._finished_ids.append(request.request_id)
         request.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
         request.num_computed_tokens = request.num_remote_kv_tokens = 0
         request.num_synced_tokens = request.num_synced_blocks = 0
-        self.waiting.appendleft(request)
+        self.waiting.add(request)
 
     def _build_batch(self, scheduled: list[tuple[Request, int, bool]]) -> StepBatch:
         new_requests, cached_requests = [], []
@@ -272,7 +357,9 @@ class Scheduler:
     # ---- update -------------------------------------------------------------------------------
     def update(self, batch: StepBatch, output: StepOutput) -> list[EngineCoreOutput]:
         """Apply a finished step: append sampled tokens, finish requests, free their blocks."""
+        step_start: dict[str, int] = {}  # request id -> its computed tokens before this step
         for item in itertools.chain(batch.new_requests, batch.cached_requests):
+            step_start[item.request_id] = item.num_computed_tokens
             request = self.requests.get(item.request_id)
             if request is not None:
                 request.num_inflight_steps -= 1
@@ -283,6 +370,12 @@ class Scheduler:
                 continue
             if sampled.error is not None:  # this request alone failed: finish it, go on
                 request.status, request.error = RequestStatus.FINISHED_ERROR, sampled.error
+                # A stage may have dropped it before writing this step's KV: keep that KV out
+                # of the prefix cache.
+                valid = step_start.get(request_id, 0)
+                if request.num_valid_kv_tokens is not None:
+                    valid = min(valid, request.num_valid_kv_tokens)
+                request.num_valid_kv_tokens = valid
                 self.running.remove(request)
                 outputs.append(EngineCoreOutput(request_id, [], finish_reason="error",
                                                 error=sampled.error))

@@ -17,14 +17,20 @@ from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
 
 __all__ = [
+    "MAX_N",
     "MAX_REQUEST_ID_CHARS",
     "validate_core_request",
     "validate_kv_transfer",
+    "validate_priority",
     "validate_prompt",
     "validate_sampling_params",
 ]
 
 MAX_REQUEST_ID_CHARS = 256
+# Each of a request's n sequences is a request of its own in the engine: without a bound,
+# n=2**31 would make the front-end build two billion of them.
+MAX_N = 1024
+PRIORITY_MIN, PRIORITY_MAX = -(1 << 63), (1 << 63) - 1  # int64, as the wire carries it
 _TCP_ENDPOINT = re.compile(r"tcp://[^\s/]+:\d{1,5}")  # a KV endpoint, as instances name theirs
 
 
@@ -49,11 +55,28 @@ def validate_sampling_params(params: SamplingParams, config: EngineConfig) -> No
     """Raise ValueError unless `params` (already valid on their own) fit this model."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+    if params.n > MAX_N:
+        raise ValueError(f"n must be <= {MAX_N} (each sequence is an engine request), "
+                         f"got {params.n}")
     vocab = config.model.vocab_size
     bad = _out_of_vocab(params.stop_token_ids or [], vocab)
     if bad:
         raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}) (the vocabulary); "
                          f"got {bad}")
+
+
+def validate_priority(priority: object, policy: str) -> None:
+    """Raise ValueError unless `priority` is an int64 that the scheduling policy takes: any
+    under "priority" (lower is served first), only 0 under "fcfs" (as vLLM)."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an int, got {type(priority).__name__}")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ValueError(f"priority must be an int64 (between -2**63 and 2**63 - 1), got "
+                         f"{str(priority)[:40]}")
+    if priority != 0 and policy != "priority":
+        raise ValueError(f"priority {priority} needs priority scheduling, which is not enabled "
+                         f"(scheduling_policy is {policy!r}); start the engine with "
+                         f"scheduling_policy='priority' (--scheduling-policy priority)")
 
 
 def validate_core_request(request: EngineCoreRequest, config: EngineConfig) -> None:
@@ -62,6 +85,10 @@ def validate_core_request(request: EngineCoreRequest, config: EngineConfig) -> N
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
         raise ValueError(f"request_id must be a non-empty string of at most "
                          f"{MAX_REQUEST_ID_CHARS} characters")
+    if not isinstance(request.owner_id, str) or len(request.owner_id) > MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"owner_id must be a string of at most {MAX_REQUEST_ID_CHARS} "
+                         f"characters")
+    validate_priority(request.priority, config.scheduler.policy)
     validate_prompt(request.prompt_token_ids, config)
     validate_sampling_params(request.sampling_params, config)
     bad = _out_of_vocab(request.eos_token_ids, config.model.vocab_size)

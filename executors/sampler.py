@@ -9,6 +9,17 @@ Order of operations for each row:
    one uniform per row, from the row's own seed (seeded rows) or from the sampler's generator
    (the rest), located in the row's cumulative probabilities (float64).
 
+Invariants, whatever the logits and parameters (NaN, infinities, denormal or huge values):
+- every returned id is in [0, vocab), or the row carries an `error` (id -1) and only its
+  request fails: a row with no logit above -inf (NaN or -inf everywhere) has nothing to pick;
+- a row whose distribution is not finite (float32 overflowed, e.g. repetition_penalty 1e-300
+  turns the seen tokens' positive logits into +inf) takes its argmax over the penalised logits,
+  NaN ignored (among several +inf, the lowest id): greedy instead of a crash;
+- min_p, top_k and top_p always keep the most likely token (top_p = 1e-320 is top-1);
+- parameter tensors are float32, so values past its range are taken at its limits
+  (temperature 1e308 samples as 3.4e38; repetition_penalty within [2**-126, 3.4e38]);
+- logprobs are finite: -inf and NaN become -9999.0, vLLM's floor (JSON has no infinities).
+
 Each step is skipped when no row needs it and the work is vectorised over rows; the only
 per-row Python is building small index lists and re-seeding the generator of seeded rows.
 """
@@ -25,6 +36,7 @@ from engine_core.messages import SampledToken, TokenLogprobs
 from engine_core.sampling_params import SamplingParams
 
 __all__ = [
+    "LOGPROB_FLOOR",
     "SampledToken",
     "Sampler",
     "SamplingRow",
@@ -35,6 +47,9 @@ __all__ = [
 ]
 
 _MASK_64 = (1 << 64) - 1
+_FLOAT32 = torch.finfo(torch.float32)
+LOGPROB_FLOOR = -9999.0  # what -inf and NaN logprobs become (vLLM's value; JSON has no -inf)
+_NO_FINITE_LOGIT = "sampling failed: the model's logits for this row are NaN or -inf everywhere"
 
 
 @dataclass(slots=True)
@@ -90,7 +105,8 @@ class Sampler:
         wants_logprobs = any(row.params.logprobs is not None for row in rows)
 
         if all(greedy) and not (masked or penalised or wants_logprobs):
-            return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
+            token_ids, ok = _argmax_finite(logits)
+            return _sampled(token_ids, ok, [None] * len(rows))
 
         # Steps 2-3 edit in place, so they get their own copy of the logits.
         work = logits.to(torch.float32, copy=bool(masked) or penalised)  # [num_rows, vocab]
@@ -101,26 +117,33 @@ class Sampler:
 
         device = work.device
         if all(greedy):
-            token_ids = work.argmax(dim=-1)  # [num_rows]
+            token_ids, ok = _argmax_finite(work)  # [num_rows] each
         elif not any(greedy):
-            token_ids = self._sample_random(work, rows)
+            token_ids, ok = self._sample_random(work, rows)
         else:
             greedy_idx = [i for i, g in enumerate(greedy) if g]
             random_idx = [i for i, g in enumerate(greedy) if not g]
             greedy_t = torch.tensor(greedy_idx, device=device)
             random_t = torch.tensor(random_idx, device=device)
             token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
-            token_ids[greedy_t] = work[greedy_t].argmax(dim=-1)
-            token_ids[random_t] = self._sample_random(work[random_t], [rows[i] for i in random_idx])
+            ok = torch.empty(len(rows), dtype=torch.bool, device=device)
+            token_ids[greedy_t], ok[greedy_t] = _argmax_finite(work[greedy_t])
+            token_ids[random_t], ok[random_t] = self._sample_random(
+                work[random_t], [rows[i] for i in random_idx])
 
         logprobs = _logprobs(logits, token_ids, rows) if wants_logprobs else [None] * len(rows)
-        return [SampledToken(t, lp) for t, lp in zip(token_ids.tolist(), logprobs)]
+        return _sampled(token_ids, ok, logprobs)
 
-    def _sample_random(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Draw one token per row from logits [num_rows, vocab] (float32); returns [num_rows]."""
+    def _sample_random(self, logits: torch.Tensor,
+                       rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one token per row from logits [num_rows, vocab] (float32, not modified).
+        Returns (token ids [num_rows], ok [num_rows] bool); a row whose distribution is not
+        finite takes its argmax instead, and is not ok only if it has no logit above -inf."""
         device, vocab = logits.device, logits.shape[1]
         params = [row.params for row in rows]
         temperature = torch.tensor([p.temperature for p in params], device=device)
+        temperature.clamp_(max=_FLOAT32.max)  # 1e308 is inf in float32, and -inf / inf NaN
+        penalised = logits
         logits = logits / temperature.unsqueeze(1)  # [num_rows, vocab], a fresh tensor
 
         if any(p.min_p > 0 for p in params):
@@ -144,7 +167,13 @@ class Sampler:
         u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
         # right=True: the first token whose cumulative probability exceeds u, so a token of
         # probability 0 (an empty interval) is never drawn
-        return torch.searchsorted(cdf, u, right=True).squeeze(1)  # [num_rows]
+        token_ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=vocab - 1)
+        drawn = torch.isfinite(total).squeeze(1) & (total.squeeze(1) > 0)  # [num_rows]
+        ok = torch.ones_like(drawn)
+        if not bool(drawn.all()):  # NaN or overflow somewhere in the row: take its argmax
+            failed = (~drawn).nonzero().squeeze(1)
+            token_ids[failed], ok[failed] = _argmax_finite(penalised[failed])
+        return token_ids, ok  # [num_rows] each
 
     def _uniforms(self, rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
         """Uniform [0, 1) float64, one per row: a seeded row's from its own seed and output
@@ -205,6 +234,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         prompts = [row.prompt_token_ids if r != 1 else () for row, r in zip(penalised, repetition)]
         seen = output_seen | (_token_counts(prompts, vocab, device) > 0)
         penalty = torch.tensor(repetition, device=device).unsqueeze(1)  # [num_penalised, 1]
+        penalty.clamp_(_FLOAT32.tiny, _FLOAT32.max)  # float32 0 would divide, inf * 0 be NaN
         penalty = torch.where(seen, penalty, 1.0)  # [num_penalised, vocab]
         sub = torch.where(sub > 0, sub / penalty, sub * penalty)
 
@@ -253,7 +283,9 @@ def apply_top_k_top_p(
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
     # Rows with top_p = 1 keep everything, whatever rounding does to the cumulative sum.
     top_p = torch.where(top_p >= 1, float("inf"), top_p).unsqueeze(1)  # [num_rows, 1]
-    sorted_logits.masked_fill_(mass_before >= top_p, neg_inf)
+    outside = mass_before >= top_p  # [num_rows, vocab]
+    outside[:, 0] = False  # the top token, even if top_p is 0 in float32 (a denormal)
+    sorted_logits.masked_fill_(outside, neg_inf)
     return logits.scatter_(1, sorted_idx, sorted_logits)
 
 
@@ -308,6 +340,10 @@ def _logprobs(
     max_k = min(max(rows[i].params.logprobs or 0 for i in idx), logprobs.shape[1])
     top_logprobs, top_ids = logprobs.topk(max_k, dim=-1)  # [num_logprob_rows, max_k]
 
+    # Finite values only: a -inf logit (or a NaN row) would be -inf (NaN) here.
+    for values in (sampled_logprob, top_logprobs):
+        values.nan_to_num_(nan=LOGPROB_FLOOR, posinf=0.0, neginf=LOGPROB_FLOOR)
+        values.clamp_(min=LOGPROB_FLOOR)
     # One device-to-host transfer per tensor, then plain lists.
     out: list[TokenLogprobs | None] = [None] * len(rows)
     columns = zip(
@@ -326,6 +362,29 @@ def _logprobs(
             ranks=[rank, *range(1, k + 1)],
         )
     return out
+
+
+def _argmax_finite(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax with NaN ignored (+inf wins). logits: [num_rows, vocab].
+
+    Returns (token ids [num_rows], ok [num_rows] bool); ok is False for a row with no logit
+    above -inf, whose id is then 0 (in range, but nothing to pick: the caller fails it)."""
+    values, token_ids = logits.max(dim=-1)  # a NaN anywhere in a row makes its max NaN
+    ok = values > float("-inf")  # False for NaN and for a row of -inf
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().squeeze(1)
+        bad_rows = logits[bad]  # [num_bad, vocab], a copy
+        bad_values, bad_ids = bad_rows.masked_fill_(bad_rows.isnan(), float("-inf")).max(dim=-1)
+        token_ids[bad] = torch.where(bad_values > float("-inf"), bad_ids, 0)
+        ok[bad] = bad_values > float("-inf")
+    return token_ids, ok
+
+
+def _sampled(token_ids: torch.Tensor, ok: torch.Tensor,
+             logprobs: Sequence[TokenLogprobs | None]) -> list[SampledToken]:
+    """One SampledToken per row; a row that is not ok carries an error, for its request alone."""
+    return [SampledToken(t, lp) if good else SampledToken(-1, error=_NO_FINITE_LOGIT)
+            for t, good, lp in zip(token_ids.tolist(), ok.tolist(), logprobs)]
 
 
 def _mix_seed(seed: int, step: int) -> int:

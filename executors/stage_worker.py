@@ -3,6 +3,12 @@
 The stage keeps every request's token ids and block table, updated from the incremental
 `StepBatch` messages. Stage 0 embeds token ids; later stages take the previous stage's hidden
 states. The last stage computes logits only for the requests that sample and runs the sampler.
+
+A batch crosses a process boundary to get here, so each stage checks what it takes in before
+it indexes anything with it: token ids in the vocabulary, block ids in the KV cache, positions
+within the request's tokens, its block table and max_model_len. A request that breaks one drops
+out of the step (and of every later one) on every stage alike, since all stages see the same
+batches, and the last stage returns an error row for it: its request fails, the step goes on.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class _RequestState:
     block_ids: list[int]
     sampling_params: SamplingParams
     stop_ids: tuple[int, ...]
+    error: str | None = None  # set once its inputs broke an invariant: it never runs again
 
 
 class StageWorker:
@@ -60,6 +67,7 @@ class StageWorker:
                             {head: sched.max_num_seqs} if head is not None else None)
         self.sampler = Sampler(config.seed) if self.is_last else None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_kv_blocks = 0
         self.requests: dict[str, _RequestState] = {}
 
     # ---- KV cache -----------------------------------------------------------------------------
@@ -90,6 +98,7 @@ class StageWorker:
         tensors = allocate_resident([shape] * (2 * num_layers), self.dtype, self.device,
                                     self._kv_setting(num_blocks))
         self.kv_caches = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(num_layers)]
+        self.num_kv_blocks = num_blocks
 
     def _kv_setting(self, num_blocks: int) -> str:
         """Which option sized the cache, for an error message."""
@@ -104,19 +113,33 @@ class StageWorker:
 
     def read_kv_blocks(self, block_ids: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Copies of this stage's KV in `block_ids`: (global layer index, K, V) per layer, each
-        `[len(block_ids), block_size, num_kv_heads, head_dim]`."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        `[len(block_ids), block_size, num_kv_heads, head_dim]`. ValueError for ids outside
+        the cache."""
+        index = self._block_index(block_ids)
         return [(self.layer_range[0] + i, k.index_select(0, index), v.index_select(0, index))
                 for i, (k, v) in enumerate(self.kv_caches)]
+
+    def _block_index(self, block_ids: list[int]) -> torch.Tensor:
+        error = _ids_error("block", block_ids, self.num_kv_blocks)
+        if error is not None:
+            raise ValueError(error)
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
 
     def holds_layer(self, layer: int) -> bool:
         return self.layer_range[0] <= layer < self.layer_range[1]
 
     def write_kv_blocks(self, block_ids: list[int], layer: int, k: torch.Tensor,
                         v: torch.Tensor) -> None:
-        """Write received KV of global `layer` into `block_ids` (which this stage must hold)."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        """Write received KV of global `layer` into `block_ids` (which this stage must hold).
+        ValueError, with nothing written, unless the ids, the layer and the shapes fit."""
+        index = self._block_index(block_ids)
+        if not self.holds_layer(layer):
+            raise ValueError(f"layer {layer} is not on this stage {self.layer_range}")
         k_cache, v_cache = self.kv_caches[layer - self.layer_range[0]]
+        expected = (len(block_ids), *k_cache.shape[1:])
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(f"KV of shape {list(k.shape)}/{list(v.shape)} for "
+                             f"{len(block_ids)} blocks of shape {list(k_cache.shape[1:])}")
         k_cache.index_copy_(0, index, k.to(self.device, k_cache.dtype))
         v_cache.index_copy_(0, index, v.to(self.device, v_cache.dtype))
 
@@ -133,8 +156,22 @@ class StageWorker:
         """Run this stage's layers on the batch. Returns hidden states `[num_tokens, hidden]` to
         pass to the next stage, or, on the last stage, the sampled tokens."""
         self._apply_updates(batch)
-        scheduled = [(r.request_id, r.num_computed_tokens, r.num_new_tokens)
-                     for r in itertools.chain(batch.new_requests, batch.cached_requests)]
+        scheduled = []  # (request id, num computed tokens, num new tokens) of what runs
+        dropped = StepOutput(batch.step_id, [], [])  # error rows of the requests that don't
+        for item in itertools.chain(batch.new_requests, batch.cached_requests):
+            state = self.requests[item.request_id]
+            error = state.error or self._step_error(state, item.num_computed_tokens,
+                                                    item.num_new_tokens)
+            if error is None:
+                scheduled.append((item.request_id, item.num_computed_tokens, item.num_new_tokens))
+            else:
+                dropped.request_ids.append(item.request_id)
+                dropped.sampled.append(SampledToken(-1, error=f"invalid step input: {error}"))
+        if not scheduled:  # every request dropped out: nothing to compute
+            if not self.is_last:
+                return torch.empty(0, self.config.model.hidden_size, dtype=self.dtype,
+                                   device=self.device)
+            return dropped
         states = [self.requests[rid] for rid, _, _ in scheduled]
         query_lens = [n for _, _, n in scheduled]
         computed = [c for _, c, _ in scheduled]
@@ -144,21 +181,58 @@ class StageWorker:
         if self.is_first:
             ids = [t for s, c, n in zip(states, computed, query_lens) for t in s.token_ids[c:c + n]]
             input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [num_tokens]
+        elif hidden_states is None or hidden_states.shape != (sum(query_lens),
+                                                             self.config.model.hidden_size):
+            # the stages disagree on the batch: a broken pipeline, not one request's fault
+            shape = None if hidden_states is None else list(hidden_states.shape)
+            raise ValueError(f"stage {self.stage_index} got hidden states {shape} for "
+                             f"{sum(query_lens)} tokens of step {batch.step_id}")
         hidden = self.model(input_ids, hidden_states, self.kv_caches, meta)
         if not self.is_last:
             return hidden
-        return self._sample(batch.step_id, scheduled, states, hidden, meta)
+        output = self._sample(batch.step_id, scheduled, states, hidden, meta)
+        output.request_ids.extend(dropped.request_ids)
+        output.sampled.extend(dropped.sampled)
+        return output
 
     def _apply_updates(self, batch: StepBatch) -> None:
+        vocab, num_blocks = self.config.model.vocab_size, self.num_kv_blocks
         for request_id in batch.finished_request_ids:
             self.requests.pop(request_id, None)
         for new in batch.new_requests:
-            self.requests[new.request_id] = _new_state(new)
+            state = self.requests[new.request_id] = _new_state(new)
+            state.error = (_ids_error("token", state.token_ids, vocab)
+                           or _ids_error("block", state.block_ids, num_blocks))
+            _log_error(new.request_id, state.error)
         for cached in batch.cached_requests:
-            state = self.requests[cached.request_id]
+            state = self.requests.get(cached.request_id)
+            if state is None:
+                state = self.requests[cached.request_id] = _unknown_state()
+                _log_error(cached.request_id, state.error)
+            if state.error is not None:
+                continue
             state.token_ids.extend(cached.new_token_ids)  # always sampled tokens
             state.output_token_ids.extend(cached.new_token_ids)
             state.block_ids.extend(cached.new_block_ids)
+            state.error = (_ids_error("token", cached.new_token_ids, vocab)
+                           or _ids_error("block", cached.new_block_ids, num_blocks))
+            _log_error(cached.request_id, state.error)
+
+    def _step_error(self, state: _RequestState, num_computed: int, num_new: int) -> str | None:
+        """Why this step of a request cannot run here (its positions fall outside its tokens,
+        its block table or max_model_len), or None."""
+        end = num_computed + num_new
+        block_size = self.config.cache.block_size
+        max_model_len = self.config.scheduler.max_model_len
+        if num_computed < 0 or num_new < 1 or end > len(state.token_ids):
+            return (f"positions [{num_computed}, {end}) are not within its "
+                    f"{len(state.token_ids)} tokens")
+        if end > max_model_len:
+            return f"position {end - 1} is past max_model_len={max_model_len}"
+        if end > len(state.block_ids) * block_size:
+            return (f"{len(state.block_ids)} KV blocks of {block_size} cannot hold positions "
+                    f"up to {end - 1}")
+        return None
 
     def _sample(self, step_id, scheduled, states, hidden, meta) -> StepOutput:
         rows, row_ids, last_token_index = [], [], []
@@ -190,6 +264,30 @@ class StageWorker:
         except Exception as exc:
             logger.exception("sampling failed for one request")
             return SampledToken(-1, error=f"sampling failed: {type(exc).__name__}: {exc}")
+
+
+def _ids_error(kind: str, ids: list[int], limit: int) -> str | None:
+    """Why `ids` are not all ints in [0, limit), or None (min/max: C speed on the hot path)."""
+    if not ids:
+        return None
+    try:
+        if min(ids) >= 0 and max(ids) < limit:
+            return None
+    except TypeError:
+        pass
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < limit]
+    return f"{kind} ids must be in [0, {limit}), got {bad[:5]}"
+
+
+def _log_error(request_id: str, error: str | None) -> None:
+    if error is not None:
+        logger.error("request %r dropped out of this stage: %s", request_id[:100], error)
+
+
+def _unknown_state() -> _RequestState:
+    return _RequestState([], [], [], [], SamplingParams(), (),
+                         error="the stage does not know this request (its first step never "
+                               "reached the stage)")
 
 
 def _new_state(new: NewRequest) -> _RequestState:

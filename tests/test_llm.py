@@ -251,3 +251,40 @@ def test_random_prompts_mixed_params_no_leak(llm):
         assert 1 <= len(completion.token_ids) <= p.max_tokens
         assert completion.finish_reason in ("stop", "length")
     assert_pool_free(llm)
+
+
+def test_priority_needs_the_priority_policy(llm):
+    with pytest.raises(ValueError, match=r"^priority 1 needs priority scheduling.*priority\[1\]"):
+        llm.generate(["a", "b"], GREEDY, use_tqdm=False, priority=[0, 1])
+    with pytest.raises(ValueError, match=r"^priority has 1 entries for 2 prompts"):
+        llm.generate(["a", "b"], GREEDY, use_tqdm=False, priority=[0])
+    with pytest.raises(ValueError, match=r"^priority must be a list"):
+        llm.generate(["a", "b"], GREEDY, use_tqdm=False, priority=0)
+    assert_pool_free(llm)
+    assert len(llm.generate(["a", "b"], GREEDY, use_tqdm=False, priority=[0, 0])) == 2
+
+
+def test_priority_policy_serves_the_lowest_first(text_model, llm, monkeypatch):
+    prompts = ["def a():", "import b", "class C:", "x = 1"]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    engine = LLM(text_model, dtype="float32", max_model_len=512, max_num_seqs=1,
+                 scheduling_policy="priority")
+    try:
+        finished_order = []
+        step = engine.engine.step
+
+        def recording_step():
+            outputs = step()
+            finished_order.extend(o.request_id for o in outputs if o.finish_reason)
+            return outputs
+
+        monkeypatch.setattr(engine.engine, "step", recording_step)
+        outputs = engine.generate(prompts, GREEDY, use_tqdm=False, priority=[3, -2, 7, -2])
+        assert [o.outputs[0].token_ids for o in outputs] == expected  # in input order
+        by_id = {o.request_id: i for i, o in enumerate(outputs)}
+        assert [by_id[r] for r in finished_order] == [1, 3, 0, 2]  # ties: by arrival
+        with pytest.raises(ValueError, match=r"^priority must be an int64"):
+            engine.generate(["a"], GREEDY, use_tqdm=False, priority=[1 << 63])
+        assert_pool_free(engine)
+    finally:
+        engine.shutdown()

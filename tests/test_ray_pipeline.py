@@ -97,6 +97,41 @@ def test_seeded_sampling_same_at_pp1_and_pp2(ray_cluster, case):
     assert results[0] == results[1]
 
 
+EXTREME_PARAMS = [  # valid values at the numeric edges (issue 18): each once killed or broke a step
+    dict(top_p=1e-320),
+    dict(repetition_penalty=1e-300, presence_penalty=-2, frequency_penalty=-2),
+    dict(repetition_penalty=5e-324, top_k=36, logprobs=0),
+    dict(temperature=1e308, top_p=1e-320, logprobs=20),
+    dict(repetition_penalty=1e308, min_p=1.0, logprobs=5),
+]
+
+
+def test_extreme_parameters_beside_greedy_ones_on_ray_stages(ray_cluster, case):
+    """The numeric edges through Ray actor stages: every extreme request generates tokens in
+    the vocabulary with finite logprobs, the greedy requests in the same batches still match
+    transformers, and every block comes back."""
+    model_dir, prompts, expected = case
+    llm = LLM(model_dir, dtype="float32", pipeline_parallel_size=2, threads_per_stage=1)
+    vocab = llm.config.model.vocab_size
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    params = [greedy] * len(prompts) + [SamplingParams(max_tokens=6, ignore_eos=True, **p)
+                                        for p in EXTREME_PARAMS]
+    inputs = [{"prompt_token_ids": p} for p in prompts + prompts[:len(EXTREME_PARAMS)]]
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    engine = llm.engine
+    free, usable = engine.block_manager.num_free_blocks, engine.block_manager.num_usable_blocks
+    llm.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs[:len(prompts)]] == expected
+    for out in outputs[len(prompts):]:
+        completion = out.outputs[0]
+        assert completion.finish_reason == "length", completion.error
+        assert len(completion.token_ids) == 6 and all(0 <= t < vocab
+                                                      for t in completion.token_ids)
+        for step in completion.logprobs or []:
+            assert all(-9999.0 <= lp.logprob <= 0 for lp in step.values())
+    assert free == usable
+
+
 def test_stage_death_fails_fast_and_restarts(ray_cluster, case):
     model_dir, prompts, _ = case
     total_cpus = ray.cluster_resources()["CPU"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import SchedulerConfig
 from engine_core.disagg.transfer_params import KVTransferParams
@@ -132,7 +134,7 @@ def test_preemption_frees_and_requeues_latest():
     assert preempted
     req_b = s.requests[b]
     assert req_b.status == RequestStatus.PREEMPTED and req_b.num_computed_tokens == 0
-    assert s.waiting[0] is req_b
+    assert s.waiting.peek(s.seats) is req_b
     assert s.requests[a].status == RequestStatus.RUNNING
     assert s.block_manager.block_ids(b) == []
 
@@ -227,7 +229,7 @@ def test_remote_kv_request_waits_at_the_head_for_blocks_and_fetches_once():
     c = add(s, 3, first_token=200)
     batch = s.schedule()
     assert scheduled(batch) == {a: 1}  # neither r nor c behind it (FCFS) got in
-    assert s.waiting[0].request_id == r and not s.waiting_for_kv
+    assert s.waiting.peek(s.seats).request_id == r and not s.waiting_for_kv
     assert s.requests[r].status == RequestStatus.WAITING
     assert finish(s, batch)[0].finish_reason == "length"  # a is done: its blocks free
     batch = s.schedule()
@@ -239,7 +241,7 @@ def test_remote_kv_request_waits_at_the_head_for_blocks_and_fetches_once():
     assert s.block_manager.get_computed_blocks(prompt_r) == ([], 0)  # no KV yet: not cached
     finish(s, batch)
     s.remote_kv_ready(r, ok=False)  # the fetch failed: blocks freed, back at the head
-    assert s.waiting[0].request_id == r and s.block_manager.block_ids(r) == []
+    assert s.waiting.peek(s.seats).request_id == r and s.block_manager.block_ids(r) == []
     batch = s.schedule()
     new = {n.request_id: n for n in batch.new_requests}
     assert new[r].num_computed_tokens == 0 and new[r].num_new_tokens == 17  # computed here
@@ -274,3 +276,308 @@ def test_remote_kv_ready_counts_the_fetched_tokens_and_abort_before_fetch_releas
     while s.has_unfinished_requests():
         finish(s, s.schedule())
     assert s.block_manager.num_free_blocks == s.block_manager.num_usable_blocks
+
+
+# ---- fair share and priority ------------------------------------------------------------------
+def make_fair(fair_share=True, policy="fcfs", num_blocks=4000, max_num_seqs=16, budget=512,
+              max_len=256, concurrent=1):
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                             max_model_len=max_len, max_concurrent_batches=concurrent,
+                             policy=policy, fair_share=fair_share)
+    return Scheduler(config, KVBlockManager(num_blocks, BLOCK, enable_prefix_caching=True))
+
+
+def add_owned(scheduler, owner, prompt_len=8, max_tokens=8, first_token=1, priority=0,
+              arrival=0.0):
+    """One sequence of the user request `owner`."""
+    rid = f"{owner}-{next(_ids)}"
+    prompt = [first_token + i for i in range(prompt_len)]
+    core = EngineCoreRequest(rid, prompt, SamplingParams(max_tokens=max_tokens), [0],
+                             arrival_time=arrival, owner_id=owner, priority=priority)
+    scheduler.add_request(Request(core, scheduler.config.max_model_len))
+    return rid
+
+
+def add_giant(scheduler, owner="giant", prompts=64, n=16, max_tokens=256):
+    """64 prompts x n=16 sequences of one user request (distinct prompts, shared by n)."""
+    return [add_owned(scheduler, owner, max_tokens=max_tokens, first_token=10 + 8 * p)
+            for p in range(prompts) for _ in range(n)]
+
+
+def run_round(scheduler):
+    batch = scheduler.schedule()
+    outputs = finish(scheduler, batch) if batch is not None else []
+    return batch, outputs
+
+
+def owners_of(batch) -> list[str]:
+    return [r.request_id.rsplit("-", 1)[0] for r in batch.new_requests]
+
+
+def drain(scheduler, max_rounds=10_000):
+    for _ in range(max_rounds):
+        if not scheduler.has_unfinished_requests():
+            return
+        assert run_round(scheduler)[0] is not None
+    raise AssertionError("the scheduler did not drain")
+
+
+def assert_all_blocks_free(scheduler):
+    assert not scheduler.has_unfinished_requests()
+    assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_usable_blocks
+
+
+@pytest.mark.parametrize("fair_share", [True, False])
+def test_small_request_behind_a_giant_gets_its_first_token_within_two_rounds(fair_share):
+    s = make_fair(fair_share, max_num_seqs=32)
+    giant = add_giant(s)  # 1,024 sequences x 256 tokens
+    for _ in range(3):
+        run_round(s)
+    assert s.num_running == 32 and s.seats["giant"] == 32
+    small = add_owned(s, "small", max_tokens=8)
+    first_token_round = None
+    for round_no in range(1, 21):
+        _, outputs = run_round(s)
+        if any(o.request_id == small for o in outputs):
+            first_token_round = round_no
+            break
+    if fair_share:
+        assert first_token_round == 1  # admitted at once, a giant sequence preempted for it
+        assert s.num_preemptions == 1
+    else:  # FCFS: behind all 1,024 sequences of the giant
+        assert first_token_round is None and s.num_preemptions == 0
+    s.abort_requests([*giant, small])
+    assert_all_blocks_free(s)
+
+
+def test_admission_round_robins_across_user_requests_not_sequences():
+    s = make_fair(max_num_seqs=6)
+    for owner, count in (("a", 6), ("b", 6), ("c", 2)):
+        for _ in range(count):
+            add_owned(s, owner, first_token=1 + ord(owner))
+    assert owners_of(s.schedule()) == ["a", "b", "c", "a", "b", "c"]
+    fcfs = make_fair(fair_share=False, max_num_seqs=6)
+    for owner, count in (("a", 6), ("b", 6), ("c", 2)):
+        for _ in range(count):
+            add_owned(fcfs, owner, first_token=1 + ord(owner))
+    assert owners_of(fcfs.schedule()) == ["a"] * 6
+
+
+def test_over_share_owner_is_preempted_newest_first_and_gets_its_seats_back():
+    s = make_fair(max_num_seqs=8)
+    giant = [add_owned(s, "giant", max_tokens=12, first_token=1 + i) for i in range(12)]
+    run_round(s)
+    admitted = [r.request_id for r in s.running]
+    assert admitted == giant[:8]
+    small = [add_owned(s, "small", max_tokens=3, first_token=100 + i) for i in range(3)]
+    batch, _ = run_round(s)
+    assert set(small) <= set(scheduled(batch))  # all three in one step: 3 < fair share 4
+    assert s.seats == {"giant": 5, "small": 3}
+    preempted = [rid for rid in admitted if s.requests[rid].status == RequestStatus.WAITING
+                 or s.requests[rid].status == RequestStatus.PREEMPTED]
+    assert preempted == admitted[-3:]  # the latest admitted gave way
+    max_giant_seats = 0
+    while s.has_unfinished_requests():
+        run_round(s)
+        if not any(rid in s.requests for rid in small):  # the small one is done
+            max_giant_seats = max(max_giant_seats, s.num_running)
+    assert max_giant_seats == 8  # the giant alone takes every seat again
+    assert s.num_preemptions == 3  # and nothing was preempted back and forth
+    assert_all_blocks_free(s)
+
+
+def test_fair_share_preempts_for_blocks_when_seats_are_free():
+    # 40 usable blocks of 4 tokens: 4 giant sequences of 36 tokens take 36, 12 seats stay free
+    s = make_fair(num_blocks=41, max_num_seqs=16, max_len=64)
+    giant = [add_owned(s, "giant", prompt_len=36, max_tokens=20, first_token=1 + 50 * i)
+             for i in range(6)]
+    run_round(s)
+    assert s.num_running == 4 and s.block_manager.num_free_blocks == 4
+    small = add_owned(s, "small", prompt_len=24, max_tokens=4, first_token=400)  # 6 blocks
+    batch, _ = run_round(s)
+    assert small in scheduled(batch) and s.seats["small"] == 1
+    assert s.num_preemptions >= 1
+    s.abort_requests(giant)
+    drain(s)
+    assert_all_blocks_free(s)
+
+
+def test_a_lone_giant_uses_every_slot_and_is_never_preempted():
+    s = make_fair(max_num_seqs=16)
+    add_giant(s, prompts=4, n=10, max_tokens=6)
+    rounds = 0
+    while s.has_unfinished_requests():
+        batch, _ = run_round(s)
+        rounds += 1
+        if s.num_waiting:
+            assert len(scheduled(batch)) == 16
+    assert s.num_preemptions == 0
+    assert_all_blocks_free(s)
+    fcfs = make_fair(fair_share=False, max_num_seqs=16)
+    add_giant(fcfs, prompts=4, n=10, max_tokens=6)
+    fcfs_rounds = 0
+    while fcfs.has_unfinished_requests():
+        run_round(fcfs)
+        fcfs_rounds += 1
+    assert rounds == fcfs_rounds  # the same schedule as plain FCFS
+
+
+def test_two_giants_split_the_seats_without_churn():
+    s = make_fair(max_num_seqs=16)
+    a = add_giant(s, owner="a", prompts=2, n=16, max_tokens=40)
+    for _ in range(2):
+        run_round(s)
+    b = add_giant(s, owner="b", prompts=2, n=16, max_tokens=40)
+    for _ in range(30):
+        run_round(s)
+    assert s.seats == {"a": 8, "b": 8}
+    assert s.num_preemptions == 8  # a gave up its excess once, then nothing moved
+    s.abort_requests(a + b)
+    assert_all_blocks_free(s)
+
+
+def test_fair_share_never_preempts_a_step_in_flight():
+    s = make_fair(max_num_seqs=8, concurrent=2)
+    giant = [add_owned(s, "giant", max_tokens=30, first_token=1 + i) for i in range(16)]
+    b1 = s.schedule()
+    b2 = s.schedule()
+    finish(s, b1)
+    b3 = s.schedule()
+    finish(s, b2)
+    assert s.num_running == 8
+    small = add_owned(s, "small", max_tokens=4, first_token=300)
+    in_flight = set(scheduled(b3))
+    b4 = s.schedule()
+    assert small in scheduled(b4)
+    assert all(s.requests[rid].status == RequestStatus.RUNNING for rid in in_flight)
+    finish(s, b3)
+    finish(s, b4)
+    s.abort_requests([*giant, small])
+    drain(s)
+    assert_all_blocks_free(s)
+
+
+def test_prefix_cache_hits_survive_fair_share_preemption():
+    s = make_fair(max_num_seqs=4)
+    giant = [add_owned(s, "giant", prompt_len=16, max_tokens=20) for _ in range(6)]
+    run_round(s)
+    run_round(s)
+    add_owned(s, "small", max_tokens=2, first_token=200)
+    run_round(s)
+    assert s.num_preemptions == 1
+    victim = next(s.requests[r] for r in giant if s.requests[r].status == RequestStatus.PREEMPTED)
+    batch = None
+    while victim.status != RequestStatus.RUNNING:
+        batch, _ = run_round(s)
+    new = {r.request_id: r for r in batch.new_requests}
+    assert new[victim.request_id].num_computed_tokens >= 16  # its prompt's blocks were cached
+    s.abort_requests(giant)
+    drain(s)
+    assert_all_blocks_free(s)
+
+
+def test_abort_of_a_waiting_giant_and_its_preempted_sequences_frees_everything():
+    s = make_fair(max_num_seqs=8)
+    giant = add_giant(s, prompts=8, n=16, max_tokens=50)
+    run_round(s)
+    small = [add_owned(s, "small", max_tokens=50, first_token=300 + i) for i in range(4)]
+    run_round(s)
+    assert s.num_preemptions == 4
+    s.abort_requests(giant)
+    assert s.waiting.owners == set() and s.seats["small"] == 4
+    s.abort_requests(small)
+    drain(s)
+    assert_all_blocks_free(s)
+
+
+def test_priority_orders_the_waiting_queue_by_priority_then_arrival():
+    s = make_fair(fair_share=False, policy="priority", max_num_seqs=3)
+    low = add_owned(s, "low", priority=5, arrival=1.0)
+    late = add_owned(s, "late", priority=-1, arrival=3.0)
+    early = add_owned(s, "early", priority=-1, arrival=2.0)
+    mid = add_owned(s, "mid", priority=0, arrival=0.5)
+    batch = s.schedule()
+    assert [r.request_id for r in batch.new_requests] == [early, late, mid]
+    assert s.waiting.peek(s.seats).request_id == low
+
+
+def test_priority_victim_is_the_largest_priority_then_latest_arrival():
+    s = make_fair(fair_share=False, policy="priority")
+    ids = {name: add_owned(s, name, priority=prio, arrival=arrival) for name, prio, arrival in
+           (("urgent", -3, 4.0), ("lax-early", 7, 1.0), ("lax-late", 7, 2.0), ("mid", 0, 3.0))}
+    finish(s, s.schedule())
+    assert s._pick_victim().request_id == ids["lax-late"]
+    s._preempt(s.requests[ids["lax-late"]])
+    assert s._pick_victim().request_id == ids["lax-early"]
+    fcfs = make_fair(fair_share=False)
+    add_owned(fcfs, "a")
+    b = add_owned(fcfs, "b")
+    finish(fcfs, fcfs.schedule())
+    assert fcfs._pick_victim().request_id == b  # fcfs: the latest admitted
+
+
+def test_fair_share_never_preempts_a_more_urgent_request():
+    s = make_fair(policy="priority", max_num_seqs=4)
+    urgent = [add_owned(s, "urgent", priority=-1, max_tokens=30, first_token=1 + i)
+              for i in range(6)]
+    run_round(s)
+    add_owned(s, "lax", priority=1, first_token=200)
+    run_round(s)
+    assert s.num_preemptions == 0 and s.seats == {"urgent": 4}
+    s.abort_requests(urgent)
+    drain(s)
+    assert_all_blocks_free(s)
+
+
+def test_fcfs_refuses_priority():
+    s = make_fair()
+    with pytest.raises(ValueError, match=r"^priority 3 needs priority scheduling"):
+        add_owned(s, "x", priority=3)
+    assert not s.has_unfinished_requests()
+    p = make_fair(policy="priority")
+    with pytest.raises(ValueError, match=r"^priority must be an int64"):
+        add_owned(p, "x", priority=1 << 63)
+    add_owned(p, "x", priority=-(1 << 63))
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        make_fair(policy="lottery")
+
+
+def test_fair_share_makes_room_for_a_decode_instance_request_and_its_fetch():
+    s = make_fair(max_num_seqs=4)
+    giant = [add_owned(s, "giant", max_tokens=30, first_token=1 + i) for i in range(6)]
+    run_round(s)
+    r = add_remote(s, 17, 16, first_token=100)  # its own owner
+    batch, _ = run_round(s)
+    assert list(s.waiting_for_kv) == [r] and s.num_running == 3  # a giant seat gave way
+    assert r not in scheduled(batch)
+    s.remote_kv_ready(r, ok=True)
+    batch, _ = run_round(s)
+    new = {n.request_id: n for n in batch.new_requests}
+    assert new[r].num_computed_tokens == 16 and new[r].num_new_tokens == 1
+    assert s.num_preemptions == 1
+    s.abort_requests(giant)
+    drain(s)
+    assert_all_blocks_free(s)
+
+
+def test_request_queue_removes_lazily_and_takes_a_request_back():
+    from engine_core.request_queue import RequestQueue
+
+    queue = RequestQueue("fcfs", fair_share=True)
+    requests = []
+    for i, owner in enumerate(["a", "a", "b"]):
+        core = EngineCoreRequest(f"q{i}", [1, 2], SamplingParams(), owner_id=owner)
+        request = Request(core, 64)
+        request.order = i
+        requests.append(request)
+        queue.add(request)
+    first, second, other = requests
+    assert queue.peek({}) is first
+    queue.remove(first)  # admitted
+    assert queue.peek({"a": 1}) is other  # b holds fewer seats
+    queue.add(first)  # preempted: back before its owner's later sequence
+    assert queue.peek({}) is first and len(queue) == 3 and first in queue
+    queue.remove(other)
+    assert queue.owners == {"a"} and set(queue) == {first, second}
+    with pytest.raises(ValueError, match="already waiting"):
+        queue.add(first)

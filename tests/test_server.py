@@ -395,6 +395,10 @@ BAD_REQUESTS = [
     (CHAT, {**GOOD_CHAT, "max_completion_tokens": 2000}, 400, "max_completion_tokens"),
     (CHAT, {**GOOD_CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     (CHAT, {**GOOD_CHAT, "model": "gpt-9"}, 404, "model"),
+    # this server runs --scheduling-policy fcfs (the default): only priority 0
+    (COMPLETIONS, {**GOOD, "priority": 1}, 400, "priority"),
+    (CHAT, {**GOOD_CHAT, "priority": -3}, 400, "priority"),
+    (COMPLETIONS, {**GOOD, "priority": "high"}, 400, "priority"),
 ]
 
 
@@ -418,6 +422,32 @@ def test_bad_requests_get_openai_errors(server):
         assert http.post(COMPLETIONS, json=GOOD).status_code == 200
         assert http.post(CHAT, json=GOOD_CHAT).status_code == 200
     wait_idle(server)
+
+
+def test_priority_under_the_priority_policy(model_dir, offline, tmp_path):
+    expected = offline.generate(PROMPTS, greedy(), use_tqdm=False)
+    server = ServerProcess(model_dir, str(tmp_path / "server.log"), "--scheduling-policy",
+                           "priority")
+    try:
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+            body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 16, "temperature": 0}
+            response = http.post(COMPLETIONS, json={**body, "priority": -5})
+            assert response.status_code == 200, response.text
+            texts = [c["text"] for c in response.json()["choices"]]
+            assert texts == [o.outputs[0].text for o in expected]
+            chat = http.post(CHAT, json={**GOOD_CHAT, "priority": 9})
+            assert chat.status_code == 200, chat.text
+            for bad in (1 << 63, -(1 << 63) - 1):
+                response = http.post(COMPLETIONS, json={**GOOD, "priority": bad})
+                assert response.status_code == 400, response.text
+                error = response.json()["error"]
+                assert error["param"] == "priority" and "int64" in error["message"]
+        wait_idle(server)
+    finally:
+        server.stop()
+    with pytest.raises(SystemExit):  # not a policy: argparse refuses it
+        from engine_core.cli import main
+        main(["serve", model_dir, "--scheduling-policy", "lottery"])
 
 
 def test_openai_client_raises_bad_request(client):

@@ -177,6 +177,23 @@ def test_duplicate_request_id_does_not_end_the_live_request(text_model):
         _shutdown_and_check(llm)
 
 
+def test_owner_and_priority_cross_the_wire(text_model):
+    sent = EngineCoreRequest("r", [1, 2], SamplingParams(), owner_id="cmpl-1",
+                             priority=-(1 << 63))
+    got = msgspec.msgpack.Decoder(EngineCoreRequest).decode(msgspec.msgpack.encode(sent))
+    assert (got.owner_id, got.priority) == ("cmpl-1", -(1 << 63))
+    llm = LLM(text_model, dtype="float32", engine_process=True)  # scheduling_policy fcfs
+    try:
+        client = llm.engine
+        params = SamplingParams(temperature=0.0, max_tokens=2)
+        client.add_request(EngineCoreRequest("p", [1, 5, 9], params, owner_id="o", priority=2))
+        errors = _error_outputs(client, {"p"})
+        assert errors["p"].finish_reason == "error"
+        assert errors["p"].error.startswith("priority 2 needs priority scheduling")
+    finally:
+        _shutdown_and_check(llm)
+
+
 def test_rogue_reader_on_the_input_socket_gets_nothing(text_model, zmq_ctx):
     llm = LLM(text_model, dtype="float32", engine_process=True)
     try:

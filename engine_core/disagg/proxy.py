@@ -429,6 +429,8 @@ def run_proxy(args: argparse.Namespace) -> int:
     arguments, no keys for the tcp discovery socket, a port in use) before serving."""
     import uvloop
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key must not be empty (omit it to serve without a key)")
     config = _config(args)
     # the discovery socket is tcp: keys, or loopback only, or an explicit --insecure-tcp
     require_keys_for_hosts("the discovery socket", [args.discovery_host], args.zmq_keys,

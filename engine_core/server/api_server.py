@@ -205,6 +205,8 @@ def run_server(args: argparse.Namespace) -> int:
 
     from models import default_model_dir
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key must not be empty (omit it to serve without a key)")
     kv_transfer = _kv_transfer_config(args)
     model = args.model if args.model is not None else default_model_dir()
     model_name = args.served_model_name or args.model or os.path.basename(

@@ -8,11 +8,13 @@ OpenAI clients send fields this engine does not know.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engine_core.chat import ChatMessageError, require_content
 from engine_core.outputs import CompletionOutput, Logprob
 from engine_core.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -133,6 +135,7 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # add each choice's (new) output token ids
+    priority: int = 0  # lower is served first; non-zero needs --scheduling-policy priority
 
     @property
     def include_usage(self) -> bool:
@@ -206,9 +209,13 @@ class TextContent(_Strict):
 
 
 class ChatMessage(_Strict):
+    """One message. `content` is required (`ChatCompletionRequest.check_supported`) except for
+    an assistant message with `tool_calls`, as OpenAI allows."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContent] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     def to_template(self) -> dict[str, Any]:
         """The {"role", "content"} dict a chat template reads; text parts joined by newlines."""
@@ -218,6 +225,8 @@ class ChatMessage(_Strict):
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls is not None:
+            message["tool_calls"] = self.tool_calls
         return message
 
 
@@ -242,6 +251,11 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
+        for i, message in enumerate(self.messages):
+            try:
+                require_content(i, message.role, message.content, bool(message.tool_calls))
+            except ChatMessageError as exc:
+                raise RequestError(str(exc), param=".".join(map(str, exc.field))) from None
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
         if self.response_format is not None and self.response_format.type != "text":
@@ -271,7 +285,12 @@ def _token_text(token_id: int, logprob: Logprob) -> str:
 
 
 def _clamp(logprob: float) -> float:
-    return max(logprob, _MIN_LOGPROB)
+    """A logprob JSON can hold: -inf (and NaN, which no distribution has) as -9999.0, like
+    vLLM, anything above 0 (+inf) as 0.0: a response never holds NaN or Infinity, which are
+    not JSON."""
+    if math.isnan(logprob):
+        return _MIN_LOGPROB
+    return min(max(logprob, _MIN_LOGPROB), 0.0)
 
 
 def _sampled(token_id: int, entry: dict[int, Logprob]) -> Logprob:

@@ -52,7 +52,7 @@ from engine_core.server.protocol import (
     usage,
     validation_error,
 )
-from engine_core.validation import validate_sampling_params
+from engine_core.validation import validate_priority, validate_sampling_params
 from models.tokenizer import PROMPT_CHARS_SAFETY_FACTOR
 
 logger = logging.getLogger("engine_core.server")
@@ -75,6 +75,8 @@ class _Prompt:
     token_ids: list[int]
     params: SamplingParams
     arrival: float  # time.perf_counter() when the HTTP request came in
+    owner_id: str  # the HTTP request's id, shared by its prompts: fair share is per owner
+    priority: int = 0
     echo_text: str = ""
     first_token_time: float | None = None
     num_output_tokens: int = 0
@@ -115,7 +117,10 @@ def _holdback(params: SamplingParams) -> int:
 
 
 def _sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    """One server-sent event. Like JSONResponse, never NaN or Infinity (not JSON): a body
+    holding one raises ValueError, and the stream ends with an error event."""
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return f"data: {text}\n\n"
 
 
 class _RequestFailed(RequestError):
@@ -194,6 +199,10 @@ class OpenAIServing:
                                f"`{self.model_name}`", param="model", status=404,
                                type="NotFoundError", code="model_not_found")
         request.check_supported()
+        try:
+            validate_priority(request.priority, self.llm.config.scheduler.policy)
+        except ValueError as exc:
+            raise RequestError(str(exc), param="priority") from None
         if not self.llm.is_running:
             raise RequestError("the engine is not running", status=503, type="server_error",
                                code="engine_dead")
@@ -266,8 +275,9 @@ class OpenAIServing:
                 "do_remote_decode": transfer.do_remote_decode,
                 "kv_transfer_params": transfer.params_for(index)}
             try:
-                async for output in self.llm.generate(prompt.token_ids, prompt.params,
-                                                      prompt.request_id, **kv_args):
+                async for output in self.llm.generate(
+                        prompt.token_ids, prompt.params, prompt.request_id,
+                        priority=prompt.priority, owner_id=prompt.owner_id, **kv_args):
                     if transfer is not None and output.finished:
                         transfer.params_out[index] = output.kv_transfer_params
                     self._observe(prompt, output)
@@ -360,7 +370,8 @@ class OpenAIServing:
             token_ids = self._tokenize(text, True, "prompt", where)
             max_tokens = self._max_tokens(request.max_tokens, len(token_ids), "max_tokens")
             params = self._sampling_params(request, max_tokens, request.logprobs)
-            prompt = _Prompt(f"{request_id}-{i}", token_ids, params, arrival)
+            prompt = _Prompt(f"{request_id}-{i}", token_ids, params, arrival, request_id,
+                             request.priority)
             if request.echo:
                 prompt.echo_text = text if isinstance(text, str) else self._decode(token_ids)
             prompts.append(prompt)
@@ -426,7 +437,7 @@ class OpenAIServing:
         max_tokens = self._max_tokens(request.requested_max_tokens, len(token_ids), param)
         params = self._sampling_params(request, max_tokens, request.num_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        prompts = [_Prompt(request_id, token_ids, params, arrival)]
+        prompts = [_Prompt(request_id, token_ids, params, arrival, request_id, request.priority)]
         _attach_kv_transfer(raw, prompts)
         created = int(time.time())
         if request.stream:
