@@ -8,9 +8,10 @@ Each client sends one request after another: mostly well-formed streaming comple
 completions with varied sampling settings; a quarter of the clients (`--leave-fraction`) drop
 each of their streams mid-way; about `--hostile-fraction` of all requests are hostile bodies
 (malformed JSON, wrong types, out-of-range values, huge integers, oversized bodies, unknown or
-unsupported fields, wrong methods and paths; with `--extreme-values`, extreme but valid numbers
-such as top_p=1e-320 too). Afterwards the server is stopped by its pid (SIGTERM, then SIGKILL
-of its process group) and no process of that group may be left.
+unsupported fields, wrong methods and paths, and extreme but valid numbers such as
+top_p=1e-320 and repetition_penalty=1e-300, unless `--no-extreme-values`). Afterwards the
+server is stopped by its pid (SIGTERM, then SIGKILL of its process group) and no process of
+that group may be left.
 
 It reports, each with PASS/FAIL against issue 18's targets:
 
@@ -434,7 +435,7 @@ class SoakConfig:
     duration_s: float = 600.0
     leave_fraction: float = 0.25
     hostile_fraction: float = 0.1
-    extreme_values: bool = False
+    extreme_values: bool = True
     window_s: float = 60.0  # "the first minute" and "the last minute"
     seed: int = 0
 
@@ -612,8 +613,8 @@ def main() -> None:
                         help="share of the clients that drop their streams mid-way")
     parser.add_argument("--hostile-fraction", type=float, default=0.1,
                         help="share of the requests that are hostile")
-    parser.add_argument("--extreme-values", action="store_true",
-                        help="also send extreme but valid numbers (top_p=1e-320, ...)")
+    parser.add_argument("--no-extreme-values", dest="extreme_values", action="store_false",
+                        help="leave out the extreme but valid numbers (top_p=1e-320, ...)")
     parser.add_argument("--window-s", type=float, default=60.0,
                         help="length of the first and last window (RSS, p99)")
     parser.add_argument("--server-args", default="", help="more `pp-engine serve` flags")

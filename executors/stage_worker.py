@@ -63,8 +63,9 @@ class StageWorker:
                                 self.device)
         if self.device.type == "cpu":  # oneDNN's primitives for every step size, built now
             sched, head = config.scheduler, getattr(self.model, "lm_head", None)
+            head_rows = min(sched.max_num_seqs, sched.max_num_batched_tokens)  # rows sampled
             warm_up_linears(self.model, sched.max_num_batched_tokens,
-                            {head: sched.max_num_seqs} if head is not None else None)
+                            {head: head_rows} if head is not None else None)
         self.sampler = Sampler(config.seed) if self.is_last else None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_blocks = 0

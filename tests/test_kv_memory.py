@@ -100,5 +100,5 @@ def test_serve_exits_with_a_clear_message_when_the_cache_does_not_fit():
          "--num-kv-blocks", str(10**8)],
         capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "pp-engine: error:" in result.stderr and "num_kv_blocks=100000000" in result.stderr
+    assert "error:" in result.stderr and "num_kv_blocks=100000000" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
