@@ -464,6 +464,7 @@ class SoakReport:
     window_s: float
     duration_s: float
     left_behind: list[int]
+    server_alive: bool = True  # still running when the load ended
     server_log_tail: str = ""
 
     @property
@@ -490,6 +491,7 @@ class SoakReport:
             ("p99 latency first / last window",
              f"{self.p99_first_s:.2f} / {self.p99_last_s:.2f} s "
              f"(ratio {self.p99_ratio:.2f}, target <= 1.2)", self.p99_ratio <= 1.2),
+            ("server alive at the end", str(self.server_alive), self.server_alive),
             ("server processes left after stop", str(self.left_behind or 0),
              not self.left_behind),
         ]
@@ -572,7 +574,11 @@ def soak(model_dir: str = DEFAULT_MODEL_DIR, config: SoakConfig | None = None,
             samples: list = []
             tally, start, end = asyncio.run(_drive(server, info["id"], vocab_size, config,
                                                    samples))
-            after = idle_metrics(server.url)
+            try:
+                after = idle_metrics(server.url)
+            except httpx.HTTPError:  # the server is gone: the report says so
+                after = {"ppengine:num_free_kv_blocks": float("nan")}
+            alive = server.proc.poll() is None
             tail = server.log_tail()
         finally:
             left_behind = server.stop()
@@ -599,7 +605,7 @@ def soak(model_dir: str = DEFAULT_MODEL_DIR, config: SoakConfig | None = None,
         p99_per_token_first_s=_p99([lat / max(n, 1) for lat, n in first]),
         p99_per_token_last_s=_p99([lat / max(n, 1) for lat, n in last]),
         window_s=window, duration_s=config.duration_s, left_behind=left_behind,
-        server_log_tail=tail)
+        server_alive=alive, server_log_tail=tail)
 
 
 def main() -> None:
@@ -627,6 +633,8 @@ def main() -> None:
                         extreme_values=args.extreme_values, window_s=args.window_s)
     report = soak(args.model_dir, config, shlex.split(args.server_args), args.log)
     print(report.render(), flush=True)
+    if not report.server_alive:
+        print("the server died; its log ends:\n" + report.server_log_tail[-2000:], flush=True)
     if args.result_json:
         with open(args.result_json, "w") as f:
             json.dump({k: v for k, v in report.__dict__.items() if k != "config"}
