@@ -113,7 +113,7 @@ def run_engine_core(handshake_address: str, engine_index: int = 0,
         if isinstance(exc, ConfigMismatchError):
             logger.error("%s", exc)
         handshake.send(msgspec.msgpack.encode(
-            HandshakeReady(error=str(exc), error_type=type(exc).__name__)))
+            HandshakeReady(error=str(exc), error_type=_error_type(exc))))
         handshake.close()
         ctx.term()
         return 1
@@ -140,6 +140,14 @@ def run_engine_core(handshake_address: str, engine_index: int = 0,
         output_socket.close()
         ctx.term()
     return 0 if loop.stopping else 1
+
+
+def _error_type(exc: BaseException) -> str:
+    """The error's name for READY; "ValueError" for its subclasses (a KV cache too large for
+    the host, say), which the front-end raises as ValueError: a bad setting, not a crash."""
+    if isinstance(exc, ValueError) and not isinstance(exc, ConfigMismatchError):
+        return "ValueError"
+    return type(exc).__name__
 
 
 def _make_engine(config: EngineConfig) -> EngineCore:

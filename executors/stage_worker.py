@@ -24,8 +24,10 @@ from engine_core.config import EngineConfig
 from engine_core.messages import NewRequest, SampledToken, StepBatch, StepOutput
 from engine_core.sampling_params import SamplingParams
 from executors.host_memory import keep_freed_memory
+from executors.kv_memory import allocate_resident
 from executors.sampler import Sampler, SamplingRow
 from models import AttentionMetadata, load_model
+from models.linear import warm_up_linears
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class StageWorker:
             keep_freed_memory()  # no page faults on every step's activations
         self.model = load_model(config.model_dir, config.model, self.layer_range, self.dtype,
                                 self.device)
+        if self.device.type == "cpu":  # oneDNN's primitives for every step size, built now
+            sched, head = config.scheduler, getattr(self.model, "lm_head", None)
+            head_rows = min(sched.max_num_seqs, sched.max_num_batched_tokens)  # rows sampled
+            warm_up_linears(self.model, sched.max_num_batched_tokens,
+                            {head: head_rows} if head is not None else None)
         self.sampler = Sampler(config.seed) if self.is_last else None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_blocks = 0
@@ -82,16 +89,28 @@ class StageWorker:
         return min(needed, memory // self.kv_bytes_per_block())
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the cache, every page resident before the first request. KVMemoryError (a
+        ValueError naming the setting that sized it) if the device has not that much free."""
         m = self.config.model
         shape = (num_blocks, self.config.cache.block_size, m.num_kv_heads, m.head_dim)
         num_layers = self.layer_range[1] - self.layer_range[0]
-        # zeros, not empty: masked attention weights are 0, but 0 * NaN garbage would be NaN
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(num_layers)
-        ]
+        # zeroed, not left uninitialised: masked attention weights are 0, but 0 * NaN garbage
+        # would be NaN
+        tensors = allocate_resident([shape] * (2 * num_layers), self.dtype, self.device,
+                                    self._kv_setting(num_blocks))
+        self.kv_caches = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(num_layers)]
         self.num_kv_blocks = num_blocks
+
+    def _kv_setting(self, num_blocks: int) -> str:
+        """Which option sized the cache, for an error message."""
+        cache, sched = self.config.cache, self.config.scheduler
+        if cache.num_kv_blocks is not None:
+            return f"num_kv_blocks={cache.num_kv_blocks}"
+        which = (f"kv_cache_memory={cache.kv_cache_memory}" if cache.kv_cache_memory
+                 else "the default kv_cache_memory")
+        return (f"{num_blocks} blocks of {self.kv_bytes_per_block()} bytes from {which}, capped "
+                f"at max_num_seqs={sched.max_num_seqs} requests of "
+                f"max_model_len={sched.max_model_len}")
 
     def read_kv_blocks(self, block_ids: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Copies of this stage's KV in `block_ids`: (global layer index, K, V) per layer, each
