@@ -572,7 +572,7 @@ class _FakeLLM:
         from engine_core.messages import SchedulerStats
 
         self.tokenizer = tokenizer
-        self.config = SimpleNamespace(scheduler=SimpleNamespace(max_model_len=64),
+        self.config = SimpleNamespace(scheduler=SimpleNamespace(max_model_len=64, policy="fcfs"),
                                       model=SimpleNamespace(vocab_size=512), model_dir="fake")
         self.stats = SchedulerStats()
         self.num_restarts = 0
@@ -583,7 +583,7 @@ class _FakeLLM:
             return prompt, self.tokenizer.encode(prompt, add_special_tokens)
         return None, prompt
 
-    async def generate(self, prompt_ids, params, request_id) -> AsyncIterator:
+    async def generate(self, prompt_ids, params, request_id, **_ignored) -> AsyncIterator:
         from engine_core.outputs import CompletionOutput, RequestOutput
 
         boom = "boom" in self.tokenizer.decode(prompt_ids)
