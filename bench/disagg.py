@@ -60,13 +60,13 @@ def _metric(text: str, name: str) -> float:
 
 
 class Processes:
-    """`python -m engine_core.cli ...` processes, each in its own group, stopped on exit."""
+    """`python -m engine_core ...` processes, each in its own group, stopped on exit."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, *args: str) -> None:
-        cmd = [sys.executable, "-m", "engine_core.cli", *args]
+        cmd = [sys.executable, "-m", "engine_core", *args]
         print("launching:", " ".join(cmd), flush=True)
         self.procs.append(subprocess.Popen(cmd, start_new_session=True,
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

@@ -38,16 +38,17 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine_core.executors.inprocess import InProcessExecutor
+
 from bench.common import Workload, standard_model_dir
 from engine_core.config import EngineArgs
-from engine_core.disagg.config import KVTransferConfig
-from engine_core.disagg.connector import KVConnector
-from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.engine import EngineCore
+from engine_core.kv_transfer.connector import KVConnector
+from engine_core.kv_transfer_config import KVTransferConfig
 from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
+from engine_core.transfer_params import KVTransferParams
 from engine_core.transport import create_keys
-from executors.inprocess import InProcessExecutor
 
 SEND_TYPES = ("GET", "PUT", "PUT_ASYNC")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)

@@ -24,8 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine_core.executors import sampler as current  # noqa: E402
+
 from engine_core.sampling_params import SamplingParams  # noqa: E402
-from executors import sampler as current  # noqa: E402
 
 CASES = {
     "greedy": dict(temperature=0),

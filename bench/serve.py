@@ -171,7 +171,7 @@ def free_port() -> int:
 def launched_server(model_dir: str, pp: int, extra: list[str]):
     """`pp-engine serve` on a free local port; yields its URL; stops it afterwards."""
     port = free_port()
-    cmd = [sys.executable, "-m", "engine_core.cli", "serve", model_dir, "--port", str(port),
+    cmd = [sys.executable, "-m", "engine_core", "serve", model_dir, "--port", str(port),
            "--pipeline-parallel-size", str(pp), "--disable-uvicorn-access-log",
            "--uvicorn-log-level", "warning", *extra]
     with launched_process(cmd, f"http://127.0.0.1:{port}") as url:

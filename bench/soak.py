@@ -114,7 +114,7 @@ class ServedProcess:
     def start(self) -> str:
         for _ in range(3):  # a free port can be taken before the server binds it: retry
             port = free_port()
-            cmd = [sys.executable, "-m", "engine_core.cli", "serve", self.model_dir,
+            cmd = [sys.executable, "-m", "engine_core", "serve", self.model_dir,
                    "--port", str(port), "--disable-uvicorn-access-log",
                    "--uvicorn-log-level", "warning", *self.extra_args]
             with open(self.log_path, "ab") as log:

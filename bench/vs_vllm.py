@@ -127,7 +127,7 @@ def main_serve(args: argparse.Namespace, env: dict[str, str]) -> None:
         for name in (("ours", "vllm") if round_index % 2 == 0 else ("vllm", "ours")):
             port = free_port()
             if name == "ours":
-                server = [sys.executable, "-m", "engine_core.cli", "serve", model,
+                server = [sys.executable, "-m", "engine_core", "serve", model,
                           "--served-model-name", "standard", "--port", str(port),
                           "--dtype", args.dtype, "--max-num-seqs", "256",
                           "--no-enable-prefix-caching", "--disable-uvicorn-access-log"]

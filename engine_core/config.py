@@ -13,8 +13,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from engine_core.disagg.config import KVTransferConfig
-from models import ModelConfig, load_model_config
+from engine_core.kv_transfer_config import KVTransferConfig
+from engine_core.models import ModelConfig, load_model_config
 
 MAX_THREADS_PER_STAGE = 1024  # far more than any host's cores; torch crashes on absurd counts
 _INT64_MAX = (1 << 63) - 1
@@ -215,7 +215,7 @@ class EngineArgs:
 
     def resolve(self) -> EngineConfig:
         """Read the model directory and produce the validated `EngineConfig`."""
-        from models import resolve_dtype
+        from engine_core.models import resolve_dtype
 
         model = load_model_config(self.model)
         dtype = str(resolve_dtype(self.dtype, model, self.device)).removeprefix("torch.")

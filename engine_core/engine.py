@@ -27,17 +27,19 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import EngineConfig
 from engine_core.executor import Executor, StepFuture
 from engine_core.invariants import checked_step_output
-from engine_core.messages import EngineCoreOutput, EngineCoreRequest, StepBatch
+from engine_core.messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats, StepBatch
 from engine_core.request import Request
 from engine_core.scheduler import Scheduler
 from engine_core.validation import validate_core_request, validate_kv_transfer
 
 if TYPE_CHECKING:
-    from engine_core.disagg.connector import KVConnector
+    from engine_core.kv_connector import KVConnectorBase
 
 DEFAULT_STEP_TIMEOUT_S = 600.0
 
@@ -70,10 +72,10 @@ class LoopStats:
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor,
                  step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
-                 kv_connector: KVConnector | None = None) -> None:
+                 kv_connector: KVConnectorBase | None = None) -> None:
         """Drive `executor` (built for `config`, e.g. by `executors.make_executor`); the engine
         owns it from here on and shuts it down, also when this constructor raises.
-        `kv_connector`: disaggregated prefill/decode (engine_core/disagg/); None: off."""
+        `kv_connector`: disaggregated prefill/decode (`engine_core.kv_connector`); None: off."""
         self.config = config
         self.executor = executor
         self.kv_connector = kv_connector
@@ -203,6 +205,28 @@ class EngineCore:
     def _take_pending(self) -> list[EngineCoreOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         return outputs
+
+    def stats(self) -> SchedulerStats:
+        """The engine's figures now: load, KV blocks, counters since start, and its KV
+        connector's (zero without one). The one place they are read; the process, the clients
+        and the metrics only carry and sum this message."""
+        scheduler, blocks = self.scheduler, self.block_manager
+        stats = SchedulerStats(
+            num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+            kv_usage=blocks.usage, num_free_blocks=blocks.num_free_blocks,
+            num_total_blocks=blocks.num_usable_blocks,
+            num_preemptions=scheduler.num_preemptions,
+            num_prompt_tokens_computed=scheduler.num_prompt_tokens_computed)
+        if self.kv_connector is not None:
+            kv = self.kv_connector.stats()
+            stats = msgspec.structs.replace(
+                stats, kv_sent_tokens=kv.sent_tokens, kv_received_tokens=kv.received_tokens,
+                kv_sent_bytes=kv.sent_bytes, kv_received_bytes=kv.received_bytes,
+                kv_transfer_seconds=kv.seconds, kv_leases_expired=kv.leases_expired,
+                kv_pushes_expired=kv.pushes_expired, kv_transfers_held=kv.transfers_held,
+                kv_overflow_transfers=kv.overflow_transfers, kv_buffer_bytes=kv.buffer_bytes,
+                kv_overflow_bytes=kv.overflow_bytes)
+        return stats
 
     def shutdown(self) -> None:
         self.in_flight.clear()

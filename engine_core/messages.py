@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import msgspec
 
-from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.sampling_params import SamplingParams
+from engine_core.transfer_params import KVTransferParams
 
 __all__ = [
     "CachedRequest",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engine_core.disagg.transfer_params import KVTransferParams
+    from engine_core.transfer_params import KVTransferParams
 
 
 @dataclass

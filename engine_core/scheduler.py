@@ -172,6 +172,19 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    # ---- the KV connector's view (`engine_core.kv_connector.KVTransferView`) -------------------
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    def requests_awaiting_kv(self) -> list[Request]:
+        return list(self.waiting_for_kv.values())
+
+    def requests_holding_kv(self) -> list[Request]:
+        return list(self.kv_held.values())
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self.block_manager.block_ids(request_id)
+
     # ---- schedule -----------------------------------------------------------------------------
     def schedule(self) -> StepBatch | None:
         """Pick the next microbatch, or None when nothing can be scheduled now."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from engine_core.config import EngineConfig
-from engine_core.disagg.config import SEND_TYPES, KVTransferConfig
+from engine_core.kv_transfer_config import SEND_TYPES, KVTransferConfig
 from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
 

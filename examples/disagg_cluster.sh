@@ -32,10 +32,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-$PYTHON -m engine_core.cli keys "$work/keys" > /dev/null
+$PYTHON -m engine_core keys "$work/keys" > /dev/null
 proxies=""  # the instances' proxy_address: every proxy's discovery socket
 for j in $(seq 0 $((NUM_PROXIES - 1))); do
-    setsid $PYTHON -m engine_core.cli proxy --port $((PROXY_PORT + j)) \
+    setsid $PYTHON -m engine_core proxy --port $((PROXY_PORT + j)) \
         --discovery-port $((DISCOVERY_PORT + j)) --zmq-keys "$work/keys" > "$work/proxy-$j.log" 2>&1 &
     pids+=($!)
     proxies="${proxies:+$proxies,}127.0.0.1:$((DISCOVERY_PORT + j))"
@@ -45,7 +45,7 @@ start_instance() {  # role index
     local port=$((BASE_PORT + $2)) kv_port=$((BASE_PORT + 1000 + $2))
     local config="{\"kv_role\": \"$1\", \"kv_port\": $kv_port, \"send_type\": \"$SEND_TYPE\", \
 \"proxy_address\": \"$proxies\"}"
-    setsid $PYTHON -m engine_core.cli serve "$MODEL" --port "$port" --served-model-name model \
+    setsid $PYTHON -m engine_core serve "$MODEL" --port "$port" --served-model-name model \
         --kv-transfer-config "$config" --zmq-keys "$work/keys" > "$work/$1-$2.log" 2>&1 &
     pids+=($!)
 }

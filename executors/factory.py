@@ -11,9 +11,9 @@ __all__ = ["make_executor"]
 def make_executor(config: EngineConfig) -> Executor:
     """The executor `config.parallel.executor_backend` asks for, with its stages started."""
     if config.parallel.executor_backend == "ray":
-        from executors.ray_executor import RayExecutor
+        from engine_core.executors.ray_executor import RayExecutor
 
         return RayExecutor(config)
-    from executors.inprocess import InProcessExecutor
+    from engine_core.executors.inprocess import InProcessExecutor
 
     return InProcessExecutor(config)

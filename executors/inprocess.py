@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
+from engine_core.executors.stage_worker import StageWorker
+
 from engine_core.config import EngineConfig
 from engine_core.executor import Executor, KVStage
 from engine_core.messages import StepBatch, StepOutput
-from executors.stage_worker import StageWorker
 
 
 class InProcessExecutor(Executor):

@@ -46,7 +46,7 @@ class StageActor:
     """Ray actor body around a `StageWorker`. Inputs and outputs are bytes and numpy arrays."""
 
     def __init__(self, config_bytes: bytes, stage_index: int) -> None:
-        from executors.stage_worker import StageWorker
+        from engine_core.executors.stage_worker import StageWorker
 
         config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
         self.worker = StageWorker(config, stage_index)

@@ -19,15 +19,15 @@ import math
 from dataclasses import dataclass
 
 import torch
+from engine_core.executors.host_memory import keep_freed_memory
+from engine_core.executors.kv_memory import allocate_resident
+from engine_core.executors.sampler import Sampler, SamplingRow
+from engine_core.models import AttentionMetadata, load_model
+from engine_core.models.linear import warm_up_linears
 
 from engine_core.config import EngineConfig
 from engine_core.messages import NewRequest, SampledToken, StepBatch, StepOutput
 from engine_core.sampling_params import SamplingParams
-from executors.host_memory import keep_freed_memory
-from executors.kv_memory import allocate_resident
-from executors.sampler import Sampler, SamplingRow
-from models import AttentionMetadata, load_model
-from models.linear import warm_up_linears
 
 logger = logging.getLogger(__name__)
 

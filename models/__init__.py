@@ -1,12 +1,12 @@
 """Model side of pp-engine: configs, the Llama-family stage model, paged attention,
 weight loading and tokenization."""
 
-from models.attention import AttentionMetadata
-from models.config import ModelConfig, load_model_config, supported_architectures
-from models.default_model import default_model_dir
-from models.llama import LlamaModel
-from models.loader import load_model, resolve_dtype
-from models.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from engine_core.models.attention import AttentionMetadata
+from engine_core.models.config import ModelConfig, load_model_config, supported_architectures
+from engine_core.models.default_model import default_model_dir
+from engine_core.models.llama import LlamaModel
+from engine_core.models.loader import load_model, resolve_dtype
+from engine_core.models.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "AttentionMetadata",

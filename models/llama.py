@@ -11,12 +11,11 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from engine_core.models.attention import AttentionMetadata, paged_attention
+from engine_core.models.config import ModelConfig
+from engine_core.models.linear import Linear, can_pack, linear, pack_linear_weights
+from engine_core.models.rope import RotaryEmbedding, apply_rotary
 from torch import nn
-
-from models.attention import AttentionMetadata, paged_attention
-from models.config import ModelConfig
-from models.linear import Linear, can_pack, linear, pack_linear_weights
-from models.rope import RotaryEmbedding, apply_rotary
 
 # Fused parameter -> the checkpoint projections packed in it, in order.
 _PACKED = {

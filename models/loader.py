@@ -7,10 +7,9 @@ import os
 from collections.abc import Iterator
 
 import torch
+from engine_core.models.config import ModelConfig
+from engine_core.models.llama import LlamaModel
 from safetensors import safe_open
-
-from models.config import ModelConfig
-from models.llama import LlamaModel
 
 _DTYPES = {
     "float32": torch.float32,

@@ -12,8 +12,9 @@ import pytest
 from pydantic import ValidationError
 
 from engine_core import LLM, SamplingParams
-from engine_core.chat import check_messages
-from engine_core.server.protocol import ChatCompletionRequest, RequestError, validation_error
+from engine_core.entrypoints.chat import check_messages
+from engine_core.entrypoints.http.errors import RequestError, validation_error
+from engine_core.entrypoints.http.protocol import ChatCompletionRequest
 from tests.text_checkpoint import add_tokenizer
 
 OK = {"role": "user", "content": "hi"}

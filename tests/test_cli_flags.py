@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from engine_core import cli
-from engine_core.arg_utils import finite_float, int_in
+from engine_core.entrypoints.arg_utils import finite_float, int_in
 from tests.test_server import REPO
 
 BAD_NUMBERS = ["nan", "inf", "-inf", "1e400", "-1e400", "abc", "", "0x10", "1" * 5000]
@@ -137,7 +137,7 @@ def test_conflicting_values_end_in_one_line_naming_the_flag(argv, message, capsy
 
 
 def test_the_command_line_exits_2_without_a_traceback():
-    result = subprocess.run([sys.executable, "-m", "engine_core.cli", "serve", "--port",
+    result = subprocess.run([sys.executable, "-m", "engine_core", "serve", "--port",
                              "99999"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

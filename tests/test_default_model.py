@@ -8,10 +8,10 @@ import re
 
 import pytest
 import torch
+from engine_core.models import default_model_dir, load_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine_core import LLM, SamplingParams
-from models import default_model_dir, load_tokenizer
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -62,7 +62,7 @@ def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
 
 
 def test_default_model_dir_is_the_package_folder(model_dir):
-    import models
+    import engine_core.models as models
 
     assert model_dir == os.path.join(os.path.dirname(os.path.abspath(models.__file__)), "default")
     for name in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",

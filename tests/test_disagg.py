@@ -10,19 +10,24 @@ import time
 import msgspec
 import pytest
 import torch
+from engine_core.executors.factory import make_executor
+from engine_core.executors.kv_endpoint import (
+    KVFrameError,
+    KVLayerHeader,
+    decode_layer,
+    encode_layer,
+)
 
-from engine_core.cli import main
+from engine_core.client.core_process import EngineCoreLoop
 from engine_core.config import EngineArgs
-from engine_core.core_process import EngineCoreLoop
-from engine_core.disagg.config import KVTransferConfig
-from engine_core.disagg.connector import KVConnector
-from engine_core.disagg.leases import LeaseTable
-from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.engine import EngineCore
+from engine_core.entrypoints.cli import main
+from engine_core.kv_transfer.connector import KVConnector
+from engine_core.kv_transfer.leases import LeaseTable
+from engine_core.kv_transfer_config import KVTransferConfig
 from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
-from executors.factory import make_executor
-from executors.kv_endpoint import KVFrameError, KVLayerHeader, decode_layer, encode_layer
+from engine_core.transfer_params import KVTransferParams
 
 GOOD = {"kv_role": "kv_producer", "kv_port": 21001, "proxy_address": "127.0.0.1:30001",
         "send_type": "PUT", "kv_buffer_size": 1e9}
@@ -161,7 +166,7 @@ def model_and_prompts(checkpoint_factory):
 
 def make_model_and_prompts(checkpoint_factory):
     """(model dir, prompts, {request id: the single engine's greedy tokens})."""
-    from models import load_model_config
+    from engine_core.models import load_model_config
 
     model_dir = checkpoint_factory("llama")
     rng = random.Random(0)
@@ -178,7 +183,7 @@ def make_model_and_prompts(checkpoint_factory):
 @pytest.mark.parametrize("send_type", ["GET", "PUT", "PUT_ASYNC"])
 def test_prefill_then_decode_is_token_identical(model_and_prompts, send_type):
     p, d = check_prefill_then_decode(model_and_prompts, send_type)
-    for stats in (p.kv_connector.stats, d.kv_connector.stats):  # room for every push
+    for stats in (p.kv_connector.stats(), d.kv_connector.stats()):  # room for every push
         assert stats.transfers_held == stats.overflow_transfers == 0
 
 
@@ -189,7 +194,7 @@ NUM_TRANSFERS = sum((n - 1) // BLOCK > 0 for n in PROMPT_LENGTHS)  # prompts of 
 def test_pushes_beyond_the_buffer_go_to_the_overflow_pool(model_and_prompts, send_type):
     """A receive buffer smaller than one transfer: every push is kept in the overflow pool."""
     p, d = check_prefill_then_decode(model_and_prompts, send_type, kv_buffer_size=1)
-    stats_p, stats_d = p.kv_connector.stats, d.kv_connector.stats
+    stats_p, stats_d = p.kv_connector.stats(), d.kv_connector.stats()
     assert stats_d.overflow_transfers == NUM_TRANSFERS
     assert stats_p.transfers_held == stats_d.transfers_held == 0
 
@@ -200,7 +205,7 @@ def test_pushes_with_no_room_are_held_and_pulled(model_and_prompts, send_type):
     leases, D pulls them (GET) and releases them: no lease expires, every block comes back."""
     p, d = check_prefill_then_decode(model_and_prompts, send_type, kv_buffer_size=1,
                                      kv_overflow_size=1)
-    stats_p, stats_d = p.kv_connector.stats, d.kv_connector.stats
+    stats_p, stats_d = p.kv_connector.stats(), d.kv_connector.stats()
     assert stats_p.transfers_held == stats_d.transfers_held == NUM_TRANSFERS
     assert stats_d.overflow_transfers == 0
 
@@ -213,9 +218,9 @@ def test_decoder_short_of_blocks_waits_for_them_instead_of_recomputing(model_and
     p, d = check_prefill_then_decode(model_and_prompts, send_type, max_tokens=2,
                                      num_kv_blocks=12, max_model_len=40)
     assert sum(-(-n // BLOCK) for n in PROMPT_LENGTHS) > d.block_manager.num_usable_blocks
-    assert d.kv_connector.stats.received_tokens == p.kv_connector.stats.sent_tokens
+    assert d.kv_connector.stats().received_tokens == p.kv_connector.stats().sent_tokens
     if send_type == "PUT":  # the 7-block push found 11 free blocks, 6 promised to others
-        assert d.kv_connector.stats.overflow_transfers == 1
+        assert d.kv_connector.stats().overflow_transfers == 1
 
 
 def check_prefill_then_decode(model_and_prompts, send_type, producer_pp=1, max_tokens=MAX_TOKENS,
@@ -257,7 +262,7 @@ def check_prefill_then_decode(model_and_prompts, send_type, producer_pp=1, max_t
         assert all(len(pr) - params[f"r{i}"].num_tokens <= BLOCK
                    for i, pr in enumerate(prompts))
         assert _settle(p) and _settle(d)  # D confirmed: P's leased blocks came back
-        stats_p, stats_d = p.kv_connector.stats, d.kv_connector.stats
+        stats_p, stats_d = p.kv_connector.stats(), d.kv_connector.stats()
         assert stats_p.sent_tokens == stats_d.received_tokens == sum(  # each sent once
             pp.num_tokens for pp in params.values()) > 0
         assert stats_d.received_bytes > 0
@@ -283,7 +288,7 @@ def test_unknown_lease_or_wrong_hash_falls_back_and_serves(model_and_prompts):
         out = _run(d, [_request("a", prompts[4], MAX_TOKENS, kv_transfer_params=bad_lease),
                        _request("b", prompts[4], MAX_TOKENS, kv_transfer_params=bad_hash)])
         assert out["a"][0] == out["b"][0] == reference["r4"]  # computed the prompt itself
-        assert p.kv_connector.stats.dropped_messages >= 1  # the unknown lease was refused
+        assert p.kv_connector.stats().dropped_messages >= 1  # the unknown lease was refused
         # the instance still serves a good transfer afterwards
         out = _run(d, [_request("c", prompts[4], MAX_TOKENS, kv_transfer_params=good)])
         assert out["c"][0] == reference["r4"]
@@ -302,7 +307,7 @@ def test_lease_expiry_returns_producer_blocks(model_and_prompts):
         assert p.block_manager.num_free_blocks < p.block_manager.num_usable_blocks
         assert _settle(p, timeout_s=5.0)  # no decoder came: the lease expired
         assert len(p.kv_connector.leases) == 0
-        assert p.kv_connector.stats.leases_expired == 1
+        assert p.kv_connector.stats().leases_expired == 1
     finally:
         p.shutdown()
 
@@ -347,7 +352,7 @@ def dealer():
 
 def _offer(sock, connector, lease_id, num_blocks, compat_hash=None, num_bytes=None):
     """Send a PushOffer, return D's PushReply (within 5 s)."""
-    from engine_core.disagg.kv_wire import PushOffer, PushReply
+    from engine_core.kv_transfer.kv_wire import PushOffer, PushReply
 
     sock.send(msgspec.msgpack.encode(PushOffer(
         lease_id, compat_hash or connector.compat_hash, num_blocks,
@@ -359,7 +364,7 @@ def _offer(sock, connector, lease_id, num_blocks, compat_hash=None, num_bytes=No
 def test_decoder_silent_at_push_time_pulls_later(model_and_prompts, monkeypatch):
     """P's offers get no answer (D not up yet): P waits once (PUSH_REPLY_TIMEOUT_S), not once
     per request, keeps every lease, and the decoder pulls them when its requests come."""
-    from engine_core.disagg import kv_pusher
+    from engine_core.kv_transfer import kv_pusher
 
     monkeypatch.setattr(kv_pusher, "PUSH_REPLY_TIMEOUT_S", 0.5)
     model_dir, prompts, reference = model_and_prompts
@@ -374,7 +379,7 @@ def test_decoder_silent_at_push_time_pulls_later(model_and_prompts, monkeypatch)
                                       lease_id=f"t{i}", send_type="PUT"))
                          for i in (2, 3, 4)])
         assert time.monotonic() - start < 3.0
-        assert p.kv_connector.stats.transfers_held == 3 and len(p.kv_connector.leases) == 3
+        assert p.kv_connector.stats().transfers_held == 3 and len(p.kv_connector.leases) == 3
         d = _engine(model_dir, "kv_consumer", send_type="PUT")
         try:
             d.kv_connector.fetcher.fetch_timeout_s = 0.5  # no push comes: pull after that
@@ -383,10 +388,10 @@ def test_decoder_silent_at_push_time_pulls_later(model_and_prompts, monkeypatch)
                            for rid, (_, final) in first.items()])
             for rid, (tokens, _) in out.items():
                 assert tokens == reference[rid], rid
-            assert d.kv_connector.stats.received_tokens == sum(
+            assert d.kv_connector.stats().received_tokens == sum(
                 final.kv_transfer_params.num_tokens for _, final in first.values())
             assert _settle(d) and _settle(p)
-            assert p.kv_connector.stats.leases_expired == 0
+            assert p.kv_connector.stats().leases_expired == 0
         finally:
             d.shutdown()
     finally:
@@ -396,7 +401,7 @@ def test_decoder_silent_at_push_time_pulls_later(model_and_prompts, monkeypatch)
 def test_unclaimed_and_half_pushed_kv_expires_and_is_counted(model_and_prompts, dealer):
     """Pushed KV whose request never comes (complete, or cut off mid-push: P died) is dropped
     by D's endpoint after the TTL, without any engine step, and counted."""
-    from engine_core.disagg.kv_wire import PushDone
+    from engine_core.kv_transfer.kv_wire import PushDone
 
     model_dir, _, _ = model_and_prompts
     d = _engine(model_dir, "kv_consumer", send_type="PUT", lease_ttl_s=0.5)
@@ -429,7 +434,7 @@ def test_release_from_a_third_party_ends_leases_and_drops_buffered_kv(model_and_
     """ReleaseKV, sent by a DEALER as the proxy will: P frees a lease's blocks long before its
     TTL; D drops a push it buffered. A request aborted before its fetch started releases P's
     lease too."""
-    from engine_core.disagg.kv_wire import ReleaseKV
+    from engine_core.kv_transfer.kv_wire import ReleaseKV
 
     model_dir, prompts, _ = model_and_prompts
     p = _engine(model_dir, "kv_producer", lease_ttl_s=60.0)
@@ -441,7 +446,7 @@ def test_release_from_a_third_party_ends_leases_and_drops_buffered_kv(model_and_
         start = time.monotonic()
         dealer(p.kv_connector.endpoint).send(msgspec.msgpack.encode(ReleaseKV(params.lease_id)))
         assert _settle(p, timeout_s=5.0) and time.monotonic() - start < 5.0
-        assert len(p.kv_connector.leases) == 0 and p.kv_connector.stats.leases_expired == 0
+        assert len(p.kv_connector.leases) == 0 and p.kv_connector.stats().leases_expired == 0
 
         conn = d.kv_connector
         sock = dealer(conn.endpoint)
@@ -460,8 +465,8 @@ def test_release_from_a_third_party_ends_leases_and_drops_buffered_kv(model_and_
         d.abort_requests(["a"])
         assert _settle(d, timeout_s=5.0) and not d.scheduler.has_unfinished_requests()
         assert _settle(p, timeout_s=5.0)  # D's ReleaseKV ended the lease
-        assert p.kv_connector.stats.leases_expired == 0
-        assert p.kv_connector.stats.sent_tokens == 0  # nothing was pulled
+        assert p.kv_connector.stats().leases_expired == 0
+        assert p.kv_connector.stats().sent_tokens == 0  # nothing was pulled
     finally:
         p.shutdown()
         d.shutdown()
@@ -554,7 +559,8 @@ def test_pushed_garbage_is_dropped_and_the_decoder_still_serves(model_and_prompt
 
 
 def test_registry_refuses_mismatched_layout_and_names_missing_roles():
-    from engine_core.disagg.discovery import Heartbeat, Load, NoInstanceError, Register, Registry
+    from engine_core.entrypoints.http.discovery_wire import Heartbeat, Load, Register
+    from engine_core.entrypoints.proxy.discovery import NoInstanceError, Registry
 
     now = [0.0]
     registry = Registry(heartbeat_timeout_s=5.0, clock=lambda: now[0])
@@ -627,7 +633,7 @@ def test_a_dead_producer_delays_only_its_own_pull(model_and_prompts):
         assert time.monotonic() - start < 4.0  # not behind the other pull's 8 s
         assert out["r4"][0] == reference["r4"]
         assert "stuck" in d.scheduler.waiting_for_kv  # still waiting out its producer
-        assert d.kv_connector.stats.received_tokens == live.num_tokens
+        assert d.kv_connector.stats().received_tokens == live.num_tokens
         d.abort_requests(["stuck"])
         assert _settle(p) and _settle(d, timeout_s=15.0)
     finally:
@@ -664,7 +670,7 @@ def test_the_fetcher_survives_an_error_of_its_own(model_and_prompts, monkeypatch
         live = first["r4"][1].kv_transfer_params
         out = _run(d, [_request("r4", prompts[4], MAX_TOKENS, kv_transfer_params=live)])
         assert out["r4"][0] == reference["r4"]
-        assert d.kv_connector.stats.received_tokens == live.num_tokens
+        assert d.kv_connector.stats().received_tokens == live.num_tokens
         assert _settle(p) and _settle(d)
     finally:
         p.shutdown()
@@ -676,8 +682,8 @@ def test_metrics_expose_prompt_and_kv_transfer_counters():
 
     from prometheus_client import CollectorRegistry, generate_latest
 
+    from engine_core.entrypoints.openai.metrics import _EngineStatsCollector
     from engine_core.messages import SchedulerStats
-    from engine_core.server.metrics import _EngineStatsCollector
 
     stats = SchedulerStats(num_prompt_tokens_computed=7, kv_sent_tokens=64,
                            kv_received_tokens=32, kv_sent_bytes=1024, kv_transfer_seconds=0.5,

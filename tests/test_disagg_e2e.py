@@ -39,13 +39,13 @@ MESSAGES = [{"role": "system", "content": "be brief"},
 
 
 class Proc:
-    """A `python -m engine_core.cli ...` process in its own process group, stopped by pid."""
+    """A `python -m engine_core ...` process in its own process group, stopped by pid."""
 
     def __init__(self, args: list[str], log_path: str) -> None:
         self.log_path = log_path
         self.killed = False  # by the test, on purpose
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "engine_core.cli", *args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "engine_core", *args],
                                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
@@ -274,9 +274,9 @@ def _send_garbage_kv(endpoints: list[str]) -> None:
     """Malformed, truncated and unknown-lease KV messages at every instance's KV endpoint."""
     import msgspec
     import zmq
+    from engine_core.executors.kv_endpoint import KVLayerHeader
 
-    from engine_core.disagg.kv_wire import PullKV
-    from executors.kv_endpoint import KVLayerHeader
+    from engine_core.kv_transfer.kv_wire import PullKV
 
     header = msgspec.msgpack.encode(KVLayerHeader("no-such-lease", "0" * 16, 0, 2, 16,
                                                   "float32", [1, 16, 4, 8]))

@@ -20,10 +20,10 @@ import msgspec
 import pytest
 import zmq
 
-from engine_core.disagg.config import KVTransferConfig
-from engine_core.disagg.discovery import Load
-from engine_core.disagg.instance import PROXY_TIMEOUT_S, DisaggInstance
-from engine_core.disagg.wire import ProxyRequest
+from engine_core.entrypoints.http.discovery_wire import Load
+from engine_core.entrypoints.http.instance_wire import ProxyRequest
+from engine_core.entrypoints.openai.instance import PROXY_TIMEOUT_S, DisaggInstance
+from engine_core.kv_transfer_config import KVTransferConfig
 from engine_core.transport import create_keys, load_client_keys, secure_client
 from tests.test_disagg_proxy import FIELDS, MODEL, eventually, proxy, run
 

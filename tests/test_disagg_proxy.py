@@ -23,27 +23,28 @@ import uvicorn
 import zmq
 import zmq.asyncio
 
-from engine_core.cli import main as cli_main
-from engine_core.disagg.compat import kv_compat_hash
-from engine_core.disagg.discovery import (
+from engine_core.entrypoints.cli import main as cli_main
+from engine_core.entrypoints.http.discovery_wire import (
     Heartbeat,
     HeartbeatReply,
     Load,
     Register,
     RegisterReply,
 )
-from engine_core.disagg.instance_pool import InstancePool
-from engine_core.disagg.kv_wire import ReleaseKV
-from engine_core.disagg.proxy import ProxyConfig, build_proxy_app
-from engine_core.disagg.transfer_params import KVTransferParams
-from engine_core.disagg.wire import (
+from engine_core.entrypoints.http.instance_wire import (
     ProxyAbort,
     ProxyMessage,
     ProxyRequest,
     ResponseChunk,
     ResponseHead,
 )
-from engine_core.server.http_setup import listen
+from engine_core.entrypoints.http.setup import listen
+from engine_core.entrypoints.proxy.config import ProxyConfig
+from engine_core.entrypoints.proxy.instance_pool import InstancePool
+from engine_core.entrypoints.proxy.server import build_proxy_app
+from engine_core.kv_compat import kv_compat_hash
+from engine_core.kv_transfer.kv_wire import ReleaseKV
+from engine_core.transfer_params import KVTransferParams
 from engine_core.transport import (
     CurveKeys,
     load_client_keys,
@@ -734,7 +735,7 @@ def test_proxy_command_exits_0_on_sigterm():
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine_core.cli", "proxy", "--insecure-tcp", "--port",
+        [sys.executable, "-m", "engine_core", "proxy", "--insecure-tcp", "--port",
          str(port), "--discovery-port", "0", "--uvicorn-log-level", "warning"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

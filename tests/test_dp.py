@@ -232,7 +232,7 @@ def test_served_dp2_matches_offline_and_survives_one_engine_death(text_model, tm
 
 # ---- two "nodes" on loopback ------------------------------------------------------------------
 def _headless(model: str, log_path: str, port: int, keys: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "engine_core.cli", "serve", model, "--headless", "-dp", "2",
+    cmd = [sys.executable, "-m", "engine_core", "serve", model, "--headless", "-dp", "2",
            "-dpl", "1", "-dpr", "1", "--data-parallel-address", "127.0.0.1",
            "--data-parallel-rpc-port", str(port), "--zmq-keys", keys, "--dtype", "float32",
            *extra]
@@ -255,7 +255,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def keys(tmp_path) -> str:
     directory = str(tmp_path / "keys")
-    subprocess.run([sys.executable, "-m", "engine_core.cli", "keys", directory], cwd=REPO,
+    subprocess.run([sys.executable, "-m", "engine_core", "keys", directory], cwd=REPO,
                    check=True, capture_output=True, timeout=60)
     return directory
 
@@ -307,7 +307,7 @@ def test_headless_config_mismatch_is_refused_naming_the_field(text_model, keys, 
     head_log = tmp_path / "head.log"
     with open(head_log, "wb") as log:
         head = subprocess.Popen(
-            [sys.executable, "-m", "engine_core.cli", "serve", text_model, "--port",
+            [sys.executable, "-m", "engine_core", "serve", text_model, "--port",
              str(_free_port()), "--dtype", "float32", *_head_args(port, keys)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     headless = _headless(text_model, str(tmp_path / "headless.log"), port, keys,
@@ -334,7 +334,7 @@ def test_headless_config_mismatch_is_refused_naming_the_field(text_model, keys, 
 ])
 def test_bad_flags_fail_fast(text_model, flags, message):
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "engine_core.cli", "serve", text_model,
+    result = subprocess.run([sys.executable, "-m", "engine_core", "serve", text_model,
                              "--dtype", "float32", *flags], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -350,7 +350,7 @@ def test_rpc_port_in_use_fails_fast(text_model, tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "engine_core.cli", "serve", text_model, "--port",
+            [sys.executable, "-m", "engine_core", "serve", text_model, "--port",
              str(_free_port()), "--dtype", "float32", "-dp", "2",
              "--data-parallel-rpc-port", str(port), "--insecure-tcp"],
             cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from engine_core import LLM, SamplingParams
-from engine_core.output_processor import OutputProcessor
+from engine_core.entrypoints.output_processor import OutputProcessor
 from tests.test_generate_parity import hf_greedy
 
 MAX_TOKENS = 24

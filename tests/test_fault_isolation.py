@@ -11,11 +11,11 @@ import os
 import signal
 
 import pytest
+from engine_core.executors.sampler import Sampler
 
 from engine_core import LLM, SamplingParams
+from engine_core.entrypoints.output_processor import OutputProcessor
 from engine_core.messages import EngineCoreRequest
-from engine_core.output_processor import OutputProcessor
-from executors.sampler import Sampler
 from tests.text_checkpoint import add_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

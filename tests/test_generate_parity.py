@@ -52,7 +52,7 @@ def engine_greedy(
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_case(request, checkpoint_factory):
     model_dir = checkpoint_factory(request.param)
-    from models import load_model_config
+    from engine_core.models import load_model_config
 
     prompts = make_prompts(load_model_config(model_dir).vocab_size)
     return model_dir, prompts, hf_greedy(model_dir, prompts, MAX_TOKENS)

@@ -9,7 +9,7 @@ import pytest
 
 CHILD = """
 import sys
-from executors.host_memory import keep_freed_memory
+from engine_core.executors.host_memory import keep_freed_memory
 print(keep_freed_memory())
 """
 

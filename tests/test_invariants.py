@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from engine_core.executors.sampler import LOGPROB_FLOOR, Sampler, SamplingRow
 
 from engine_core import LLM, SamplingParams
 from engine_core.invariants import checked_step_output
@@ -28,7 +29,6 @@ from engine_core.messages import (
 )
 from engine_core.request import Request, RequestStatus
 from engine_core.scheduler import Scheduler
-from executors.sampler import LOGPROB_FLOOR, Sampler, SamplingRow
 from tests.text_checkpoint import add_tokenizer
 
 NAN, INF = float("nan"), float("inf")

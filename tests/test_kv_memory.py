@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from engine_core.executors import kv_memory
+from engine_core.models import default_model_dir
 
 from engine_core import LLM
-from executors import kv_memory
-from models import default_model_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/p
 _RESIDENT_PROBE = """
 import sys
 from engine_core import LLM
-from models import default_model_dir
+from engine_core.models import default_model_dir
 from tests.test_kv_memory import _rss
 cache_bytes = 256 << 20
 before = _rss()
@@ -111,7 +111,7 @@ def test_serve_exits_with_a_clear_message_when_the_cache_does_not_fit():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "engine_core.cli", "serve", "--port", str(port),
+        [sys.executable, "-m", "engine_core", "serve", "--port", str(port),
          "--num-kv-blocks", str(10**8)],
         capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from models import linear as linear_module
-from models.linear import EXACT_ROWS, Linear, linear, padded_rows
+from engine_core.models import linear as linear_module
+from engine_core.models.linear import EXACT_ROWS, Linear, linear, padded_rows
 
 onednn = pytest.mark.skipif(not linear_module._HAS_ONEDNN_LINEAR, reason="no oneDNN linear")
 

@@ -154,9 +154,9 @@ def test_huge_n_is_refused_before_anything_starts(engine):
 def test_responses_never_hold_nan_or_infinity():
     """Whatever logprobs reach the server (the sampler promises finite ones), its bodies are
     JSON: NaN and -inf as -9999.0 (vLLM's convention), +inf as 0.0."""
+    from engine_core.entrypoints.openai.responses import chat_logprobs, completion_logprobs
+    from engine_core.entrypoints.openai.serving import _sse
     from engine_core.outputs import Logprob
-    from engine_core.server.protocol import chat_logprobs, completion_logprobs
-    from engine_core.server.serving import _sse
     from tests.numeric_edges import strict_json
 
     values = [float("nan"), float("-inf"), float("inf"), -1e308, -0.0, 1e-9, -0.5]

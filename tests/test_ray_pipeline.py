@@ -196,7 +196,7 @@ def test_disagg_prefill_at_pp2_on_ray_decode_at_pp1(ray_cluster, checkpoint_fact
                                                         kv_transfer_params=params)])
         assert out["r4"][0] == reference["r4"]
         assert d.scheduler.num_prompt_tokens_computed == len(prompts[4])
-        assert p.kv_connector.stats.dropped_messages == 1  # the refused pull
+        assert p.kv_connector.stats().dropped_messages == 1  # the refused pull
         assert test_disagg._settle(d)
     finally:
         p.shutdown()

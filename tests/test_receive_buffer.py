@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from engine_core.executors.kv_endpoint import KVLayer, KVLayerHeader
 
-from engine_core.disagg.receive_buffer import ReceiveBuffer, TransferState
-from executors.kv_endpoint import KVLayer, KVLayerHeader
+from engine_core.kv_transfer.receive_buffer import ReceiveBuffer, TransferState
 
 BLOCK_BYTES = 2 * 4 * 2 * 8 * 4  # K and V of one layer's block: 4 tokens, 2 heads of 8, fp32
 

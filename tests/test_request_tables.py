@@ -10,11 +10,11 @@ import gc
 import random
 
 import pytest
+from engine_core.models import default_model_dir
 
 from engine_core import LLM, SamplingParams
-from engine_core.async_llm import AsyncLLM
 from engine_core.config import EngineArgs
-from models import default_model_dir
+from engine_core.entrypoints.async_llm import AsyncLLM
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:", "for i in range(10):"]
 

@@ -8,15 +8,15 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-
-from engine_core.sampling_params import SamplingParams
-from executors.sampler import (
+from engine_core.executors.sampler import (
     Sampler,
     SamplingRow,
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
 )
+
+from engine_core.sampling_params import SamplingParams
 
 
 def make_row(

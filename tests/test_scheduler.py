@@ -8,11 +8,11 @@ import pytest
 
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import SchedulerConfig
-from engine_core.disagg.transfer_params import KVTransferParams
 from engine_core.messages import EngineCoreRequest, SampledToken, StepBatch, StepOutput
 from engine_core.request import Request, RequestStatus
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import Scheduler
+from engine_core.transfer_params import KVTransferParams
 
 BLOCK = 4
 

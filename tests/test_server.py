@@ -45,13 +45,13 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m engine_core.cli serve MODEL ...` in its own process group."""
+    """`python -m engine_core serve MODEL ...` in its own process group."""
 
     def __init__(self, model_dir: str, log_path: str, *args: str, startup_s: float = 120.0):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "engine_core.cli", "serve", model_dir, "--port",
+        cmd = [sys.executable, "-m", "engine_core", "serve", model_dir, "--port",
                str(self.port), "--dtype", "float32", "--served-model-name", MODEL, *args]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -446,7 +446,7 @@ def test_priority_under_the_priority_policy(model_dir, offline, tmp_path):
     finally:
         server.stop()
     with pytest.raises(SystemExit):  # not a policy: argparse refuses it
-        from engine_core.cli import main
+        from engine_core.entrypoints.cli import main
         main(["serve", model_dir, "--scheduling-policy", "lottery"])
 
 
@@ -529,8 +529,8 @@ def test_pp2_server_matches_offline(model_dir, offline, tmp_path):
 
 # ---- pieces, in process -----------------------------------------------------------------------
 def test_stream_holds_back_a_possible_stop_string():
+    from engine_core.entrypoints.openai.serving import _ChoiceStream
     from engine_core.outputs import CompletionOutput
-    from engine_core.server.serving import _ChoiceStream
 
     state, seen = _ChoiceStream(), []
     for text, finish in (("ab", None), ("abXY", None), ("abXYZ", None), ("abX", "stop")):
@@ -542,7 +542,8 @@ def test_stream_holds_back_a_possible_stop_string():
 def test_validation_errors_name_the_field():
     from pydantic import ValidationError
 
-    from engine_core.server.protocol import ChatCompletionRequest, validation_error
+    from engine_core.entrypoints.http.errors import validation_error
+    from engine_core.entrypoints.http.protocol import ChatCompletionRequest
 
     cases = {'{"messages": [{"role": "user", "content": [{"type": "image"}]}]}':
              "messages.0.content.0.type", '{"messages": []}': "messages",

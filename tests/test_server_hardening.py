@@ -502,7 +502,7 @@ def test_protect_metrics(server, http):
 
 
 def test_protect_metrics_needs_an_api_key(model_dir):
-    result = subprocess.run([sys.executable, "-m", "engine_core.cli", "serve", model_dir,
+    result = subprocess.run([sys.executable, "-m", "engine_core", "serve", model_dir,
                              "--protect-metrics", "--port", "0"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--protect-metrics needs --api-key" in result.stderr
@@ -597,8 +597,9 @@ class _FakeLLM:
 
 
 def test_per_request_engine_error_is_500_and_others_go_on(model_dir):
-    from engine_core.server import build_app
-    from models import load_tokenizer
+    from engine_core.models import load_tokenizer
+
+    from engine_core.entrypoints.openai import build_app
 
     app = build_app(_FakeLLM(load_tokenizer(model_dir)), MODEL)
 
@@ -630,8 +631,9 @@ def test_per_request_engine_error_is_500_and_others_go_on(model_dir):
 
 
 def test_build_app_limits_in_process(model_dir):
-    from engine_core.server import build_app
-    from models import load_tokenizer
+    from engine_core.models import load_tokenizer
+
+    from engine_core.entrypoints.openai import build_app
 
     llm = _FakeLLM(load_tokenizer(model_dir))
     with pytest.raises(ValueError, match="api_key"):
@@ -652,10 +654,9 @@ def test_build_app_limits_in_process(model_dir):
 
 
 def test_max_chars_per_token(model_dir):
+    from engine_core.models import load_tokenizer
+    from engine_core.models.tokenizer import Tokenizer as PPTokenizer
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-    from models import load_tokenizer
-    from models.tokenizer import Tokenizer as PPTokenizer
 
     tokenizer = load_tokenizer(model_dir)  # byte-level BPE: the longest token's length
     bound = tokenizer.max_chars_per_token
@@ -681,7 +682,7 @@ def test_a_stream_whose_send_fails_closes_its_generator_before_returning(spec_ve
     """A client gone in the middle of a send: the SSE generator is closed (its `finally` aborts
     the engine requests behind it) before the response returns, not whenever the garbage
     collector gets to it."""
-    from engine_core.server.http_setup import ClosingStreamingResponse
+    from engine_core.entrypoints.http.setup import ClosingStreamingResponse
 
     closed: list[bool] = []
 
@@ -721,7 +722,7 @@ def test_work_that_ends_after_its_client_left_has_its_result_discarded():
     its inner wait's completion) has it handed to `discard`, never leaked."""
     from starlette.requests import Request
 
-    from engine_core.server.disconnect import ClientDisconnected, unless_disconnected
+    from engine_core.entrypoints.http.disconnect import ClientDisconnected, unless_disconnected
 
     async def run() -> list[str]:
         discarded: list[str] = []

@@ -20,9 +20,9 @@ import zmq.auth
 from zmq.auth.thread import AuthenticationThread
 
 from engine_core import LLM, SamplingParams
-from engine_core.async_llm import AsyncLLM
+from engine_core.client.core_process import KIND_ABORT, KIND_ADD, KIND_SHUTDOWN
 from engine_core.config import EngineArgs
-from engine_core.core_process import KIND_ABORT, KIND_ADD, KIND_SHUTDOWN
+from engine_core.entrypoints.async_llm import AsyncLLM
 from engine_core.messages import (
     AbortRequests,
     EngineCoreOutput,
@@ -294,7 +294,7 @@ def test_tcp_without_keys_refuses_to_start(text_model):
 
 
 def _make_keys(directory: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine_core.cli", "keys", directory, *extra],
+    return subprocess.run([sys.executable, "-m", "engine_core", "keys", directory, *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
@@ -359,7 +359,7 @@ def test_serve_over_tcp_needs_keys_and_works_with_them(text_model, tmp_path):
 
     from tests.test_server import ServerProcess
 
-    base = [sys.executable, "-m", "engine_core.cli", "serve", text_model, "--port", "0",
+    base = [sys.executable, "-m", "engine_core", "serve", text_model, "--port", "0",
             "--dtype", "float32", "--engine-transport", "tcp"]
     refused = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "pp-engine keys" in refused.stderr

@@ -22,9 +22,9 @@ import openai
 import pytest
 import zmq
 
-from engine_core.disagg.discovery import Register
-from engine_core.disagg.kv_wire import PullKV, PushOffer, PushReply
-from engine_core.disagg.wire import ProxyRequest
+from engine_core.entrypoints.http.discovery_wire import Register
+from engine_core.entrypoints.http.instance_wire import ProxyRequest
+from engine_core.kv_transfer.kv_wire import PullKV, PushOffer, PushReply
 from engine_core.transport import create_keys, load_client_keys, secure_client
 from tests.test_disagg_e2e import MAX_TOKENS, MODEL, WORDS, _complete, model_dir  # noqa: F401
 from tests.test_server import ServerProcess

@@ -42,15 +42,13 @@ import zmq
 import zmq.asyncio
 
 from engine_core.client.base import EngineState
-from engine_core.client.prefix_router import PrefixIndex
-from engine_core.config import DataParallelConfig, EngineArgs, config_mismatch
-from engine_core.core_client import (
+from engine_core.client.core_client import (
     INPUT_INBOUND_BYTES,
     LIVENESS_POLL_S,
     SHUTDOWN_TIMEOUT_S,
     reap,
 )
-from engine_core.core_process import (
+from engine_core.client.core_process import (
     KIND_ABORT,
     KIND_ADD,
     KIND_HELLO,
@@ -59,6 +57,8 @@ from engine_core.core_process import (
     engine_version,
     run_engine_core,
 )
+from engine_core.client.prefix_router import PrefixIndex
+from engine_core.config import DataParallelConfig, EngineArgs, config_mismatch
 from engine_core.messages import (
     AbortRequests,
     EngineCoreOutput,

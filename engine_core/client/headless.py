@@ -17,8 +17,8 @@ import sys
 
 import msgspec
 
+from engine_core.client.core_process import run_engine_core
 from engine_core.config import DataParallelConfig, EngineArgs
-from engine_core.core_process import run_engine_core
 from engine_core.transport import require_keys_for_tcp
 
 __all__ = ["run_headless"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from engine_core.core_process import run_engine_core
+from engine_core.client.core_process import run_engine_core
 
 __all__ = ["RayEngineLauncher"]
 
@@ -72,7 +72,7 @@ class RayEngineLauncher:
     """Starts (and at `close`, removes) the Ray actors of the front-end's local ranks."""
 
     def __init__(self, num_engines: int) -> None:
-        from executors.ray_executor import _connect_ray
+        from engine_core.executors.ray_executor import _connect_ray
 
         self._started_ray = _connect_ray(num_engines, 1)
         self._groups: list = []

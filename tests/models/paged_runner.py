@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from models import AttentionMetadata, LlamaModel
+from engine_core.models import AttentionMetadata, LlamaModel
 
 
 class PagedRunner:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models.attention import AttentionMetadata, paged_attention
-from models.rope import RotaryEmbedding, apply_rotary
+from engine_core.models.attention import AttentionMetadata, paged_attention
+from engine_core.models.rope import RotaryEmbedding, apply_rotary
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 6, 2, 8, 4, 64
 

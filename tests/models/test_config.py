@@ -7,8 +7,7 @@ import os
 
 import pytest
 import torch
-
-from models import load_model, load_model_config, resolve_dtype, supported_architectures
+from engine_core.models import load_model, load_model_config, resolve_dtype, supported_architectures
 
 BASE = {
     "architectures": ["LlamaForCausalLM"],

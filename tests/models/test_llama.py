@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_core.models import LlamaModel, load_model, load_model_config
 from transformers import AutoModelForCausalLM
 
-from models import LlamaModel, load_model, load_model_config
 from tests.checkpoints import FAMILIES, make_sharded_checkpoint
 from tests.models.paged_runner import PagedRunner
 

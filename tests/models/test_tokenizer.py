@@ -7,9 +7,8 @@ import os
 
 import pytest
 import tokenizers
+from engine_core.models import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
-from models import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 SPECIAL = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [

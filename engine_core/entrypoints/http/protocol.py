@@ -1,0 +1,209 @@
+"""The OpenAI request models (pydantic v2, with vLLM's extra sampling fields), shared by the
+server and the proxy, which validate a body the same way. Responses: `openai/responses.py`.
+
+Requests are validated strictly from JSON: a string where a number belongs, a bool where an int
+belongs or an unknown enum value is an error naming the field. Unknown fields are ignored, as
+OpenAI clients send fields this engine does not know.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine_core.entrypoints.chat import ChatMessageError, require_content
+from engine_core.entrypoints.http.errors import RequestError
+from engine_core.sampling_params import MAX_LOGPROBS, SamplingParams
+
+__all__ = [
+    "MAX_N",
+    "MAX_PROMPTS",
+    "MAX_STOP_STRINGS",
+    "MAX_STOP_TOKEN_IDS",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+]
+
+MAX_N = 16  # the most choices one request may ask for
+# Caps on what one request may ask of the shared engine and event loop: each prompt is an
+# engine request, and every stop string and stop token id is checked at every step.
+MAX_PROMPTS = 1024
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 1024
+
+
+# ---- requests ---------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # add each choice's (new) output token ids
+    priority: int = 0  # lower is served first; non-zero needs --scheduling-policy priority
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def check_supported(self) -> None:
+        if self.logit_bias:
+            raise RequestError("logit_bias is not supported", param="logit_bias")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got "
+                               f"{len(self.stop)}", param="stop")
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got "
+                               f"{len(self.stop_token_ids)}", param="stop_token_ids")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed with stream=true",
+                               param="stream_options")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """SamplingParams for one prompt. ValueError (naming the field) for bad values."""
+        given = {name: getattr(self, name) for name in (
+            "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+            "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids")}
+        return SamplingParams(
+            n=self.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            **{name: value for name, value in given.items() if value is not None})
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. `prompt`: a string, a list of strings, a list of token ids or a
+    list of token-id lists; each prompt gets its own n choices."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise RequestError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError("best_of is not supported (other than best_of == n)",
+                               param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise RequestError("echo together with logprobs is not supported (prompt logprobs "
+                               "are not computed)", param="echo")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice set."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise RequestError("prompt is empty; give a string or token ids", param="prompt")
+        if isinstance(prompt[0], int):
+            return [prompt]
+        if len(prompt) > MAX_PROMPTS:
+            raise RequestError(f"prompt may hold at most {MAX_PROMPTS} prompts, got "
+                               f"{len(prompt)}", param="prompt")
+        return list(prompt)
+
+
+class TextContent(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    """One message. `content` is required (`ChatCompletionRequest.check_supported`) except for
+    an assistant message with `tool_calls`, as OpenAI allows."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContent] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def to_template(self) -> dict[str, Any]:
+        """The {"role", "content"} dict a chat template reads; text parts joined by newlines."""
+        content = self.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls is not None:
+            message["tool_calls"] = self.tool_calls
+        return message
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    # vLLM extras
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for i, message in enumerate(self.messages):
+            try:
+                require_content(i, message.role, message.content, bool(message.tool_calls))
+            except ChatMessageError as exc:
+                raise RequestError(str(exc), param=".".join(map(str, exc.field))) from None
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise RequestError(f"response_format {self.response_format.type!r} is not "
+                               f"supported", param="response_format")
+        if self.tools:
+            raise RequestError("tools are not supported", param="tools")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+

@@ -1,0 +1,269 @@
+"""`LLM`: offline batch generation, the same API as vLLM's `LLM`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from engine_core.config import DataParallelConfig, EngineArgs
+from engine_core.engine import EngineCore
+from engine_core.entrypoints.chat import check_messages
+from engine_core.entrypoints.interrupts import DeferredInterrupt
+from engine_core.entrypoints.output_processor import OutputProcessor
+from engine_core.executors.factory import make_executor
+from engine_core.models import load_tokenizer
+from engine_core.outputs import RequestOutput
+from engine_core.sampling_params import SamplingParams
+from engine_core.validation import validate_priority, validate_prompt, validate_sampling_params
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """Generate from an HF-format model directory.
+
+        llm = LLM("path/to/model", dtype="float32")
+        outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+
+    Keyword arguments are those of `EngineArgs` (vLLM's names): dtype, max_model_len,
+    max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks, kv_cache_memory,
+    enable_prefix_caching, seed, pipeline_parallel_size, ... With `engine_process=True` the
+    engine core runs in its own process behind the same ZMQ client the server uses
+    (`engine_transport` "ipc", or "tcp" on 127.0.0.1; tcp needs `zmq_keys`, a CurveZMQ key
+    directory made by `pp-engine keys DIR`, or an explicit `insecure_tcp=True`).
+    With `data_parallel_size=N` (N > 1), N engine-core processes serve the prompts, each
+    request routed to the least loaded one (`engine_core/client/dp.py`), or with
+    `dp_routing="prefix"` to the one holding most of its prompt's prefix;
+    `data_parallel_backend="ray"` runs the engines as Ray actors (tcp: needs `zmq_keys` or
+    `insecure_tcp`).
+    """
+
+    def __init__(self, model: str | None = None, *, engine_process: bool = False,
+                 engine_transport: str = "ipc", zmq_keys: str | None = None,
+                 insecure_tcp: bool = False, data_parallel_size: int = 1,
+                 dp_routing: str = "load", data_parallel_backend: str = "mp",
+                 **engine_kwargs: Any) -> None:
+        if model is None:
+            from engine_core.models import default_model_dir
+
+            model = default_model_dir()
+        field_names = {f.name for f in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(engine_kwargs) - field_names)
+        if unknown:
+            raise ValueError(f"unknown LLM argument(s) {unknown}; "
+                             f"valid ones are {sorted(field_names - {'model'})}")
+        self.engine_args = EngineArgs(model=model, **engine_kwargs)
+        self.config = self.engine_args.resolve()
+        self.tokenizer = load_tokenizer(self.config.model_dir)
+        dp = DataParallelConfig(size=data_parallel_size, routing=dp_routing,
+                                backend=data_parallel_backend)
+        if dp.size > 1:  # N engine-core processes behind one client
+            from engine_core.client.sync import SyncDPClient
+
+            self.engine = SyncDPClient(self.engine_args, dp, transport=engine_transport,
+                                       zmq_keys=zmq_keys, insecure_tcp=insecure_tcp)
+        elif engine_process:  # the engine core in its own process, over ZMQ
+            from engine_core.client.core_client import EngineCoreProcClient
+
+            self.engine = EngineCoreProcClient(self.engine_args, transport=engine_transport,
+                                               zmq_keys=zmq_keys, insecure_tcp=insecure_tcp)
+        else:
+            self.engine = EngineCore(self.config, make_executor(self.config))
+        self.processor = OutputProcessor(self.tokenizer)
+        eos = set(self.config.model.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self._eos_token_ids = sorted(eos)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate completions for the prompts; outputs come back in input order.
+
+        A prompt is a string or `{"prompt_token_ids": [...]}`. `sampling_params` is one for all
+        prompts or one per prompt. `priority` (vLLM's): one int per prompt, lower served first;
+        needs `scheduling_policy="priority"` unless all are 0. Every prompt is validated before
+        any is started, so a bad one raises ValueError and leaves the engine untouched.
+        Each prompt is a user request of its own for fair share (`request_queue.py`).
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = self._params_per_prompt(sampling_params, len(prompts))
+        priorities = self._priorities(priority, len(prompts))
+        tokenized = [self._tokenize(p, i) for i, p in enumerate(prompts)]
+        return self._run(tokenized, params_list, use_tqdm, priorities)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} messages) or to a
+        list of conversations, rendered with the model's chat template. A message without
+        content (only an assistant message with tool_calls may omit it), with content that is
+        neither a string nor a non-empty list of text parts, or with an unknown role raises
+        ValueError naming the field, e.g. "messages[1].content"."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template; this model directory "
+                             "has no tokenizer.json")
+        single = not isinstance(messages, list) or not messages or not isinstance(
+            messages[0], list)
+        conversations = [messages] if single else messages
+        prompts = []
+        for k, conversation in enumerate(conversations):
+            where = "" if single else f"conversation {k}: "
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    check_messages(conversation), add_generation_prompt=add_generation_prompt)
+            except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError) as exc:
+                # the template fails on these messages: a bad argument, as for the server
+                raise ValueError(f"{where}{exc}") from None
+            prompts.append({"prompt": text, "add_special_tokens": False})
+        params_list = self._params_per_prompt(sampling_params, len(prompts))
+        tokenized = [self._tokenize(p, i) for i, p in enumerate(prompts)]
+        return self._run(tokenized, params_list, use_tqdm)
+
+    def _run(self, tokenized: list[tuple[str | None, list[int]]],
+             params_list: list[SamplingParams], use_tqdm: bool,
+             priorities: list[int] | None = None) -> list[RequestOutput]:
+        """Run the requests to completion. Any exception or interrupt (Ctrl-C) aborts every
+        request of this call and finishes the steps in flight, so all KV blocks are back and the
+        next call works; Ctrl-C is taken between engine steps (twice: at once)."""
+        request_ids: list[str] = []
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(tokenized), desc="Processed prompts", dynamic_ncols=True,
+                   disable=not use_tqdm)
+        start, num_output_tokens = time.perf_counter(), 0
+        try:
+            with DeferredInterrupt() as interrupt:
+                priorities = priorities or [0] * len(tokenized)
+                for (prompt, token_ids), params, priority in zip(tokenized, params_list,
+                                                                 priorities):
+                    request_id = str(next(self._request_counter))
+                    request_ids.append(request_id)
+                    self.engine.add_requests(self.processor.add_request(
+                        request_id, prompt, token_ids, params, self._eos_token_ids,
+                        time.time(), priority=priority))
+                while len(finished) < len(request_ids):
+                    core_outputs = self.engine.step()
+                    num_output_tokens += sum(len(o.new_token_ids) for o in core_outputs)
+                    changed, to_abort = self.processor.process(core_outputs)
+                    if to_abort:
+                        self.engine.abort_requests(to_abort)
+                    for output in changed:
+                        if output.finished:
+                            finished[output.request_id] = output
+                            bar.update(1)
+                    if use_tqdm:
+                        rate = num_output_tokens / max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"output {rate:.1f} toks/s", refresh=False)
+                    interrupt.check()
+        except BaseException:
+            self._abort(request_ids)
+            raise
+        finally:
+            bar.close()
+        return [finished[request_id] for request_id in request_ids]
+
+    def _abort(self, request_ids: list[str]) -> None:
+        """Abort these requests, then finish the engine's steps in flight (their outputs all
+        belong to aborted requests) so every block is back in the pool."""
+        for request_id in request_ids:
+            core_ids = self.processor.core_request_ids(request_id)
+            self.processor.abort_request(request_id)
+            self.engine.abort_requests(core_ids)
+        with contextlib.suppress(Exception):  # a dead engine has nothing in flight
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+
+    def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            validate_sampling_params(sampling_params, self.config)
+            return [sampling_params] * num_prompts
+        params_list = list(sampling_params)
+        if len(params_list) != num_prompts:
+            raise ValueError(f"sampling_params has {len(params_list)} entries for {num_prompts} "
+                             f"prompts; pass one SamplingParams or one per prompt")
+        for i, params in enumerate(params_list):
+            try:
+                validate_sampling_params(params, self.config)
+            except ValueError as exc:
+                raise ValueError(f"sampling_params[{i}]: {exc}") from None
+        return params_list
+
+    def _priorities(self, priority: Sequence[int] | None, num_prompts: int) -> list[int]:
+        if priority is None:
+            return [0] * num_prompts
+        if isinstance(priority, (int, str, bytes)) or not isinstance(priority, Sequence):
+            raise ValueError(f"priority must be a list of ints, one per prompt, got "
+                             f"{type(priority).__name__}")
+        if len(priority) != num_prompts:
+            raise ValueError(f"priority has {len(priority)} entries for {num_prompts} prompts; "
+                             f"pass one per prompt")
+        for i, value in enumerate(priority):
+            try:
+                validate_priority(value, self.config.scheduler.policy)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (priority[{i}])") from None
+        return list(priority)
+
+    def _tokenize(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
+        try:
+            if isinstance(prompt, str):
+                prompt = {"prompt": prompt}
+            if not isinstance(prompt, dict):
+                raise ValueError(f"a prompt must be a str or a dict with 'prompt_token_ids', "
+                                 f"got {type(prompt).__name__}")
+            if "prompt_token_ids" in prompt:
+                token_ids = prompt["prompt_token_ids"]
+                if not isinstance(token_ids, (list, tuple)):
+                    raise ValueError("prompt_token_ids must be a list of ints")
+                token_ids = list(token_ids)
+                text = prompt.get("prompt")
+            elif "prompt" in prompt:
+                text = prompt["prompt"]
+                if not isinstance(text, str):
+                    raise ValueError(f"prompt must be a str, got {type(text).__name__}")
+                if not text:
+                    raise ValueError("the prompt is empty; give at least one character")
+                if self.tokenizer is None:
+                    raise ValueError("this model directory has no tokenizer.json; pass prompts "
+                                     "as {'prompt_token_ids': [...]}")
+                token_ids = self.tokenizer.encode(
+                    text, add_special_tokens=prompt.get("add_special_tokens", True))
+            else:
+                raise ValueError("a prompt dict needs 'prompt_token_ids' or 'prompt'")
+            validate_prompt(token_ids, self.config)
+        except ValueError as exc:
+            raise ValueError(f"prompt {index}: {exc}") from None
+        return text, token_ids
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Release the engine and its stages. Idempotent."""
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.shutdown()

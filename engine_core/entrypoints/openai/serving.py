@@ -1,0 +1,533 @@
+"""Serving the OpenAI routes over an `AsyncLLM`: `OpenAIServing` turns a /v1/completions or
+/v1/chat/completions body into engine requests and their outputs back into responses.
+
+Each prompt of a request is one engine request. Its outputs arrive as cumulative snapshots;
+streamed responses send what is new in each (text, and the new tokens' logprobs). A client that
+disconnects aborts its requests, so their KV blocks are freed at once.
+
+One request must never hurt the others: a text prompt that cannot fit the context is refused by
+its length before it is tokenized, long prompts are tokenized (and chat templates rendered) in a
+worker thread so /health and other streams keep flowing, every bad value is a 400 before a
+stream starts, and a request the engine fails on its own (finish_reason "error") gets a 500
+while the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from engine_core.entrypoints.async_llm import AsyncLLM, EngineDeadError
+from engine_core.entrypoints.http.disconnect import ClientDisconnected as _ClientDisconnected
+from engine_core.entrypoints.http.disconnect import unless_disconnected as _unless_disconnected
+from engine_core.entrypoints.http.errors import RequestError, param_of, validation_error
+from engine_core.entrypoints.http.protocol import ChatCompletionRequest, CompletionRequest
+from engine_core.entrypoints.http.setup import ClosingStreamingResponse
+from engine_core.entrypoints.openai.instance import KV_TRANSFER_STATE, KVTransferContext
+from engine_core.entrypoints.openai.metrics import ServerMetrics
+from engine_core.entrypoints.openai.responses import (
+    chat_choice,
+    chat_chunk,
+    chat_delta_choice,
+    chat_logprobs,
+    completion_choice,
+    completion_chunk,
+    completion_logprobs,
+    usage,
+)
+from engine_core.models.tokenizer import PROMPT_CHARS_SAFETY_FACTOR
+from engine_core.outputs import CompletionOutput, RequestOutput
+from engine_core.sampling_params import SamplingParams
+from engine_core.validation import validate_priority, validate_sampling_params
+
+logger = logging.getLogger("engine_core.entrypoints.openai")
+
+_DONE_EVENT = "data: [DONE]\n\n"
+# Work on more input than this (characters of text, or token ids) runs in a worker thread, off
+# the event loop; below it a thread hop would cost more than the work.
+_OFFLOAD_INPUT_SIZE = 4096
+_TOKENIZER_THREADS = 2
+_RequestT = TypeVar("_RequestT", bound=BaseModel)
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+@dataclass
+class _Prompt:
+    """One prompt of a request: an engine request, with what the metrics and the log need."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    arrival: float  # time.perf_counter() when the HTTP request came in
+    owner_id: str  # the HTTP request's id, shared by its prompts: fair share is per owner
+    priority: int = 0
+    echo_text: str = ""
+    first_token_time: float | None = None
+    num_output_tokens: int = 0
+    # a request from the disaggregation proxy: its KV transfer side (prompts by their index)
+    kv_transfer: KVTransferContext | None = None
+
+
+@dataclass
+class _ChoiceStream:
+    """What one streamed choice has sent so far."""
+
+    text_len: int = 0
+    num_tokens: int = 0
+    text_offset: int = 0
+    started: bool = False
+    done: bool = False
+
+    def advance(self, completion: CompletionOutput, holdback: int
+                ) -> tuple[str, list[int], list | None]:
+        """The text, token ids and logprobs new since the last call. While unfinished, the last
+        `holdback` characters are kept back: they may turn out to begin a stop string, which
+        the final text will not contain."""
+        self.done = completion.finish_reason is not None
+        end = len(completion.text) if self.done else len(completion.text) - holdback
+        text = completion.text[self.text_len:end] if end > self.text_len else ""
+        self.text_len += len(text)
+        new_ids = completion.token_ids[self.num_tokens:]
+        new_logprobs = None
+        if completion.logprobs is not None:
+            new_logprobs = completion.logprobs[self.num_tokens:]
+        self.num_tokens = len(completion.token_ids)
+        return text, new_ids, new_logprobs
+
+
+def _holdback(params: SamplingParams) -> int:
+    """Characters a stream keeps back until they cannot begin a stop string."""
+    return max((len(s) for s in params.stop or ()), default=1) - 1
+
+
+def _sse(body: dict[str, Any]) -> str:
+    """One server-sent event. Like JSONResponse, never NaN or Infinity (not JSON): a body
+    holding one raises ValueError, and the stream ends with an error event."""
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return f"data: {text}\n\n"
+
+
+class _RequestFailed(RequestError):
+    """The engine finished this request with finish_reason "error" (the others go on)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=500, type="server_error", code="internal_error")
+
+
+def _raise_if_failed(request_id: str, output: RequestOutput) -> None:
+    """_RequestFailed if the engine failed a sequence of this request."""
+    for completion in output.outputs:
+        if completion.finish_reason == "error":
+            raise _RequestFailed(f"the engine failed request {request_id}: "
+                                 f"{completion.error or 'unknown error'}")
+
+
+def _attach_kv_transfer(raw: Request, prompts: list[_Prompt]) -> None:
+    """Give each prompt the KV transfer side of a request from the disaggregation proxy (set in
+    the ASGI scope by `disagg/instance.py`; absent on plain HTTP requests)."""
+    transfer = raw.scope.get("state", {}).get(KV_TRANSFER_STATE)
+    for prompt in prompts:
+        prompt.kv_transfer = transfer
+
+
+class OpenAIServing:
+    """The request handlers behind the routes, over one `AsyncLLM`."""
+
+    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics) -> None:
+        self.llm = llm
+        self.model_name = model_name
+        self.metrics = metrics
+        self.max_model_len = llm.config.scheduler.max_model_len
+        self.created = int(time.time())
+        # A text longer than this many characters cannot fit max_model_len tokens (None: the
+        # tokenizer gives no bound, and only tokenizing tells).
+        per_token = llm.tokenizer.max_chars_per_token if llm.tokenizer is not None else None
+        self.max_prompt_chars = (self.max_model_len * per_token * PROMPT_CHARS_SAFETY_FACTOR
+                                 if per_token is not None else None)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            _TOKENIZER_THREADS, thread_name_prefix="pp-engine-tokenize")
+
+    def close(self) -> None:
+        """Stop the tokenizer threads (work already running finishes on its own)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, size: int, fn: Callable[_P, _T], *args: _P.args,
+                   **kwargs: _P.kwargs) -> _T:
+        """fn(*args, **kwargs): in a tokenizer thread when `size` (the input it works on) is
+        large, so a long prompt never stalls the event loop; inline otherwise."""
+        if size <= _OFFLOAD_INPUT_SIZE:
+            return fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def _check_chars(self, num_chars: int, param: str, what: str = "the prompt has") -> None:
+        """400 for text that is provably too long for the context, before tokenizing it."""
+        if self.max_prompt_chars is not None and num_chars > self.max_prompt_chars:
+            raise RequestError(
+                f"{what} {num_chars} characters, more than the {self.max_model_len} tokens of "
+                f"this model's context can hold (at most {self.max_prompt_chars} characters); "
+                f"shorten it", param=param)
+
+    # ---- shared -------------------------------------------------------------------------------
+    @staticmethod
+    async def _parse(request: Request, model: type[_RequestT]) -> _RequestT:
+        body = await request.body()
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    def _check_request(self, request: CompletionRequest | ChatCompletionRequest) -> None:
+        if request.model is not None and request.model != self.model_name:
+            raise RequestError(f"The model `{request.model}` does not exist; this server serves "
+                               f"`{self.model_name}`", param="model", status=404,
+                               type="NotFoundError", code="model_not_found")
+        request.check_supported()
+        try:
+            validate_priority(request.priority, self.llm.config.scheduler.policy)
+        except ValueError as exc:
+            raise RequestError(str(exc), param="priority") from None
+        if not self.llm.is_running:
+            raise RequestError("the engine is not running", status=503, type="server_error",
+                               code="engine_dead")
+
+    def _tokenize(self, prompt: str | list[int], add_special_tokens: bool, param: str,
+                  where: str = "") -> list[int]:
+        if isinstance(prompt, str):
+            self._check_chars(len(prompt), param, f"{where}the prompt has")
+        try:
+            return self.llm.tokenize(prompt, add_special_tokens)[1]
+        except ValueError as exc:
+            raise RequestError(f"{where}{exc}", param=param) from None
+
+    def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
+        """`requested`, or the room left in the context; 400 if they do not fit together."""
+        limit = self.max_model_len
+        if requested is None:
+            if prompt_len >= limit:
+                raise RequestError(f"the prompt has {prompt_len} tokens and fills the model's "
+                                   f"context of {limit} tokens; shorten it", param=param)
+            return limit - prompt_len
+        if prompt_len + requested > limit:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in "
+                f"the completion). Please reduce the length of the prompt or {param}.",
+                param=param)
+        return requested
+
+    def _sampling_params(self, request: CompletionRequest | ChatCompletionRequest,
+                         max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams, checked against the model too (stop_token_ids in the
+        vocabulary), so that every bad value is a 400 before a stream starts."""
+        try:
+            params = request.sampling_params(max_tokens, logprobs)
+            validate_sampling_params(params, self.llm.config)
+        except ValueError as exc:
+            raise RequestError(str(exc), param=param_of(str(exc))) from None
+        return params
+
+    def _observe(self, prompt: _Prompt, output: RequestOutput) -> None:
+        """Metrics and the log line of one snapshot of `prompt`'s output."""
+        now = time.perf_counter()
+        total = sum(len(c.token_ids) for c in output.outputs)
+        if prompt.first_token_time is None and total > 0:
+            prompt.first_token_time = now
+            self.metrics.record_tokens(len(prompt.token_ids), 0)
+        self.metrics.record_tokens(0, total - prompt.num_output_tokens)
+        prompt.num_output_tokens = total
+        if not output.finished:
+            return
+        reasons = sorted({c.finish_reason or "abort" for c in output.outputs})
+        e2e = now - prompt.arrival
+        ttft = (prompt.first_token_time or now) - prompt.arrival
+        if not {"abort", "error"} & set(reasons):  # only requests that ran to their end
+            self.metrics.record_finished(reasons[0], ttft, e2e,
+                                         max(len(c.token_ids) for c in output.outputs))
+        logger.info("%s finished (%s): prompt_tokens=%d output_tokens=%d ttft=%.3fs e2e=%.3fs",
+                    prompt.request_id, ",".join(reasons), len(prompt.token_ids), total, ttft, e2e)
+
+    async def _generate(self, prompts: list[_Prompt]
+                        ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, snapshot) of all prompts, generated concurrently, as they come.
+        Closing this iterator aborts the prompts that have not finished."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def produce(index: int, prompt: _Prompt) -> None:
+            transfer = prompt.kv_transfer
+            kv_args: dict[str, Any] = {} if transfer is None else {
+                "do_remote_decode": transfer.do_remote_decode,
+                "kv_transfer_params": transfer.params_for(index)}
+            try:
+                async for output in self.llm.generate(
+                        prompt.token_ids, prompt.params, prompt.request_id,
+                        priority=prompt.priority, owner_id=prompt.owner_id, **kv_args):
+                    if transfer is not None and output.finished:
+                        transfer.params_out[index] = output.kv_transfer_params
+                    self._observe(prompt, output)
+                    _raise_if_failed(prompt.request_id, output)
+                    queue.put_nowait((index, output))
+                queue.put_nowait((index, None))
+            except asyncio.CancelledError:
+                logger.info("%s aborted after %d output tokens", prompt.request_id,
+                            prompt.num_output_tokens)
+                raise
+            except Exception as exc:
+                log = logger.error if isinstance(exc, _RequestFailed) else logger.info
+                log("%s failed after %d output tokens: %s", prompt.request_id,
+                    prompt.num_output_tokens, exc)
+                queue.put_nowait((index, exc))
+
+        tasks = [asyncio.create_task(produce(i, p)) for i, p in enumerate(prompts)]
+        try:
+            running = len(tasks)
+            while running:
+                index, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _collect(self, request: Request, prompts: list[_Prompt]) -> list[RequestOutput]:
+        """The final output of every prompt; aborts them all if the client disconnects."""
+
+        async def run() -> list[RequestOutput]:
+            finals: list[RequestOutput | None] = [None] * len(prompts)
+            async with contextlib.aclosing(self._generate(prompts)) as outputs:
+                async for index, output in outputs:
+                    finals[index] = output
+            return finals  # type: ignore[return-value]
+
+        return await _unless_disconnected(request, run())
+
+    def _stream(self, events: AsyncIterator[str]) -> StreamingResponse:
+        return ClosingStreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- /v1/completions ----------------------------------------------------------------------
+    async def completions(self, raw: Request) -> Response:
+        """POST /v1/completions."""
+        arrival = time.perf_counter()
+        request = await self._parse(raw, CompletionRequest)
+        self._check_request(request)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        texts = request.prompts()
+        for i, text in enumerate(texts):  # cheap length checks first, before any tokenizing
+            if isinstance(text, str):
+                where = f"prompt {i}: " if len(texts) > 1 else ""
+                self._check_chars(len(text), "prompt", f"{where}the prompt has")
+        prompts = await self._run(sum(len(t) for t in texts), self._completion_prompts,
+                                  request, request_id, texts, arrival)
+        _attach_kv_transfer(raw, prompts)
+        created = int(time.time())
+        if request.stream:
+            return self._stream(self._completion_events(request, request_id, created, prompts))
+        finals = await self._collect(raw, prompts)
+        choices = []
+        num_generated = 0
+        for i, (prompt, output) in enumerate(zip(prompts, finals)):
+            for completion in output.outputs:
+                logprobs = None
+                if completion.logprobs is not None:
+                    logprobs, _ = completion_logprobs(completion.token_ids, completion.logprobs,
+                                                      len(prompt.echo_text))
+                choices.append(completion_choice(
+                    i * request.n + completion.index, prompt.echo_text + completion.text,
+                    completion, logprobs,
+                    completion.token_ids if request.return_token_ids else None))
+                num_generated += len(completion.token_ids)
+        num_prompt = sum(len(p.token_ids) for p in prompts)
+        return JSONResponse(completion_chunk(request_id, created, self.model_name, choices,
+                                             usage(num_prompt, num_generated)))
+
+    def _completion_prompts(self, request: CompletionRequest, request_id: str,
+                            texts: list[str | list[int]], arrival: float) -> list[_Prompt]:
+        """Tokenize and check each prompt of a completion request (may run in a thread)."""
+        prompts = []
+        for i, text in enumerate(texts):
+            where = f"prompt {i}: " if len(texts) > 1 else ""
+            token_ids = self._tokenize(text, True, "prompt", where)
+            max_tokens = self._max_tokens(request.max_tokens, len(token_ids), "max_tokens")
+            params = self._sampling_params(request, max_tokens, request.logprobs)
+            prompt = _Prompt(f"{request_id}-{i}", token_ids, params, arrival, request_id,
+                             request.priority)
+            if request.echo:
+                prompt.echo_text = text if isinstance(text, str) else self._decode(token_ids)
+            prompts.append(prompt)
+        return prompts
+
+    def _decode(self, token_ids: list[int]) -> str:
+        tokenizer = self.llm.tokenizer
+        return tokenizer.decode(token_ids) if tokenizer is not None else ""
+
+    async def _completion_events(self, request: CompletionRequest, request_id: str,
+                                 created: int, prompts: list[_Prompt]) -> AsyncIterator[str]:
+        n = request.n
+        holdback = _holdback(prompts[0].params)
+        states = [_ChoiceStream() for _ in range(len(prompts) * n)]
+        try:
+            async with contextlib.aclosing(self._generate(prompts)) as outputs:
+                async for i, output in outputs:
+                    for completion in output.outputs:
+                        state = states[i * n + completion.index]
+                        if state.done:
+                            continue
+                        text, new_ids, new_logprobs = state.advance(completion, holdback)
+                        if not state.started:
+                            text, state.started = prompts[i].echo_text + text, True
+                        logprobs = None
+                        if new_logprobs is not None and new_ids:
+                            logprobs, state.text_offset = completion_logprobs(
+                                new_ids, new_logprobs, state.text_offset)
+                        if not text and not new_ids and not state.done:
+                            continue
+                        choice = completion_choice(
+                            i * n + completion.index, text, completion if state.done else None,
+                            logprobs, new_ids if request.return_token_ids else None)
+                        yield _sse(completion_chunk(request_id, created, self.model_name,
+                                                    [choice]))
+            if request.include_usage:
+                yield _sse(completion_chunk(request_id, created, self.model_name, [],
+                                            self._usage(prompts, states)))
+        except Exception as exc:
+            yield _sse(self.error(exc).body())
+        yield _DONE_EVENT
+
+    @staticmethod
+    def _usage(prompts: list[_Prompt], states: list[_ChoiceStream]) -> dict[str, int]:
+        return usage(sum(len(p.token_ids) for p in prompts), sum(s.num_tokens for s in states))
+
+    # ---- /v1/chat/completions -----------------------------------------------------------------
+    async def chat_completions(self, raw: Request) -> Response:
+        """POST /v1/chat/completions."""
+        arrival = time.perf_counter()
+        request = await self._parse(raw, ChatCompletionRequest)
+        self._check_request(request)
+        tokenizer = self.llm.tokenizer
+        if tokenizer is None:
+            raise RequestError("this model has no tokenizer.json, and chat needs one; use "
+                               "/v1/completions with token-id prompts", param="messages")
+        messages = [m.to_template() for m in request.messages]
+        num_chars = sum(len(m["content"]) for m in messages)
+        self._check_chars(num_chars, "messages", "the messages have")
+        token_ids = await self._run(num_chars, self._chat_prompt, request, messages)
+        param = "max_completion_tokens" if request.max_completion_tokens is not None \
+            else "max_tokens"
+        max_tokens = self._max_tokens(request.requested_max_tokens, len(token_ids), param)
+        params = self._sampling_params(request, max_tokens, request.num_logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        prompts = [_Prompt(request_id, token_ids, params, arrival, request_id, request.priority)]
+        _attach_kv_transfer(raw, prompts)
+        created = int(time.time())
+        if request.stream:
+            return self._stream(self._chat_events(request, request_id, created, prompts))
+        (output,) = await self._collect(raw, prompts)
+        choices = []
+        for completion in output.outputs:
+            logprobs = None
+            if completion.logprobs is not None:
+                logprobs = chat_logprobs(completion.token_ids, completion.logprobs,
+                                         request.top_logprobs or 0)
+            choices.append(chat_choice(completion.index, completion, logprobs,
+                                       completion.token_ids if request.return_token_ids
+                                       else None))
+        num_generated = sum(len(c.token_ids) for c in output.outputs)
+        return JSONResponse({
+            "id": request_id, "object": "chat.completion", "created": created,
+            "model": self.model_name, "choices": choices,
+            "usage": usage(len(token_ids), num_generated)})
+
+    def _chat_prompt(self, request: ChatCompletionRequest, messages: list[dict[str, Any]]
+                     ) -> list[int]:
+        """Render the chat template and tokenize the result (may run in a thread)."""
+        assert self.llm.tokenizer is not None
+        try:
+            text = self.llm.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=request.add_generation_prompt,
+                **(request.chat_template_kwargs or {}))
+        except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError) as exc:
+            # the template is the server's, but messages and chat_template_kwargs are the
+            # client's: a template that fails on them is a bad request
+            raise RequestError(f"cannot apply the chat template: {exc}",
+                               param="messages") from None
+        if not isinstance(text, str):
+            raise RequestError("the chat template did not render to text", param="messages")
+        return self._tokenize(text, False, "messages")
+
+    async def _chat_events(self, request: ChatCompletionRequest, request_id: str, created: int,
+                           prompts: list[_Prompt]) -> AsyncIterator[str]:
+        holdback = _holdback(prompts[0].params)
+        states = [_ChoiceStream() for _ in range(request.n)]
+        top = request.top_logprobs or 0
+        try:
+            for index in range(request.n):
+                role = {"index": index, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None}
+                yield _sse(chat_chunk(request_id, created, self.model_name, [role]))
+            async with contextlib.aclosing(self._generate(prompts)) as outputs:
+                async for _, output in outputs:
+                    for completion in output.outputs:
+                        state = states[completion.index]
+                        if state.done:
+                            continue
+                        text, new_ids, new_logprobs = state.advance(completion, holdback)
+                        logprobs = None
+                        if new_logprobs is not None and new_ids:
+                            logprobs = chat_logprobs(new_ids, new_logprobs, top)
+                        if not text and not new_ids and not state.done:
+                            continue
+                        choice = chat_delta_choice(
+                            completion.index, text, completion, state.done, logprobs,
+                            new_ids if request.return_token_ids else None)
+                        yield _sse(chat_chunk(request_id, created, self.model_name, [choice]))
+            if request.include_usage:
+                yield _sse(chat_chunk(request_id, created, self.model_name, [],
+                                      self._usage(prompts, states)))
+        except Exception as exc:
+            yield _sse(self.error(exc).body())
+        yield _DONE_EVENT
+
+    # ---- errors -------------------------------------------------------------------------------
+    def error(self, exc: Exception) -> RequestError:
+        """The OpenAI error for an exception raised while serving a request."""
+        if isinstance(exc, RequestError):
+            return exc
+        if isinstance(exc, EngineDeadError):
+            return RequestError(f"the engine failed: {exc}", status=500, type="server_error",
+                                code="engine_dead")
+        if isinstance(exc, ValueError):
+            return RequestError(str(exc), param=param_of(str(exc)))
+        logger.error("internal error while serving a request", exc_info=exc)
+        return RequestError(f"internal server error: {type(exc).__name__}: {exc}", status=500,
+                            type="server_error", code="internal_error")
+
+    def error_response(self, exc: Exception) -> Response:
+        if isinstance(exc, _ClientDisconnected):
+            return Response(status_code=499)
+        error = self.error(exc)
+        return JSONResponse(error.body(), status_code=error.status)
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models."""
+        return {"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created,
+            "owned_by": "pp-engine", "root": self.llm.config.model_dir,
+            "max_model_len": self.max_model_len}]}

@@ -1,0 +1,193 @@
+"""Front-end side of the engine: turns engine-core outputs (token ids) into `RequestOutput`s.
+
+It detokenizes incrementally, applies stop strings (the engine core never sees text: a stop string
+match makes the front-end abort the request in the core), builds logprob dicts and joins the n
+sequences of a request. The engine core knows each sequence as its own request, with id
+`"{index}_{request_id}"` when n > 1. A sequence whose processing raises (a detokenizer or
+stop-string failure) finishes alone with finish_reason "error"; the others are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import msgspec
+
+from engine_core.messages import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
+from engine_core.models import IncrementalDetokenizer, Tokenizer
+from engine_core.outputs import CompletionOutput, Logprob, RequestOutput
+from engine_core.sampling_params import WIRE_INT_MAX, WIRE_INT_MIN, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    """One of the n sequences of a request."""
+
+    index: int
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    output: CompletionOutput
+    stop_scan_from: int = 0  # text before this offset holds no stop string
+
+
+@dataclass
+class _RequestState:
+    output: RequestOutput
+    sequences: dict[str, _Sequence] = field(default_factory=dict)
+    num_unfinished: int = 0
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self._requests: dict[str, _RequestState] = {}
+        self._sequence_owner: dict[str, str] = {}  # core request id -> request id
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, eos_token_ids: list[int],
+                    arrival_time: float = 0.0, owner_id: str = "", priority: int = 0
+                    ) -> list[EngineCoreRequest]:
+        """Register a request; returns the engine-core requests to submit (one per sequence).
+        They carry `owner_id` (the user request they belong to, for fair share; default: this
+        request) and `priority`."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model directory has no "
+                             "tokenizer.json; use stop_token_ids instead")
+        state = _RequestState(RequestOutput(request_id, prompt, list(prompt_token_ids)))
+        core_requests = []
+        for index in range(params.n):
+            child_params = _child_params(params, index)
+            core_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
+                                               skip_special_tokens=params.skip_special_tokens)
+            completion = CompletionOutput(
+                index=index, text="", token_ids=[],
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+                logprobs=[] if params.logprobs is not None else None)
+            state.sequences[core_id] = _Sequence(index, child_params, detok, completion)
+            state.output.outputs.append(completion)
+            self._sequence_owner[core_id] = request_id
+            core_requests.append(EngineCoreRequest(
+                core_id, list(prompt_token_ids), child_params, list(eos_token_ids), arrival_time,
+                owner_id=owner_id or request_id, priority=priority))
+        state.num_unfinished = params.n
+        self._requests[request_id] = state
+        return core_requests
+
+    def core_request_ids(self, request_id: str) -> list[str]:
+        state = self._requests.get(request_id)
+        return list(state.sequences) if state else []
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Forget a request (after aborting it in the core); returns its final output."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return None
+        for core_id, seq in state.sequences.items():
+            self._sequence_owner.pop(core_id, None)
+            if seq.output.finish_reason is None:
+                seq.output.finish_reason = "abort"
+        state.output.finished = True
+        return state.output
+
+    def process(self, core_outputs: list[EngineCoreOutput]
+                ) -> tuple[list[RequestOutput], list[str]]:
+        """Apply one step's outputs. Returns (the requests that changed, in order of first
+        change; finished ones are forgotten after this call) and the core request ids to abort
+        because a stop string ended them."""
+        changed: dict[str, RequestOutput] = {}
+        to_abort: list[str] = []
+        for out in core_outputs:
+            request_id = self._sequence_owner.get(out.request_id)
+            if request_id is None:
+                continue  # aborted meanwhile
+            state = self._requests[request_id]
+            seq = state.sequences[out.request_id]
+            if seq.output.finish_reason is not None:
+                continue
+            try:
+                self._append(seq, out)
+                if seq.output.finish_reason is None and self._check_stop_strings(seq):
+                    to_abort.append(out.request_id)
+            except Exception as exc:  # this sequence alone fails; the others go on
+                logger.exception("processing the output of %s failed", out.request_id)
+                seq.output.finish_reason = "error"
+                seq.output.error = f"output processing failed: {type(exc).__name__}: {exc}"
+                if out.finish_reason is None:
+                    to_abort.append(out.request_id)  # still running in the core: stop it
+            state.output.num_cached_tokens = max(state.output.num_cached_tokens,
+                                                 out.num_cached_tokens)
+            if out.kv_transfer_params is not None:
+                state.output.kv_transfer_params = out.kv_transfer_params
+            if seq.output.finish_reason is not None:
+                state.num_unfinished -= 1
+                self._sequence_owner.pop(out.request_id, None)
+            changed[request_id] = state.output
+        for request_id, output in changed.items():
+            if self._requests[request_id].num_unfinished == 0:
+                output.finished = True
+                del self._requests[request_id]
+        return list(changed.values()), to_abort
+
+    def _append(self, seq: _Sequence, out: EngineCoreOutput) -> None:
+        completion = seq.output
+        completion.token_ids.extend(out.new_token_ids)
+        if seq.detokenizer is not None:
+            seq.detokenizer.step(out.new_token_ids)
+            completion.text = seq.detokenizer.text
+        if out.new_logprobs is not None and completion.logprobs is not None:
+            for entry in out.new_logprobs:
+                completion.logprobs.append(self._logprob_dict(entry))
+                completion.cumulative_logprob += entry.logprobs[0]
+        if out.finish_reason is not None:
+            completion.finish_reason = out.finish_reason
+            completion.stop_reason = out.stop_reason
+            completion.error = out.error
+
+    def _check_stop_strings(self, seq: _Sequence) -> bool:
+        """Truncate at the first stop string, if one has appeared. True if the sequence ended."""
+        stops = seq.params.stop
+        if not stops:
+            return False
+        text = seq.output.text
+        longest = max(len(s) for s in stops)
+        start = max(0, seq.stop_scan_from - longest + 1)
+        hits = [(text.find(s, start), s) for s in stops]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
+        seq.stop_scan_from = len(text)
+        if not hits:
+            return False
+        pos, stop = min(hits)
+        end = pos + len(stop) if seq.params.include_stop_str_in_output else pos
+        seq.output.text = text[:end]
+        seq.output.finish_reason, seq.output.stop_reason = "stop", stop
+        return True
+
+    def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
+        result = {}
+        for token_id, logprob, rank in zip(entry.token_ids, entry.logprobs, entry.ranks):
+            if token_id not in result:
+                decoded = self.tokenizer.decode([token_id], skip_special_tokens=False) \
+                    if self.tokenizer is not None else None
+                result[token_id] = Logprob(logprob, rank, decoded)
+        return result
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sequence `index` of an n-way request: n=1, and a distinct seed when one is set."""
+    if params.n == 1:
+        return params
+    seed = None if params.seed is None else _wrap_seed(params.seed + index)
+    return msgspec.structs.replace(params, n=1, seed=seed)
+
+
+def _wrap_seed(value: int) -> int:
+    """`value`, wrapped around into the wire's int range when `seed + index` overflows it."""
+    return value if value <= WIRE_INT_MAX else value - WIRE_INT_MAX - 1 + WIRE_INT_MIN
