@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from engine_core import cli
+from engine_core.entrypoints import cli
 from engine_core.entrypoints.arg_utils import finite_float, int_in
 from tests.test_server import REPO
 
