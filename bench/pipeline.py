@@ -31,12 +31,12 @@ def run(model_dir: str, workload: Workload, dtype: str, **kwargs) -> tuple[float
     llm = LLM(model_dir, dtype=dtype, enable_prefix_caching=False, **kwargs)
     prompts = [{"prompt_token_ids": p} for p in workload.prompts(32000)]
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-    llm.engine.stats.__init__()
+    llm.engine.loop_stats.__init__()
     params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    overhead = llm.engine.stats.overhead_per_step_s
+    overhead = llm.engine.loop_stats.overhead_per_step_s
     llm.shutdown()
     total = sum(len(o.outputs[0].token_ids) for o in outputs)
     return total / elapsed, overhead

@@ -27,11 +27,11 @@ def bench_engine(model_dir: str, dtype: str, workload: Workload) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in workload.prompts(32000)]
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-    llm.engine.stats.__init__()
+    llm.engine.loop_stats.__init__()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    stats = llm.engine.stats
+    stats = llm.engine.loop_stats
     print(f"[{dtype}] engine loop: {stats.num_steps} steps, scheduler "
           f"{stats.schedule_s / stats.num_steps * 1e3:.2f} ms + output update "
           f"{stats.update_s / stats.num_steps * 1e3:.2f} ms per step = "

@@ -97,7 +97,7 @@ class EngineCore:
         self.in_flight: deque[tuple[StepBatch, StepFuture]] = deque()
         self.step_timeout_s = step_timeout_s
         self.error: BaseException | None = None  # set once a step failed: the engine is dead
-        self.stats = LoopStats()
+        self.loop_stats = LoopStats()
         self._pending_outputs: list[EngineCoreOutput] = []  # to return with the next step
         self._stalled = False  # the last step found waiting requests but could schedule nothing
 
@@ -153,11 +153,11 @@ class EngineCore:
                 schedule_start = time.perf_counter()
                 batch = self.scheduler.schedule()
                 submit_start = time.perf_counter()
-                self.stats.schedule_s += submit_start - schedule_start
+                self.loop_stats.schedule_s += submit_start - schedule_start
                 if batch is None:
                     break
                 self.in_flight.append((batch, self._submit(batch)))
-                self.stats.submit_s += time.perf_counter() - submit_start
+                self.loop_stats.submit_s += time.perf_counter() - submit_start
             s = self.scheduler
             self._stalled = not self.in_flight and bool(s.waiting)
             if not self.in_flight:
@@ -176,7 +176,7 @@ class EngineCore:
                 if not isinstance(exc, Exception):  # interrupted: the step itself still runs
                     self.in_flight.appendleft((batch, future))
                 raise
-            self.stats.wait_s += time.perf_counter() - wait_start
+            self.loop_stats.wait_s += time.perf_counter() - wait_start
             output = checked_step_output(batch, output, self.scheduler.requests,
                                          self.config.model.vocab_size)
         except Exception as exc:
@@ -189,9 +189,9 @@ class EngineCore:
         if self.kv_connector is not None:
             self.kv_connector.after_step(self.scheduler, outputs)
         end = time.perf_counter()
-        self.stats.update_s += end - update_start
-        self.stats.num_steps += 1
-        self.stats.total_s += end - start
+        self.loop_stats.update_s += end - update_start
+        self.loop_stats.num_steps += 1
+        self.loop_stats.total_s += end - start
         return outputs
 
     def _submit(self, batch: StepBatch) -> StepFuture:

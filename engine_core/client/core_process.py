@@ -233,14 +233,14 @@ class EngineCoreLoop:
                     outputs = self.engine.step()
                 except Exception as exc:  # a stage died or failed: report it and exit
                     logger.exception("engine step failed")
-                    self._send(EngineCoreOutputs(stats=self._stats(), error=str(exc)))
+                    self._send(EngineCoreOutputs(stats=self.engine.stats(), error=str(exc)))
                     return
             # with KV transfer, stats also change off the loop (transfers, leases released)
             if outputs or inputs_changed or self.engine.kv_connector is not None:
                 self._publish(outputs)
             elif (self.monitor is not None
                   and time.monotonic() - self._last_send > HEARTBEAT_MS / 1000):
-                self._send(EngineCoreOutputs(stats=self._stats()))  # "still alive"
+                self._send(EngineCoreOutputs(stats=self.engine.stats()))  # "still alive"
             if os.getppid() != parent:
                 logger.error("the front-end process is gone; exiting")
                 return
