@@ -1,6 +1,8 @@
-"""`python -m engine_core ...` is `pp-engine ...`."""
+"""`python -m engine_core ...` is `pp-engine ...` (same exit codes)."""
+
+import sys
 
 from engine_core.entrypoints.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
