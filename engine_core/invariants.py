@@ -21,7 +21,14 @@ import logging
 import math
 from collections.abc import Mapping
 
-from engine_core.messages import SampledToken, StepBatch, StepOutput, TokenLogprobs
+from engine_core.messages import (
+    CachedRequest,
+    NewRequest,
+    SampledToken,
+    StepBatch,
+    StepOutput,
+    TokenLogprobs,
+)
 from engine_core.request import Request, RequestStatus
 
 __all__ = ["checked_step_output"]
@@ -40,7 +47,8 @@ def checked_step_output(batch: StepBatch, output: StepOutput, requests: Mapping[
             f"the last stage returned step {output.step_id} with {len(output.request_ids)} "
             f"request ids and {len(output.sampled)} tokens for step {batch.step_id}")
     scheduled = {item.request_id: item.num_computed_tokens + item.num_new_tokens
-                 for item in itertools.chain(batch.new_requests, batch.cached_requests)}
+                 for item in itertools.chain[NewRequest | CachedRequest](
+                         batch.new_requests, batch.cached_requests)}
     request_ids: list[str] = []
     sampled: list[SampledToken] = []
     for request_id, token in zip(output.request_ids, output.sampled):

@@ -105,7 +105,9 @@ class RequestQueue:
         return bool(self._entries)
 
     def __contains__(self, request: object) -> bool:
-        entry = self._entries.get(getattr(request, "request_id", None))
+        if not isinstance(request, Request):
+            return False
+        entry = self._entries.get(request.request_id)
         return entry is not None and entry[2] is request
 
     def __iter__(self) -> Iterator[Request]:

@@ -143,9 +143,9 @@ def _float(name: str, value: Any) -> float:
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         number = float(value)
-    except OverflowError:  # an int beyond a double's range
-        raise ValueError(f"{name} must be finite, got an int of {value.bit_length()} bits") \
-            from None
+    except OverflowError:  # an int beyond a double's range (a float always converts)
+        raise ValueError(f"{name} must be finite, got an int of {int(value).bit_length()} "
+                         "bits") from None
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value!r}")
     # the same object when it is one (msgspec omits a default by identity); -0.0 as 0.0

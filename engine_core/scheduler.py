@@ -113,6 +113,8 @@ class Scheduler:
             self._release(request)
             return
         if ok:
+            if request.remote_kv is None:
+                raise RuntimeError(f"request {request_id!r} fetched KV without transfer params")
             request.num_remote_kv_tokens = request.remote_kv.num_tokens
         else:
             self.block_manager.free(request_id, 0)
@@ -228,6 +230,8 @@ class Scheduler:
         of owners holding more than theirs."""
         while self.waiting and step.has_room():
             request = self.waiting.peek(self.seats)
+            if request is None:
+                raise RuntimeError("the waiting queue is not empty but has no request to peek")
             if request.num_inflight_steps:
                 return  # a preempted request whose last step has not returned yet
             if make_room and self.seats[request.owner] >= self._fair_share():
@@ -244,6 +248,7 @@ class Scheduler:
             return self._start_remote_kv(request)
         if len(self.running) >= self.config.max_num_seqs:
             return False
+        cached_blocks: list[int]
         if request.num_remote_kv_tokens:  # its blocks already hold a prefill's KV
             cached_blocks, num_cached = [], request.num_remote_kv_tokens
         else:
@@ -375,7 +380,8 @@ class Scheduler:
     def update(self, batch: StepBatch, output: StepOutput) -> list[EngineCoreOutput]:
         """Apply a finished step: append sampled tokens, finish requests, free their blocks."""
         step_start: dict[str, int] = {}  # request id -> its computed tokens before this step
-        for item in itertools.chain(batch.new_requests, batch.cached_requests):
+        for item in itertools.chain[NewRequest | CachedRequest](
+                batch.new_requests, batch.cached_requests):
             step_start[item.request_id] = item.num_computed_tokens
             request = self.requests.get(item.request_id)
             if request is not None:
@@ -409,7 +415,8 @@ class Scheduler:
             ))
             if request.is_finished:
                 self.running.remove(request)
-        for item in itertools.chain(batch.new_requests, batch.cached_requests):
+        for item in itertools.chain[NewRequest | CachedRequest](
+                batch.new_requests, batch.cached_requests):
             request = self.requests.get(item.request_id)
             if request is not None and request.is_finished and request.num_inflight_steps == 0:
                 self._release(request)
@@ -422,7 +429,8 @@ class Scheduler:
         outputs."""
         self._finished_ids.extend(batch.finished_request_ids)  # the stages never saw them
         outputs = []
-        for item in itertools.chain(batch.new_requests, batch.cached_requests):
+        for item in itertools.chain[NewRequest | CachedRequest](
+                batch.new_requests, batch.cached_requests):
             request = self.requests.get(item.request_id)
             if request is None:
                 continue
