@@ -87,8 +87,9 @@ def create_keys(directory: str, force: bool = False) -> list[str]:
     return paths
 
 
-def _load(directory: str, name: str, secret: bool) -> tuple[bytes, bytes | None]:
-    path = os.path.join(directory, name + (".key_secret" if secret else ".key"))
+def _read_key_file(path: str, secret: bool) -> tuple[bytes, bytes | None]:
+    """The public key and, when the file holds one, the secret key in the key file `path`
+    (secret: a `.key_secret` file, which must be readable by its owner only)."""
     if not os.path.isfile(path):
         raise ValueError(f"no {path}; {NO_KEYS_HELP}")
     if secret and os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -97,18 +98,31 @@ def _load(directory: str, name: str, secret: bool) -> tuple[bytes, bytes | None]
         public, secret_key = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read the CurveZMQ key {path}: {exc}") from None
-    if secret and secret_key is None:
+    return public, secret_key
+
+
+def _load_public(directory: str, name: str) -> bytes:
+    """The public key in DIR/NAME.key. ValueError if missing or unreadable."""
+    return _read_key_file(os.path.join(directory, name + ".key"), secret=False)[0]
+
+
+def _load_pair(directory: str, name: str) -> tuple[bytes, bytes]:
+    """The public and secret keys in DIR/NAME.key_secret. ValueError if missing, unreadable,
+    readable by other users, or without a secret key."""
+    path = os.path.join(directory, name + ".key_secret")
+    public, secret_key = _read_key_file(path, secret=True)
+    if secret_key is None:
         raise ValueError(f"{path} holds no secret key")
     return public, secret_key
 
 
 def load_server_keys(directory: str) -> CurveKeys:
     """The binding side's keys and the client public keys it admits. ValueError if missing."""
-    public, secret = _load(directory, SERVER_NAME, secret=True)
+    public, secret = _load_pair(directory, SERVER_NAME)
     allowed = set()
     for entry in sorted(os.listdir(directory)):
         if entry.endswith(".key") and entry != f"{SERVER_NAME}.key":
-            allowed.add(_load(directory, entry[:-len(".key")], secret=False)[0])
+            allowed.add(_load_public(directory, entry[:-len(".key")]))
     if not allowed:
         raise ValueError(f"{directory} holds no client public key; {NO_KEYS_HELP}")
     return CurveKeys(public, secret, public, frozenset(allowed))
@@ -116,8 +130,8 @@ def load_server_keys(directory: str) -> CurveKeys:
 
 def load_client_keys(directory: str, name: str = CLIENT_NAME) -> CurveKeys:
     """A connecting side's pair plus the server's public key. ValueError if missing."""
-    public, secret = _load(directory, name, secret=True)
-    server_public, _ = _load(directory, SERVER_NAME, secret=False)
+    public, secret = _load_pair(directory, name)
+    server_public = _load_public(directory, SERVER_NAME)
     return CurveKeys(public, secret, server_public)
 
 
@@ -196,9 +210,10 @@ class CurveAuthenticator:
     context is terminated."""
 
     def __init__(self, ctx: zmq.Context, keys: CurveKeys) -> None:
-        self._auth = ThreadAuthenticator(ctx, log=logging.getLogger(f"{__name__}.zap"))
-        self._auth.start()
-        self._auth.configure_curve_callback(domain="*", credentials_provider=self)
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger(f"{__name__}.zap"))
+        auth.start()
+        auth.configure_curve_callback(domain="*", credentials_provider=self)
+        self._auth: ThreadAuthenticator | None = auth  # None once stopped
         self._allowed = keys.allowed_clients
 
     def callback(self, domain: str, key: bytes) -> bool:
