@@ -144,23 +144,25 @@ class KVConnector(KVConnectorBase):
             request_id, ok = self._fetched.get()
             self._fetching.discard(request_id)
             scheduler.remote_kv_ready(request_id, ok)
-        aborted: list[Request] = []
+        aborted: list[tuple[str, KVTransferParams]] = []  # (request id, its params)
         started = False
         for request in scheduler.requests_awaiting_kv():
             request_id = request.request_id
             if request_id in self._fetching:
                 continue
+            remote = request.remote_kv
+            if remote is None:
+                raise RuntimeError(f"request {request_id!r} awaits KV without transfer params")
             if request.is_finished:  # aborted before its fetch started
-                aborted.append(request)
+                aborted.append((request_id, remote))
                 continue
             self._fetching.add(request_id)
             block_ids = scheduler.block_ids(request_id)
-            self._fetches.put(FetchJob(request_id, request.remote_kv,
-                                       block_ids[:len(request.remote_kv.block_ids)]))
+            self._fetches.put(FetchJob(request_id, remote, block_ids[:len(remote.block_ids)]))
             started = True
-        for request in aborted:
-            self._give_up(request.remote_kv)
-            scheduler.remote_kv_ready(request.request_id, ok=False)
+        for request_id, remote in aborted:
+            self._give_up(remote)
+            scheduler.remote_kv_ready(request_id, ok=False)
         if started or aborted:
             self._received.notify()  # wake the fetcher for its new jobs
 
@@ -179,7 +181,8 @@ class KVConnector(KVConnectorBase):
             return
         by_id = {out.request_id: out for out in outputs if out.finish_reason is not None}
         leased = self.local.leased_request_ids()
-        nothing_to_lend, to_push = [], []
+        nothing_to_lend: list[str] = []
+        to_push: list[PushJob] = []
         for request in held:
             request_id = request.request_id
             if request_id in leased:
@@ -189,7 +192,9 @@ class KVConnector(KVConnectorBase):
                 by_id[request_id].kv_transfer_params = params
             if not params.block_ids:  # a prompt of at most one block: D computes it all
                 nothing_to_lend.append(request_id)
-            elif params.send_type != "GET":
+            elif params.send_type != "GET":  # lent for a push: to the decoder of its params
+                if request.remote_kv is None:
+                    raise RuntimeError(f"request {request_id!r} lent for a push without a target")
                 to_push.append((params.lease_id, request.remote_kv))
         for request_id in nothing_to_lend:
             scheduler.free_held_kv(request_id)

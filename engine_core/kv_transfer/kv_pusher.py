@@ -98,13 +98,15 @@ class KVPusher:
         sockets = self.new_sockets()
         try:
             while True:
-                batch = [jobs.get()]
-                while True:
+                batch: list[PushJob] = []  # all that is queued now, up to a None
+                job = jobs.get()
+                while job is not None:
+                    batch.append(job)
                     try:
-                        batch.append(jobs.get_nowait())
+                        job = jobs.get_nowait()
                     except queue.Empty:
                         break
-                if None in batch:
+                if job is None:
                     return
                 try:
                     for lease_id in self.push(sockets, batch):

@@ -124,7 +124,7 @@ class KVServer:
             else:
                 if leased is None:
                     error = f"unknown KV lease {pull.lease_id!r}"
-        if error is not None:
+        if leased is None:  # `error` says why
             self.drop(f"a KV pull: {error}")
             sock.send_multipart([identity, msgspec.msgpack.encode(PullDone(error))])
             return
@@ -166,6 +166,7 @@ class KVServer:
             self.drop(f"a pushed KV message: {exc}")
             return
         header = layer.header
+        error: str | None
         if header.compat_hash != self.local.compat_hash:
             error = f"KV layout hash {header.compat_hash}, ours is {self.local.compat_hash}"
         else:

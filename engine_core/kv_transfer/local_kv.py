@@ -88,7 +88,7 @@ class LocalKV:
     def write(self, block_ids: list[int], layers: list[KVLayer]) -> set[int]:
         """Write received layers into `block_ids`, one call per stage; the layers written
         (a layer whose blocks do not match `block_ids` is not)."""
-        written = set()
+        written: set[int] = set()
         for stage in self.stages:
             mine = [(la.header.layer, la.k, la.v) for la in layers
                     if la.header.shape[0] == len(block_ids) and stage.holds_layer(la.header.layer)]
