@@ -105,8 +105,8 @@ class EngineCore:
         """Queue a request. ValueError (naming the field) if it is invalid for this model; the
         engine is then untouched."""
         validate_core_request(core_request, self.config)
-        validate_kv_transfer(core_request, self.kv_connector and self.kv_connector.kv_config,
-                             self.config.cache.block_size)
+        kv_config = None if self.kv_connector is None else self.kv_connector.kv_config
+        validate_kv_transfer(core_request, kv_config, self.config.cache.block_size)
         self.scheduler.add_request(Request(core_request, self.config.scheduler.max_model_len))
         self._stalled = False
 
