@@ -291,6 +291,7 @@ class ProxyServing:
         if isinstance(exc, ClientDisconnected):
             self._count_disconnect()
             return Response(status_code=499)
+        error: RequestError
         if isinstance(exc, LegFailed):
             logger.warning("%s", exc.message)
             error, reason = exc, str(exc.code)
