@@ -103,11 +103,11 @@ class AttentionMetadata:
         if num_seqs == 0 or min(query_lens) < 1:
             raise ValueError(f"every sequence needs at least one new token, got {query_lens}")
         seq_lens = [c + q for c, q in zip(num_computed_tokens, query_lens)]
-        for i, (seq_len, table) in enumerate(zip(seq_lens, block_tables)):
-            if len(table) * block_size < seq_len:
+        for i, (seq_len, seq_blocks) in enumerate(zip(seq_lens, block_tables)):
+            if len(seq_blocks) * block_size < seq_len:
                 raise ValueError(
                     f"sequence {i} has {seq_len} tokens but its block table holds only "
-                    f"{len(table)} blocks of {block_size}"
+                    f"{len(seq_blocks)} blocks of {block_size}"
                 )
         query_start_loc = [0, *accumulate(query_lens)]
         num_tokens = query_start_loc[-1]

@@ -84,7 +84,7 @@ class Linear(nn.Linear):
         if self.weight is None or not can_pack(self.weight):
             return
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-        self.weight = None
+        self.register_parameter("weight", None)  # the dense copy is freed: `weight` is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:

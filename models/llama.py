@@ -198,17 +198,24 @@ class LlamaModel(nn.Module):
             raise ValueError("compute_logits needs the last stage (it holds the LM head)")
         if self.lm_head is not None:
             return self.lm_head(hidden_states).float()
-        return linear(hidden_states, self.embed_tokens.weight).float()
+        return linear(hidden_states, self._tied_head_weight()).float()
+
+    def _tied_head_weight(self) -> torch.Tensor:
+        """The embedding matrix, which a tied LM head uses (a last stage without `lm_head`,
+        which is then the first stage too)."""
+        if self.embed_tokens is None:
+            raise RuntimeError("a last stage without an LM head needs the tied embedding")
+        return self.embed_tokens.weight
 
     def pack_weights(self) -> None:
         """After loading: keep every dense layer's weight in the device's fastest layout
         (`models/linear.py`). A tied LM head then gets its own packed copy of the embedding
         matrix (one more vocab x hidden matrix in memory; the head is ~2x faster at batch 1)."""
         tied_here = self.is_last and self.lm_head is None
-        if tied_here and can_pack(self.embed_tokens.weight):
+        if tied_here and can_pack(self._tied_head_weight()):
             head = Linear(self.config.hidden_size, self.config.vocab_size, bias=False,
                           device="meta")
-            head.weight = nn.Parameter(self.embed_tokens.weight.detach(), requires_grad=False)
+            head.weight = nn.Parameter(self._tied_head_weight().detach(), requires_grad=False)
             self.lm_head = head
         pack_linear_weights(self)
 
@@ -305,6 +312,7 @@ class LlamaModel(nn.Module):
     def _shard_range(self, param_name: str, shard: int) -> tuple[int, int]:
         """(offset, size) of a shard along dim 0 of a fused parameter."""
         c = self.config
+        sizes: tuple[int, ...]
         if ".qkv_proj." in param_name:
             q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
             sizes = (q_size, kv_size, kv_size)

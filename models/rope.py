@@ -13,7 +13,9 @@ def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None
     "default", "linear" and "llama3" rope types."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)  # [head_dim // 2]
-    rope_type = None if scaling is None else scaling["rope_type"]
+    if scaling is None:
+        return inv_freq
+    rope_type = scaling["rope_type"]
     if rope_type == "linear":
         return inv_freq / float(scaling["factor"])
     if rope_type == "llama3":
