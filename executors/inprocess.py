@@ -29,9 +29,15 @@ class InProcessExecutor(Executor):
         future: Future[StepOutput] = Future()
         try:
             hidden = None
-            for stage in self.stages:
-                hidden = stage.execute(batch, hidden)
-            future.set_result(hidden)
+            for stage in self.stages[:-1]:
+                out = stage.execute(batch, hidden)
+                if isinstance(out, StepOutput):
+                    raise RuntimeError(f"stage {stage.stage_index} is not the last but sampled")
+                hidden = out
+            output = self.stages[-1].execute(batch, hidden)
+            if not isinstance(output, StepOutput):
+                raise RuntimeError("the last stage returned hidden states, not sampled tokens")
+            future.set_result(output)
         except Exception as exc:  # surfaced to the engine loop by future.result()
             future.set_exception(exc)
         return future

@@ -89,7 +89,7 @@ def decode_layer(frames: list) -> KVLayer:
 
 
 def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return t.view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
 
 
 class KVTransport:

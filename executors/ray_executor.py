@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import msgspec
 import numpy as np
@@ -34,6 +34,9 @@ import torch
 from engine_core.config import EngineConfig
 from engine_core.executor import Executor, KVStage
 from engine_core.messages import StepBatch, StepOutput
+
+if TYPE_CHECKING:
+    import ray
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +89,36 @@ class StageActor:
         return True
 
 
+_R = TypeVar("_R")
+
+
+class _ActorMethod(Protocol[_R]):
+    """A method of a Ray actor handle: `remote(...)` queues a call and returns the ObjectRef of
+    its result; `bind(...)` makes a node of a Ray graph."""
+
+    def remote(self, *args: Any) -> ray.ObjectRef[_R]: ...
+
+    def bind(self, *args: Any) -> Any: ...
+
+
+class StageHandle(Protocol):
+    """The driver's view of a `StageActor` handle. Ray builds these callables at run time; its
+    stubs type an actor handle's methods as the plain methods (without `.remote`)."""
+
+    _actor_id: ray.ActorID
+    num_kv_blocks_that_fit: _ActorMethod[int]
+    init_kv_cache: _ActorMethod[bool]
+    execute: _ActorMethod[np.ndarray | bytes]
+    read_kv_blocks: _ActorMethod[list[tuple[int, np.ndarray, np.ndarray]]]
+    write_kv_layers: _ActorMethod[bool]
+
+
 class RayKVStage:
     """One stage actor's KV cache as a `KVStage`. `holds_layer` is answered here; reads and
     writes are remote calls, each waited for at most `timeout_s` (a timeout or a dead actor raises
     `RuntimeError` naming the stage). Ray runs them in order with the actor's steps."""
 
-    def __init__(self, actor: Any, stage_index: int, layer_range: tuple[int, int],
+    def __init__(self, actor: StageHandle, stage_index: int, layer_range: tuple[int, int],
                  dtype: torch.dtype, timeout_s: float = KV_CALL_TIMEOUT_S) -> None:
         self.actor = actor
         self.stage_index = stage_index
@@ -197,12 +224,12 @@ class RayExecutor(Executor):
         actor_cls = ray.remote(StageActor)
         parallel = dataclasses.replace(config.parallel, threads_per_stage=self.threads_per_stage)
         config_bytes = self._encoder.encode(dataclasses.replace(config, parallel=parallel))
-        self.stages = [
-            actor_cls.options(
+        self.stages: list[StageHandle] = [
+            cast(StageHandle, actor_cls.options(
                 num_cpus=self.threads_per_stage,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=i),
-            ).remote(config_bytes, i)
+            ).remote(config_bytes, i))
             for i in range(num_stages)
         ]
         self._stage_of_actor = {a._actor_id.hex(): i for i, a in enumerate(self.stages)}

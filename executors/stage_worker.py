@@ -26,7 +26,13 @@ from engine_core.models import AttentionMetadata, load_model
 from engine_core.models.linear import warm_up_linears
 
 from engine_core.config import EngineConfig
-from engine_core.messages import NewRequest, SampledToken, StepBatch, StepOutput
+from engine_core.messages import (
+    CachedRequest,
+    NewRequest,
+    SampledToken,
+    StepBatch,
+    StepOutput,
+)
 from engine_core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -159,7 +165,8 @@ class StageWorker:
         self._apply_updates(batch)
         scheduled = []  # (request id, num computed tokens, num new tokens) of what runs
         dropped = StepOutput(batch.step_id, [], [])  # error rows of the requests that don't
-        for item in itertools.chain(batch.new_requests, batch.cached_requests):
+        for item in itertools.chain[NewRequest | CachedRequest](
+                batch.new_requests, batch.cached_requests):
             state = self.requests[item.request_id]
             error = state.error or self._step_error(state, item.num_computed_tokens,
                                                     item.num_new_tokens)
@@ -201,10 +208,10 @@ class StageWorker:
         for request_id in batch.finished_request_ids:
             self.requests.pop(request_id, None)
         for new in batch.new_requests:
-            state = self.requests[new.request_id] = _new_state(new)
-            state.error = (_ids_error("token", state.token_ids, vocab)
-                           or _ids_error("block", state.block_ids, num_blocks))
-            _log_error(new.request_id, state.error)
+            added = self.requests[new.request_id] = _new_state(new)
+            added.error = (_ids_error("token", added.token_ids, vocab)
+                           or _ids_error("block", added.block_ids, num_blocks))
+            _log_error(new.request_id, added.error)
         for cached in batch.cached_requests:
             state = self.requests.get(cached.request_id)
             if state is None:
@@ -235,7 +242,14 @@ class StageWorker:
                     f"up to {end - 1}")
         return None
 
-    def _sample(self, step_id, scheduled, states, hidden, meta) -> StepOutput:
+    def _sample(self, step_id: int, scheduled: list[tuple[str, int, int]],
+                states: list[_RequestState], hidden: torch.Tensor,
+                meta: AttentionMetadata) -> StepOutput:
+        """The last stage's output: a token for each scheduled request whose step reaches the
+        end of its tokens, sampled from the final hidden states."""
+        sampler = self.sampler
+        if sampler is None:
+            raise RuntimeError(f"stage {self.stage_index} is not the last: it has no sampler")
         rows, row_ids, last_token_index = [], [], []
         for i, ((request_id, computed, num_new), state) in enumerate(zip(scheduled, states)):
             if computed + num_new < len(state.token_ids):
@@ -253,18 +267,19 @@ class StageWorker:
         index = torch.tensor(last_token_index, device=hidden.device)
         logits = self.model.compute_logits(hidden[index])  # [num_rows, vocab]
         try:
-            sampled = self.sampler(logits, rows)
+            sampled = sampler(logits, rows)
         except Exception:  # find the rows at fault; the others are sampled as usual
-            sampled = [self._sample_row(logits[i:i + 1], row) for i, row in enumerate(rows)]
+            sampled = [_sample_row(sampler, logits[i:i + 1], row) for i, row in enumerate(rows)]
         return StepOutput(step_id, row_ids, sampled)
 
-    def _sample_row(self, logits: torch.Tensor, row: SamplingRow) -> SampledToken:
-        """Sample one row alone ([1, vocab] logits); a failure becomes that row's error."""
-        try:
-            return self.sampler(logits, [row])[0]
-        except Exception as exc:
-            logger.exception("sampling failed for one request")
-            return SampledToken(-1, error=f"sampling failed: {type(exc).__name__}: {exc}")
+
+def _sample_row(sampler: Sampler, logits: torch.Tensor, row: SamplingRow) -> SampledToken:
+    """Sample one row alone ([1, vocab] logits); a failure becomes that row's error."""
+    try:
+        return sampler(logits, [row])[0]
+    except Exception as exc:
+        logger.exception("sampling failed for one request")
+        return SampledToken(-1, error=f"sampling failed: {type(exc).__name__}: {exc}")
 
 
 def _ids_error(kind: str, ids: list[int], limit: int) -> str | None:
