@@ -413,15 +413,15 @@ def test_unclaimed_and_half_pushed_kv_expires_and_is_counted(model_and_prompts, 
         sock.send(msgspec.msgpack.encode(PushDone("whole", conn.config.model.num_layers)))
         assert _offer(sock, conn, "half", 1).accepted
         sock.send_multipart(_layer_frames(conn, "half", 1)[0])  # then P dies
-        assert conn.stats.buffer_bytes == 3 * conn.local.block_bytes  # reserved at the offers
-        assert _wait_for(lambda: conn.stats.pushes_expired == 2, timeout_s=5.0)
-        assert conn.stats.buffer_bytes == conn.stats.overflow_bytes == 0
+        assert conn.stats().buffer_bytes == 3 * conn.local.block_bytes  # reserved at the offers
+        assert _wait_for(lambda: conn.stats().pushes_expired == 2, timeout_s=5.0)
+        assert conn.stats().buffer_bytes == conn.stats().overflow_bytes == 0
         kv = d.stats().kv_transfer  # what the front-end's metrics get
         assert (kv.pushes_expired, kv.buffer_bytes, kv.leases_expired) == (2, 0, 0)
         assert conn._received.num_transfers == 0
-        dropped = conn.stats.dropped_messages
+        dropped = conn.stats().dropped_messages
         sock.send_multipart(_layer_frames(conn, "half", 1)[1])  # a late layer: dropped at once
-        assert _wait_for(lambda: conn.stats.dropped_messages == dropped + 1)
+        assert _wait_for(lambda: conn.stats().dropped_messages == dropped + 1)
         assert _settle(d)
     finally:
         d.shutdown()
@@ -449,10 +449,10 @@ def test_release_from_a_third_party_ends_leases_and_drops_buffered_kv(model_and_
         conn = d.kv_connector
         sock = dealer(conn.endpoint)
         assert _offer(sock, conn, "buffered", 2).accepted
-        assert conn.stats.buffer_bytes == 2 * conn.local.block_bytes
+        assert conn.stats().buffer_bytes == 2 * conn.local.block_bytes
         dealer(conn.endpoint).send(msgspec.msgpack.encode(ReleaseKV("buffered")))
-        assert _wait_for(lambda: conn.stats.buffer_bytes == 0)
-        assert conn._received.num_transfers == 0 and conn.stats.pushes_expired == 0
+        assert _wait_for(lambda: conn.stats().buffer_bytes == 0)
+        assert conn._received.num_transfers == 0 and conn.stats().pushes_expired == 0
 
         # D's request is aborted after it got blocks, before its fetch started
         params = _run(p, [_request("r3", prompts[3], 1, do_remote_decode=True)])["r3"][1] \
@@ -537,8 +537,8 @@ def test_pushed_garbage_is_dropped_and_the_decoder_still_serves(model_and_prompt
         sock.send_multipart(frames)  # another KV layout
         sock.send_multipart([frames[0], frames[1][:-1], frames[2]])  # truncated
         sock.send_multipart([b"\x00garbage", b"more"])  # neither a layer nor a control message
-        assert _wait_for(lambda: conn.stats.dropped_messages >= 3)
-        assert conn.stats.dropped_messages == 3
+        assert _wait_for(lambda: conn.stats().dropped_messages >= 3)
+        assert conn.stats().dropped_messages == 3
         # an offer of another KV layout is refused, naming it; its layers are dropped
         reply = _offer(sock, conn, "x", 1, compat_hash="0" * 16)
         assert not reply.accepted and "hash" in reply.reason
@@ -547,8 +547,8 @@ def test_pushed_garbage_is_dropped_and_the_decoder_still_serves(model_and_prompt
         for frames in _layer_frames(conn, "y", 1):  # no accepted offer for them
             sock.send_multipart(frames)
         num_layers = conn.config.model.num_layers
-        assert _wait_for(lambda: conn.stats.dropped_messages == 5 + num_layers)
-        assert conn._received.num_transfers == 0 and conn.stats.buffer_bytes == 0
+        assert _wait_for(lambda: conn.stats().dropped_messages == 5 + num_layers)
+        assert conn._received.num_transfers == 0 and conn.stats().buffer_bytes == 0
         out = _run(d, [_request("r3", prompts[3], MAX_TOKENS)])
         assert out["r3"][0] == reference["r3"]
         assert _settle(d)
