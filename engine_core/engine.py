@@ -27,8 +27,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import EngineConfig
 from engine_core.executor import Executor, StepFuture
@@ -213,19 +211,11 @@ class EngineCore:
         scheduler, blocks = self.scheduler, self.block_manager
         stats = SchedulerStats(
             num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
-            kv_usage=blocks.usage, num_free_blocks=blocks.num_free_blocks,
-            num_total_blocks=blocks.num_usable_blocks,
+            num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_usable_blocks,
             num_preemptions=scheduler.num_preemptions,
             num_prompt_tokens_computed=scheduler.num_prompt_tokens_computed)
         if self.kv_connector is not None:
-            kv = self.kv_connector.stats()
-            stats = msgspec.structs.replace(
-                stats, kv_sent_tokens=kv.sent_tokens, kv_received_tokens=kv.received_tokens,
-                kv_sent_bytes=kv.sent_bytes, kv_received_bytes=kv.received_bytes,
-                kv_transfer_seconds=kv.seconds, kv_leases_expired=kv.leases_expired,
-                kv_pushes_expired=kv.pushes_expired, kv_transfers_held=kv.transfers_held,
-                kv_overflow_transfers=kv.overflow_transfers, kv_buffer_bytes=kv.buffer_bytes,
-                kv_overflow_bytes=kv.overflow_bytes)
+            stats.kv_transfer = self.kv_connector.stats()
         return stats
 
     def shutdown(self) -> None:

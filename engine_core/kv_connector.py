@@ -8,32 +8,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Protocol
 
-import msgspec
-
 if TYPE_CHECKING:
     from engine_core.kv_transfer_config import KVTransferConfig
-    from engine_core.messages import EngineCoreOutput
+    from engine_core.messages import EngineCoreOutput, KVTransferStats
     from engine_core.request import Request
 
-__all__ = ["KVConnectorBase", "KVTransferStats", "KVTransferView"]
-
-
-class KVTransferStats(msgspec.Struct):
-    """What a connector counts: counters since start (both sides; an instance counts what its
-    role does) and two gauges. Written by the connector's threads, read by `EngineCore.stats()`."""
-
-    sent_tokens: int = 0
-    received_tokens: int = 0
-    sent_bytes: int = 0
-    received_bytes: int = 0
-    seconds: float = 0.0  # spent moving KV, both directions, summed over transfers
-    dropped_messages: int = 0
-    leases_expired: int = 0  # producer: leases whose decoder never took them
-    pushes_expired: int = 0  # consumer: buffered pushes whose request never came
-    transfers_held: int = 0  # back-pressure: pushes D told to hold / P was told to hold
-    overflow_transfers: int = 0  # consumer: pushes that went to the overflow pool
-    buffer_bytes: int = 0  # consumer, now: bytes reserved in the receive buffer
-    overflow_bytes: int = 0  # consumer, now: bytes reserved in the overflow pool
+__all__ = ["KVConnectorBase", "KVTransferView"]
 
 
 class KVTransferView(Protocol):
@@ -88,7 +68,7 @@ class KVConnectorBase(ABC):
 
     @abstractmethod
     def stats(self) -> KVTransferStats:
-        """A snapshot of the connector's counters."""
+        """A copy of the connector's figures now (`SchedulerStats.kv_transfer`)."""
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -9,6 +9,9 @@ Two boundaries use them:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
 import msgspec
 
 from engine_core.sampling_params import SamplingParams
@@ -117,30 +120,72 @@ class StepOutput(msgspec.Struct, array_like=True):
 
 
 # ---- front-end <-> engine-core process --------------------------------------------------------
+class KVTransferStats(msgspec.Struct, omit_defaults=True):
+    """What a KV connector counts (disaggregated prefill/decode; all zero without one):
+    counters since start (an instance counts what its role does) and two gauges. Written by the
+    connector's threads, read through `KVConnectorBase.stats()`; travels inside
+    `SchedulerStats`. A new figure is a field here and a row of `entrypoints/engine_metrics.py`.
+    """
+
+    sent_tokens: int = 0
+    received_tokens: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    seconds: float = 0.0  # spent moving KV, both directions, summed over transfers
+    dropped_messages: int = 0  # peers' messages dropped (garbage, wrong layout, unknown)
+    leases_expired: int = 0  # producer: leases whose decoder never took them
+    pushes_expired: int = 0  # consumer: buffered pushes whose request never came
+    transfers_held: int = 0  # back-pressure: pushes D told to hold / P was told to hold
+    overflow_transfers: int = 0  # consumer: pushes that went to the overflow pool
+    buffer_bytes: int = 0  # consumer, now: bytes reserved in the receive buffer
+    overflow_bytes: int = 0  # consumer, now: bytes reserved in the overflow pool
+
+
 class SchedulerStats(msgspec.Struct, omit_defaults=True):
-    """The engine core's load, sent with every batch of outputs."""
+    """The engine core's figures (`EngineCore.stats()`), sent with every batch of outputs:
+    gauges (now) and counters (since start). Every field is a number or a nested stats struct,
+    so the figures of several engines add up field by field (`SchedulerStats.sum`)."""
 
     num_running: int = 0
     num_waiting: int = 0
-    kv_usage: float = 0.0
     num_free_blocks: int = 0
     num_total_blocks: int = 0  # usable blocks (the null block excluded)
     num_preemptions: int = 0
-    # counters since start: prompt tokens run through the model, and KV transfer
-    # (disaggregated prefill/decode; zero without --kv-transfer-config)
-    num_prompt_tokens_computed: int = 0
-    kv_sent_tokens: int = 0
-    kv_received_tokens: int = 0
-    kv_sent_bytes: int = 0
-    kv_received_bytes: int = 0
-    kv_transfer_seconds: float = 0.0
-    kv_leases_expired: int = 0  # producer: leases no decoder took in time
-    kv_pushes_expired: int = 0  # consumer: pushed KV whose request never came
-    kv_transfers_held: int = 0  # back-pressure: pushes told to hold (D) / held (P)
-    kv_overflow_transfers: int = 0  # consumer: pushes kept in the overflow pool
-    # gauges, now: bytes of pushed KV in the consumer's receive buffer and overflow pool
-    kv_buffer_bytes: int = 0
-    kv_overflow_bytes: int = 0
+    num_prompt_tokens_computed: int = 0  # prompt tokens run through the model
+    kv_transfer: KVTransferStats = msgspec.field(default_factory=KVTransferStats)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the usable KV blocks in use (0 without blocks)."""
+        if not self.num_total_blocks:
+            return 0.0
+        return 1.0 - self.num_free_blocks / self.num_total_blocks
+
+    @classmethod
+    def sum(cls, stats: Iterable[SchedulerStats]) -> SchedulerStats:
+        """The figures of several engines as one engine's: each field added up over `stats`
+        (nested structs field by field), so `kv_usage` is that of all their blocks.
+        No stats: all zero."""
+        return _add_up(cls, list(stats))
+
+
+_Stats = TypeVar("_Stats", bound=msgspec.Struct)
+
+
+def _add_up(struct_type: type[_Stats], items: list[_Stats]) -> _Stats:
+    """`struct_type` whose every field is the sum of that field over `items`: numbers added,
+    nested Structs added up the same way."""
+    values: dict[str, Any] = {}
+    for field in msgspec.structs.fields(struct_type):
+        parts = [getattr(item, field.name) for item in items]
+        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            values[field.name] = _add_up(field.type, parts)
+        elif field.type in (int, float):
+            values[field.name] = sum(parts, field.type())
+        else:
+            raise TypeError(f"{struct_type.__name__}.{field.name}: cannot add up a "
+                            f"{field.type!r}; stats fields are int, float or a stats struct")
+    return struct_type(**values)
 
 
 class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):

@@ -416,9 +416,8 @@ def test_unclaimed_and_half_pushed_kv_expires_and_is_counted(model_and_prompts, 
         assert conn.stats().buffer_bytes == 3 * conn.local.block_bytes  # reserved at the offers
         assert _wait_for(lambda: conn.stats().pushes_expired == 2, timeout_s=5.0)
         assert conn.stats().buffer_bytes == conn.stats().overflow_bytes == 0
-        stats = d.stats()  # what the front-end's metrics get
-        assert (stats.kv_pushes_expired, stats.kv_buffer_bytes, stats.kv_leases_expired) == (
-            2, 0, 0)
+        kv = d.stats().kv_transfer  # what the front-end's metrics get
+        assert (kv.pushes_expired, kv.buffer_bytes, kv.leases_expired) == (2, 0, 0)
         assert conn._received.num_transfers == 0
         dropped = conn.stats().dropped_messages
         sock.send_multipart(_layer_frames(conn, "half", 1)[1])  # a late layer: dropped at once
@@ -682,13 +681,12 @@ def test_metrics_expose_prompt_and_kv_transfer_counters():
     from prometheus_client import CollectorRegistry, generate_latest
 
     from engine_core.entrypoints.openai.metrics import _EngineStatsCollector
-    from engine_core.messages import SchedulerStats
+    from engine_core.messages import KVTransferStats, SchedulerStats
 
-    stats = SchedulerStats(num_prompt_tokens_computed=7, kv_sent_tokens=64,
-                           kv_received_tokens=32, kv_sent_bytes=1024, kv_transfer_seconds=0.5,
-                           kv_leases_expired=3, kv_pushes_expired=2, kv_transfers_held=5,
-                           kv_overflow_transfers=4, kv_buffer_bytes=4096,
-                           kv_overflow_bytes=8192)
+    stats = SchedulerStats(num_prompt_tokens_computed=7, kv_transfer=KVTransferStats(
+        sent_tokens=64, received_tokens=32, sent_bytes=1024, seconds=0.5, leases_expired=3,
+        pushes_expired=2, transfers_held=5, overflow_transfers=4, buffer_bytes=4096,
+        overflow_bytes=8192, dropped_messages=6))
     llm = SimpleNamespace(stats=stats, num_restarts=0,
                           client=SimpleNamespace(engine_states=lambda: []))
     registry = CollectorRegistry()
@@ -704,7 +702,8 @@ def test_metrics_expose_prompt_and_kv_transfer_counters():
                  'ppengine:kv_transfer_held_total{model_name="m"} 5.0',
                  'ppengine:kv_overflow_transfers_total{model_name="m"} 4.0',
                  'ppengine:kv_buffer_bytes{model_name="m"} 4096.0',
-                 'ppengine:kv_overflow_bytes{model_name="m"} 8192.0'):
+                 'ppengine:kv_overflow_bytes{model_name="m"} 8192.0',
+                 'ppengine:kv_transfer_dropped_messages_total{model_name="m"} 6.0'):
         assert line in text, line
 
 

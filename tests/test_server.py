@@ -476,6 +476,28 @@ def test_api_key_and_open_routes(server):
     assert httpx.get(server.url + "/metrics", timeout=TIMEOUT).status_code == 200
 
 
+def test_offline_get_metrics_names_the_servers_engine_series(server, offline):
+    """`LLM.get_metrics()` and the live `/metrics` name the engine's figures alike (both read
+    `engine_metrics.ENGINE_METRICS`), with the same kinds and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from engine_core.entrypoints.engine_metrics import ENGINE_METRICS, Counter
+
+    wait_idle(server)
+    text = httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
+    served = {f.name: f for f in text_string_to_metric_families(text)}
+    offline_metrics = offline.get_metrics()
+    names = {m.name for m in offline_metrics}
+    assert names == {row.name for row in ENGINE_METRICS}
+    assert names <= set(served), names - set(served)
+    for metric in offline_metrics:
+        family = served[metric.name]
+        assert family.type == ("counter" if isinstance(metric, Counter) else "gauge")
+        labels = {k: v for k, v in metric.labels.items() if k != "model_name"}
+        assert any({k: v for k, v in s.labels.items() if k != "model_name"} == labels
+                   for s in family.samples), (metric, family.samples)
+
+
 def client_for(server: ServerProcess, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0,
                          timeout=TIMEOUT)

@@ -471,26 +471,7 @@ class DPEngineCoreClient:
     @property
     def stats(self) -> SchedulerStats:
         """The sum over live engines (kv_usage: of all their blocks)."""
-        live = [e.stats for e in self.engines if e.alive]
-        total = sum(s.num_total_blocks for s in live)
-        free = sum(s.num_free_blocks for s in live)
-        return SchedulerStats(
-            num_running=sum(s.num_running for s in live),
-            num_waiting=sum(s.num_waiting for s in live),
-            kv_usage=1.0 - free / total if total else 0.0, num_free_blocks=free,
-            num_total_blocks=total, num_preemptions=sum(s.num_preemptions for s in live),
-            num_prompt_tokens_computed=sum(s.num_prompt_tokens_computed for s in live),
-            kv_sent_tokens=sum(s.kv_sent_tokens for s in live),
-            kv_received_tokens=sum(s.kv_received_tokens for s in live),
-            kv_sent_bytes=sum(s.kv_sent_bytes for s in live),
-            kv_received_bytes=sum(s.kv_received_bytes for s in live),
-            kv_transfer_seconds=sum(s.kv_transfer_seconds for s in live),
-            kv_leases_expired=sum(s.kv_leases_expired for s in live),
-            kv_pushes_expired=sum(s.kv_pushes_expired for s in live),
-            kv_transfers_held=sum(s.kv_transfers_held for s in live),
-            kv_overflow_transfers=sum(s.kv_overflow_transfers for s in live),
-            kv_buffer_bytes=sum(s.kv_buffer_bytes for s in live),
-            kv_overflow_bytes=sum(s.kv_overflow_bytes for s in live))
+        return SchedulerStats.sum(e.stats for e in self.engines if e.alive)
 
     def engine_states(self) -> list[EngineState]:
         return [EngineState(e.rank, e.alive, e.stats, e.num_routed, e.pid) for e in self.engines]

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from engine_core.config import DataParallelConfig, EngineArgs
 from engine_core.engine import EngineCore
 from engine_core.entrypoints.chat import check_messages
+from engine_core.entrypoints.engine_metrics import Metric, read_engine_metrics
 from engine_core.entrypoints.interrupts import DeferredInterrupt
 from engine_core.entrypoints.output_processor import OutputProcessor
 from engine_core.executors.factory import make_executor
@@ -250,6 +251,19 @@ class LLM:
         except ValueError as exc:
             raise ValueError(f"prompt {index}: {exc}") from None
         return text, token_ids
+
+    # ---- metrics ------------------------------------------------------------------------------
+    def get_metrics(self) -> list[Metric]:
+        """The engine's figures now, as vLLM's `LLM.get_metrics()` gives them: one `Counter`
+        or `Gauge` per series, named and labelled as the server's `GET /metrics` names them
+        (`engine_metrics.ENGINE_METRICS`: requests running and waiting, free and total KV
+        blocks, prompt tokens computed, KV transfer, ...), summed over the data-parallel
+        engines. With the engine in other processes the figures are the last they reported."""
+        stats = self.engine.stats
+        # `EngineCore.stats()` is a method; today's process and data-parallel clients expose
+        # the last stats received as an attribute (or property).
+        current = stats() if callable(stats) else stats
+        return read_engine_metrics(current, {"model_name": self.engine_args.model})
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -38,7 +38,7 @@ import zmq
 
 from engine_core.config import EngineConfig
 from engine_core.executor import KVStage
-from engine_core.kv_connector import KVConnectorBase, KVTransferStats, KVTransferView
+from engine_core.kv_connector import KVConnectorBase, KVTransferView
 from engine_core.kv_transfer.kv_fetcher import FetchJob, KVFetcher, ReleaseJob
 from engine_core.kv_transfer.kv_pusher import KVPusher, PushJob
 from engine_core.kv_transfer.kv_server import KVServer
@@ -46,12 +46,12 @@ from engine_core.kv_transfer.local_kv import LocalKV
 from engine_core.kv_transfer.receive_buffer import ReceiveBuffer, TransferState
 from engine_core.kv_transfer.transfer_stats import DroppedMessages
 from engine_core.kv_transfer_config import KVTransferConfig
-from engine_core.messages import EngineCoreOutput
+from engine_core.messages import EngineCoreOutput, KVTransferStats
 from engine_core.request import Request
 from engine_core.transfer_params import KVTransferParams
 from engine_core.transport import CurveAuthenticator, load_client_keys, load_server_keys
 
-__all__ = ["KVConnector", "KVTransferStats"]
+__all__ = ["KVConnector"]
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from engine_core.kv_transfer.kv_wire import KVControl, PullDone, PullKV, Release
 from engine_core.kv_transfer.local_kv import LocalKV
 from engine_core.kv_transfer.peer_sockets import PeerSockets
 from engine_core.kv_transfer.receive_buffer import ReceiveBuffer, TransferState
-from engine_core.kv_transfer.transfer_stats import DroppedMessages, KVTransferStats
+from engine_core.kv_transfer.transfer_stats import DroppedMessages
+from engine_core.messages import KVTransferStats
 from engine_core.transfer_params import KVTransferParams
 from engine_core.transport import CurveKeys, secure_client
 

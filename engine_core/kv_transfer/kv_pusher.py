@@ -15,7 +15,8 @@ import zmq
 from engine_core.kv_transfer.kv_wire import KVControl, PushDone, PushOffer, PushReply
 from engine_core.kv_transfer.local_kv import LocalKV
 from engine_core.kv_transfer.peer_sockets import PeerSockets
-from engine_core.kv_transfer.transfer_stats import DroppedMessages, KVTransferStats
+from engine_core.kv_transfer.transfer_stats import DroppedMessages
+from engine_core.messages import KVTransferStats
 from engine_core.transfer_params import KVTransferParams
 from engine_core.transport import CurveKeys
 

@@ -27,8 +27,9 @@ from engine_core.kv_transfer.kv_wire import (
 )
 from engine_core.kv_transfer.local_kv import LocalKV
 from engine_core.kv_transfer.receive_buffer import ReceiveBuffer
-from engine_core.kv_transfer.transfer_stats import DroppedMessages, KVTransferStats
+from engine_core.kv_transfer.transfer_stats import DroppedMessages
 from engine_core.kv_transfer_config import KVTransferConfig
+from engine_core.messages import KVTransferStats
 from engine_core.transport import CurveKeys, secure_server
 
 __all__ = ["SWEEP_INTERVAL_S", "KVServer"]

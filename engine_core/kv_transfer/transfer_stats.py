@@ -1,11 +1,11 @@
 """Counting and logging the messages a KV connector drops (the counters: `KVTransferStats`,
-declared with the connector interface)."""
+a message of the core layer: it travels inside `SchedulerStats`)."""
 
 from __future__ import annotations
 
 import logging
 
-from engine_core.kv_connector import KVTransferStats
+from engine_core.messages import KVTransferStats
 from engine_core.transport import WarningLimiter
 
 __all__ = ["DroppedMessages"]

@@ -1,9 +1,10 @@
 """Prometheus metrics of one server (`GET /metrics`), in a registry of its own.
 
-Engine gauges are read from `llm.stats` (the sum over data-parallel engines) and, per engine
-(label `engine="i"`), from `llm.client.engine_states()` at scrape time; the counters and
-histograms are fed by the request handlers through `ServerMetrics.record_*`. Every series
-carries a `model_name` label.
+The engine's figures are the rows of `engine_metrics.ENGINE_METRICS` (the table the offline
+`LLM.get_metrics()` reads too), read from `llm.stats` (the sum over data-parallel engines)
+and, per engine (label `engine="i"`), from `llm.client.engine_states()` at scrape time; the
+counters and histograms are fed by the request handlers through `ServerMetrics.record_*`. Every
+series carries a `model_name` label.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from engine_core.entrypoints.engine_metrics import ENGINE_METRICS, PREFIX, EngineMetric
+
 if TYPE_CHECKING:
     from engine_core.entrypoints.async_llm import AsyncLLM
-
-from engine_core.entrypoints.engine_metrics import PREFIX
+    from engine_core.messages import SchedulerStats
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -28,59 +30,39 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
+def engine_metric_families(stats: SchedulerStats, model_name: str
+                           ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The rows of `ENGINE_METRICS` read from `stats`, one family per name, labelled
+    `model_name` (and each row's own labels)."""
+    by_name: dict[str, list[EngineMetric]] = {}
+    for row in ENGINE_METRICS:
+        by_name.setdefault(row.name, []).append(row)
+    for name, rows in by_name.items():
+        first = rows[0]
+        family_type = CounterMetricFamily if first.kind == "counter" else GaugeMetricFamily
+        family = family_type(name, first.help,
+                             labels=["model_name", *(key for key, _ in first.labels)])
+        for row in rows:
+            family.add_metric([model_name, *(value for _, value in row.labels)],
+                              float(row.read(stats)))
+        yield family
+
+
 class _EngineStatsCollector(Collector):
-    """Gauges of the engine core's load, read from `llm.stats` on every scrape."""
+    """The engine's figures (`engine_metrics.ENGINE_METRICS`, from `llm.stats`, the sum over
+    data-parallel engines), the restarts, and per engine its load, read on every scrape."""
 
     def __init__(self, llm: AsyncLLM, model_name: str) -> None:
         self.llm = llm
         self.model_name = model_name
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        stats = self.llm.stats
-        gauges = (
-            ("num_requests_running", "Requests scheduled in the engine.", stats.num_running),
-            ("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting),
-            ("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).",
-             stats.kv_usage),
-            ("num_free_kv_blocks", "Free KV cache blocks.", stats.num_free_blocks),
-            ("num_kv_blocks", "Usable KV cache blocks.", stats.num_total_blocks),
-            ("engine_restarts", "Times the engine core was restarted after it died.",
-             self.llm.num_restarts),
-            ("kv_buffer_bytes", "Bytes of pushed KV in the receive buffer now (decode "
-             "instance).", stats.kv_buffer_bytes),
-            ("kv_overflow_bytes", "Bytes of pushed KV in the host overflow pool now (decode "
-             "instance).", stats.kv_overflow_bytes),
-        )
-        for name, doc, value in gauges:
-            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], float(value))
-            yield family
-        counters = (  # exposed with a _total suffix
-            ("prompt_tokens_computed", "Prompt tokens run through the model (not taken from "
-             "the prefix cache or another instance).", stats.num_prompt_tokens_computed),
-            ("kv_transfer_sent_tokens", "Tokens whose KV this instance sent.",
-             stats.kv_sent_tokens),
-            ("kv_transfer_received_tokens", "Tokens whose KV this instance received.",
-             stats.kv_received_tokens),
-            ("kv_transfer_sent_bytes", "Bytes of KV sent.", stats.kv_sent_bytes),
-            ("kv_transfer_received_bytes", "Bytes of KV received.", stats.kv_received_bytes),
-            ("kv_transfer_seconds", "Seconds spent moving KV.", stats.kv_transfer_seconds),
-            ("kv_transfer_held", "KV pushes held for lack of room (back-pressure): told to "
-             "hold on a decode instance, held on a prefill instance.", stats.kv_transfers_held),
-            ("kv_overflow_transfers", "KV pushes kept in the host overflow pool.",
-             stats.kv_overflow_transfers),
-        )
-        for name, doc, value in counters:
-            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
-            counter.add_metric([self.model_name], float(value))
-            yield counter
-        expired = CounterMetricFamily(
-            PREFIX + "kv_lease_expired", "KV transfers dropped when their time-to-live ran out: "
-            "leased blocks no decoder took (producer), pushed KV whose request never came "
-            "(consumer).", labels=["model_name", "side"])
-        expired.add_metric([self.model_name, "producer"], float(stats.kv_leases_expired))
-        expired.add_metric([self.model_name, "consumer"], float(stats.kv_pushes_expired))
-        yield expired
+        yield from engine_metric_families(self.llm.stats, self.model_name)
+        restarts = GaugeMetricFamily(PREFIX + "engine_restarts",
+                                     "Times the engine core was restarted after it died.",
+                                     labels=["model_name"])
+        restarts.add_metric([self.model_name], float(self.llm.num_restarts))
+        yield restarts
         states = self.llm.client.engine_states()
         alive = GaugeMetricFamily(PREFIX + "engines_alive", "Engine cores alive (data parallel).",
                                   labels=["model_name"])
