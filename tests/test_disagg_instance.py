@@ -23,7 +23,9 @@ import zmq
 from engine_core.entrypoints.http.discovery_wire import Load
 from engine_core.entrypoints.http.instance_wire import ProxyRequest
 from engine_core.entrypoints.openai.instance import PROXY_TIMEOUT_S, DisaggInstance
+from engine_core.entrypoints.openai.proxied import KVTransferRequest, KVTransferResult
 from engine_core.kv_transfer_config import KVTransferConfig
+from engine_core.transfer_params import KVTransferParams
 from engine_core.transport import create_keys, load_client_keys, secure_client
 from tests.test_disagg_proxy import FIELDS, MODEL, eventually, proxy, run
 
@@ -32,18 +34,27 @@ BEATS = {"heartbeat_timeout_s": 3.0}  # a real instance beats every second
 
 
 class EchoApp:
-    """Stands in for the OpenAI app: streams each word of the prompt as an SSE event,
-    `delay_s` apart, then `[DONE]`. Records the prompts it started and those whose client went
-    away (the instance turns an abort into an ASGI disconnect or a failing send)."""
+    """Stands in for the OpenAI serving (`proxied.ProxiedApp`): streams each word of the prompt
+    as an SSE event, `delay_s` apart, then `[DONE]`, and returns one KV transfer param per word
+    (`KVTransferParams` named after it). Records the prompts it started, the transfer side each
+    came with, and those whose client went away (the instance turns an abort into an ASGI
+    disconnect or a failing send)."""
 
     def __init__(self, delay_s: float = 0.01) -> None:
         self.delay_s = delay_s
         self.started: list[str] = []
+        self.transfers: list[KVTransferRequest] = []
         self.disconnected: list[str] = []
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict, receive: Any, send: Any,
+                       kv_transfer: KVTransferRequest) -> KVTransferResult:
         prompt = json.loads((await receive())["body"])["prompt"]
         self.started.append(prompt)
+        self.transfers.append(kv_transfer)
+        await self._stream(prompt, receive, send)
+        return KVTransferResult(tuple(_params(word) for word in prompt.split()))
+
+    async def _stream(self, prompt: str, receive: Any, send: Any) -> None:
         disconnect = asyncio.ensure_future(receive())
         try:
             await send({"type": "http.response.start", "status": 200,
@@ -61,6 +72,11 @@ class EchoApp:
             self.disconnected.append(prompt)
         finally:
             disconnect.cancel()
+
+
+def _params(name: str, lease_id: str = "") -> KVTransferParams:
+    return KVTransferParams(kv_endpoint=f"tcp://{name}:1", block_ids=[1], num_tokens=16,
+                            compat_hash="h", lease_id=lease_id or name)
 
 
 def _expected(prompt: str) -> bytes:
@@ -180,3 +196,43 @@ def test_without_the_keys_no_request_reaches_the_instance(tmp_path):
             assert app.started == ["with keys"]  # neither got in (the second: a forged id)
 
     run(scenario())
+
+
+def test_the_transfer_side_is_a_typed_argument_and_the_returned_params_end_the_answer():
+    """A prefill leg: the app is called with the request's transfer side as a
+    `KVTransferRequest` (nothing in the ASGI scope), and the last chunk of the answer carries
+    the params the app returned; a decode leg's answer carries none."""
+
+    async def scenario() -> None:
+        app = EchoApp()
+        async with proxy(**BEATS) as a, instance(app, a):
+            (info,) = a.pool.instances()
+            push_to = _params("decoder", lease_id="lease")
+            sent_in = [_params("p0"), None]
+            legs = [(ProxyRequest("r1", "/v1/completions", _body("x y"),
+                                  do_remote_decode=True, push_to=push_to),
+                     [_params("x"), _params("y")]),
+                    (ProxyRequest("r2", "/v1/completions", _body("z"),
+                                  kv_transfer_params=sent_in), [])]
+            for message, returned in legs:
+                leg = a.pool.open(info, message.request_id, "prefill")
+                try:
+                    leg.send(message)
+                    head, chunks = await leg.read_all()
+                finally:
+                    leg.release()
+                assert head.status == 200
+                assert all(c.kv_transfer_params == [] for c in chunks[:-1])
+                assert chunks[-1].kv_transfer_params == returned
+            assert app.transfers == [
+                KVTransferRequest(do_remote_decode=True, push_to=push_to),
+                KVTransferRequest(params_in=tuple(sent_in))]
+            assert app.transfers[0].params_for(1).lease_id == "lease-1"
+            assert app.transfers[1].params_for(0) == sent_in[0]
+            assert app.transfers[1].params_for(5) is None
+
+    run(scenario())
+
+
+def _body(prompt: str) -> bytes:
+    return json.dumps({"model": MODEL, "prompt": prompt}).encode()

@@ -10,7 +10,6 @@ import random
 import pytest
 
 from engine_core import LLM, SamplingParams
-from engine_core.entrypoints.output_processor import OutputProcessor
 from tests.test_generate_parity import hf_greedy
 
 MAX_TOKENS = 24
@@ -33,12 +32,18 @@ def run_giant_then_small(llm: LLM, giant: list[list[int]], small: list[int]
     steps the small one waited for its first token."""
     engine, processor = llm.engine, llm.processor
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-    eos = llm._eos_token_ids
+
+    def submit(request_id: str, prompt: list[int], params: SamplingParams,
+               owner_id: str = "") -> None:
+        request = llm.input_processor.process(prompt, params)
+        core = llm.input_processor.make_requests(request_id, request, arrival_time=0.0,
+                                                 owner_id=owner_id)
+        processor.add_request(request_id, None, core)
+        engine.add_requests(core)
+
     for i, prompt in enumerate(giant):
-        engine.add_requests(processor.add_request(
-            f"giant-{i}", None, prompt, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
-                                                       n=GIANT_N),
-            eos, owner_id="giant"))
+        submit(f"giant-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                    n=GIANT_N), owner_id="giant")
     finished: dict[str, list[list[int]]] = {}
 
     def step() -> set[str]:
@@ -53,7 +58,7 @@ def run_giant_then_small(llm: LLM, giant: list[list[int]], small: list[int]
         step()
     scheduler = engine.scheduler
     assert scheduler.num_running == llm.config.scheduler.max_num_seqs
-    engine.add_requests(processor.add_request("small", None, small, params, eos))
+    submit("small", small, params)
     wait = 0
     while "small" not in step():
         wait += 1
@@ -87,11 +92,3 @@ def test_small_request_behind_a_giant_is_fast_and_every_sequence_exact(case, eng
     assert waits[True] <= 2  # its first token within a couple of engine steps
     assert waits[False] >= MAX_TOKENS  # FCFS: behind the giant's sequences
 
-
-def test_every_sequence_of_a_request_carries_its_owner_and_priority():
-    processor = OutputProcessor(None)
-    core = processor.add_request("cmpl-1-0", None, [1, 2], SamplingParams(n=3), [0],
-                                 owner_id="cmpl-1", priority=4)
-    assert [(r.owner_id, r.priority) for r in core] == [("cmpl-1", 4)] * 3
-    alone = processor.add_request("7", None, [1, 2], SamplingParams(n=2), [0])
-    assert [r.owner_id for r in alone] == ["7", "7"]  # an offline prompt owns its n sequences

@@ -569,23 +569,22 @@ class _FakeLLM:
     def __init__(self, tokenizer) -> None:
         from types import SimpleNamespace
 
+        from engine_core.entrypoints.input_processor import InputProcessor
         from engine_core.messages import SchedulerStats
 
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(scheduler=SimpleNamespace(max_model_len=64, policy="fcfs"),
-                                      model=SimpleNamespace(vocab_size=512), model_dir="fake")
+                                      model=SimpleNamespace(vocab_size=512, eos_token_ids=()),
+                                      model_dir="fake")
+        self.input_processor = InputProcessor(self.config, tokenizer)
         self.stats = SchedulerStats()
         self.num_restarts = 0
         self.is_running = True
 
-    def tokenize(self, prompt, add_special_tokens=True):
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens)
-        return None, prompt
-
-    async def generate(self, prompt_ids, params, request_id, **_ignored) -> AsyncIterator:
+    async def generate_processed(self, request, request_id, **_ignored) -> AsyncIterator:
         from engine_core.outputs import CompletionOutput, RequestOutput
 
+        prompt_ids, params = request.prompt.token_ids, request.params
         boom = "boom" in self.tokenizer.decode(prompt_ids)
         for step in (1, 2):
             await asyncio.sleep(0.01)

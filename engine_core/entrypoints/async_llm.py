@@ -7,22 +7,27 @@ engine-core process only sees token ids (over ZMQ, msgspec messages; see `core_c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from engine_core.client.base import AsyncEngineClient
 from engine_core.client.core_client import AsyncEngineCoreClient
 from engine_core.config import DataParallelConfig, EngineArgs, EngineConfig
+from engine_core.entrypoints.input_processor import (
+    InputProcessor,
+    ProcessedRequest,
+    PromptType,
+)
 from engine_core.entrypoints.output_processor import OutputProcessor
 from engine_core.messages import EngineCoreOutputs, SchedulerStats
 from engine_core.models import Tokenizer, load_tokenizer
 from engine_core.outputs import RequestOutput
 from engine_core.sampling_params import SamplingParams
 from engine_core.transfer_params import KVTransferParams
-from engine_core.validation import validate_priority, validate_prompt, validate_sampling_params
 
 
 class EngineDeadError(RuntimeError):
@@ -49,11 +54,8 @@ class AsyncLLM:
         self.config = config
         self.tokenizer = tokenizer
         self.client = client
+        self.input_processor = InputProcessor(config, tokenizer)
         self.processor = OutputProcessor(tokenizer)
-        eos = set(config.model.eos_token_ids)
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        self._eos_token_ids = sorted(eos)
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self.stats = SchedulerStats()
@@ -143,39 +145,18 @@ class AsyncLLM:
         self._output_task = asyncio.get_running_loop().create_task(self._pump_outputs())
 
     # ---- requests -----------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int] | dict, add_special_tokens: bool = True
-                 ) -> tuple[str | None, list[int]]:
-        """Validate and tokenize one prompt (text, token ids or a prompt dict). ValueError on bad
-        input, naming what to change."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
-            else:
-                prompt = prompt.get("prompt")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty; give at least one character")
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer.json; send token ids")
-            text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens)
-        elif isinstance(prompt, list):
-            text, token_ids = None, prompt
-        else:
-            raise ValueError("a prompt must be a string or a list of token ids")
-        validate_prompt(token_ids, self.config)
-        return text, token_ids
-
-    async def generate(self, prompt: str | list[int] | dict, sampling_params: SamplingParams,
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
                        request_id: str | None = None, *, add_special_tokens: bool = True,
                        do_remote_decode: bool = False,
                        kv_transfer_params: KVTransferParams | None = None,
                        priority: int = 0, owner_id: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       ) -> AsyncGenerator[RequestOutput, None]:
         """Stream cumulative snapshots of the request's output; the last has `finished=True`.
 
-        `priority` (vLLM's): lower is served first; non-zero needs an engine with
-        scheduling_policy "priority". `owner_id`: the user request this prompt belongs to, for
-        fair share (the server passes one id for every prompt of a request); default: its own.
+        `prompt`: text, token ids or a prompt dict (`input_processor.PromptType`). `priority`
+        (vLLM's): lower is served first; non-zero needs an engine with scheduling_policy
+        "priority". `owner_id`: the user request this prompt belongs to, for fair share (the
+        server passes one id for every prompt of a request); default: its own.
 
         Disaggregated prefill/decode (an engine with a KV transfer config): `do_remote_decode`
         keeps the prompt's KV for a decode instance (the final output carries its
@@ -186,18 +167,31 @@ class AsyncLLM:
         cancelling the iterator (a client disconnect) aborts the request and frees its KV blocks.
         EngineDeadError if the engine core dies meanwhile."""
         self.check_health()
-        validate_sampling_params(sampling_params, self.config)
-        validate_priority(priority, self.config.scheduler.policy)
-        text, token_ids = self.tokenize(prompt, add_special_tokens)
+        request = self.input_processor.process(prompt, sampling_params, priority,
+                                               add_special_tokens)
+        outputs = self.generate_processed(request, request_id, do_remote_decode=do_remote_decode,
+                                          kv_transfer_params=kv_transfer_params,
+                                          owner_id=owner_id)
+        async with contextlib.aclosing(outputs):  # closing this iterator aborts the request
+            async for output in outputs:
+                yield output
+
+    async def generate_processed(self, request: ProcessedRequest, request_id: str | None = None,
+                                 *, do_remote_decode: bool = False,
+                                 kv_transfer_params: KVTransferParams | None = None,
+                                 owner_id: str | None = None
+                                 ) -> AsyncGenerator[RequestOutput, None]:
+        """`generate` for a request the caller has already checked with `input_processor` (the
+        server does, to answer each bad field with its own 400): nothing is checked again
+        here."""
+        self.check_health()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        core_requests = self.processor.add_request(request_id, text, token_ids, sampling_params,
-                                                   self._eos_token_ids, time.time(),
-                                                   owner_id=owner_id or "", priority=priority)
-        for core_request in core_requests:
-            core_request.do_remote_decode = do_remote_decode
-        core_requests[0].kv_transfer_params = kv_transfer_params
+        core_requests = self.input_processor.make_requests(
+            request_id, request, arrival_time=time.time(), owner_id=owner_id or "",
+            do_remote_decode=do_remote_decode, kv_transfer_params=kv_transfer_params)
+        self.processor.add_request(request_id, request.prompt.text, core_requests)
         stream = _Stream(asyncio.Queue(), [r.request_id for r in core_requests])
         self._streams[request_id] = stream
         finished = False

@@ -15,14 +15,20 @@ from engine_core.config import DataParallelConfig, EngineArgs
 from engine_core.engine import EngineCore
 from engine_core.entrypoints.chat import check_messages
 from engine_core.entrypoints.engine_metrics import Metric, read_engine_metrics
+from engine_core.entrypoints.input_processor import (
+    InputProcessor,
+    ProcessedPrompt,
+    ProcessedRequest,
+)
 from engine_core.entrypoints.interrupts import DeferredInterrupt
 from engine_core.entrypoints.output_processor import OutputProcessor
 from engine_core.executors.factory import make_executor
 from engine_core.models import load_tokenizer
 from engine_core.outputs import RequestOutput
 from engine_core.sampling_params import SamplingParams
-from engine_core.validation import validate_priority, validate_prompt, validate_sampling_params
 
+# A prompt of `LLM.generate`: its text, {"prompt": text} or {"prompt_token_ids": ids} (a list is
+# a list of prompts, never one prompt's token ids).
 PromptType = str | dict[str, Any]
 
 
@@ -76,11 +82,8 @@ class LLM:
                                                zmq_keys=zmq_keys, insecure_tcp=insecure_tcp)
         else:
             self.engine = EngineCore(self.config, make_executor(self.config))
+        self.input_processor = InputProcessor(self.config, self.tokenizer)
         self.processor = OutputProcessor(self.tokenizer)
-        eos = set(self.config.model.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self._eos_token_ids = sorted(eos)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
@@ -102,10 +105,12 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
-        params_list = self._params_per_prompt(sampling_params, len(prompts))
-        priorities = self._priorities(priority, len(prompts))
-        tokenized = [self._tokenize(p, i) for i, p in enumerate(prompts)]
-        return self._run(tokenized, params_list, use_tqdm, priorities)
+        inputs = self.input_processor
+        params_list = inputs.params_per_prompt(sampling_params, len(prompts))
+        priorities = inputs.priorities_per_prompt(priority, len(prompts))
+        requests = [ProcessedRequest(self._process_prompt(p, i), params, prio)
+                    for i, (p, params, prio) in enumerate(zip(prompts, params_list, priorities))]
+        return self._run(requests, use_tqdm)
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -121,7 +126,7 @@ class LLM:
         single = not isinstance(messages, list) or not messages or not isinstance(
             messages[0], list)
         conversations = [messages] if single else messages
-        prompts = []
+        prompts: list[PromptType] = []
         for k, conversation in enumerate(conversations):
             where = "" if single else f"conversation {k}: "
             try:
@@ -131,31 +136,35 @@ class LLM:
                 # the template fails on these messages: a bad argument, as for the server
                 raise ValueError(f"{where}{exc}") from None
             prompts.append({"prompt": text, "add_special_tokens": False})
-        params_list = self._params_per_prompt(sampling_params, len(prompts))
-        tokenized = [self._tokenize(p, i) for i, p in enumerate(prompts)]
-        return self._run(tokenized, params_list, use_tqdm)
+        params_list = self.input_processor.params_per_prompt(sampling_params, len(prompts))
+        requests = [ProcessedRequest(self._process_prompt(p, i), params)
+                    for i, (p, params) in enumerate(zip(prompts, params_list))]
+        return self._run(requests, use_tqdm)
 
-    def _run(self, tokenized: list[tuple[str | None, list[int]]],
-             params_list: list[SamplingParams], use_tqdm: bool,
-             priorities: list[int] | None = None) -> list[RequestOutput]:
+    def _process_prompt(self, prompt: PromptType, index: int) -> ProcessedPrompt:
+        try:
+            return self.input_processor.process_prompt(prompt)
+        except ValueError as exc:
+            raise ValueError(f"prompt {index}: {exc}") from None
+
+    def _run(self, requests: list[ProcessedRequest], use_tqdm: bool) -> list[RequestOutput]:
         """Run the requests to completion. Any exception or interrupt (Ctrl-C) aborts every
         request of this call and finishes the steps in flight, so all KV blocks are back and the
         next call works; Ctrl-C is taken between engine steps (twice: at once)."""
         request_ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(tokenized), desc="Processed prompts", dynamic_ncols=True,
+        bar = tqdm(total=len(requests), desc="Processed prompts", dynamic_ncols=True,
                    disable=not use_tqdm)
         start, num_output_tokens = time.perf_counter(), 0
         try:
             with DeferredInterrupt() as interrupt:
-                priorities = priorities or [0] * len(tokenized)
-                for (prompt, token_ids), params, priority in zip(tokenized, params_list,
-                                                                 priorities):
+                for request in requests:
                     request_id = str(next(self._request_counter))
+                    core_requests = self.input_processor.make_requests(
+                        request_id, request, arrival_time=time.time())
+                    self.processor.add_request(request_id, request.prompt.text, core_requests)
                     request_ids.append(request_id)
-                    self.engine.add_requests(self.processor.add_request(
-                        request_id, prompt, token_ids, params, self._eos_token_ids,
-                        time.time(), priority=priority))
+                    self.engine.add_requests(core_requests)
                 while len(finished) < len(request_ids):
                     core_outputs = self.engine.step()
                     num_output_tokens += sum(len(o.new_token_ids) for o in core_outputs)
@@ -188,71 +197,6 @@ class LLM:
             while self.engine.has_unfinished_requests():
                 self.engine.step()
 
-    def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            validate_sampling_params(sampling_params, self.config)
-            return [sampling_params] * num_prompts
-        params_list = list(sampling_params)
-        if len(params_list) != num_prompts:
-            raise ValueError(f"sampling_params has {len(params_list)} entries for {num_prompts} "
-                             f"prompts; pass one SamplingParams or one per prompt")
-        for i, params in enumerate(params_list):
-            try:
-                validate_sampling_params(params, self.config)
-            except ValueError as exc:
-                raise ValueError(f"sampling_params[{i}]: {exc}") from None
-        return params_list
-
-    def _priorities(self, priority: Sequence[int] | None, num_prompts: int) -> list[int]:
-        if priority is None:
-            return [0] * num_prompts
-        if isinstance(priority, (int, str, bytes)) or not isinstance(priority, Sequence):
-            raise ValueError(f"priority must be a list of ints, one per prompt, got "
-                             f"{type(priority).__name__}")
-        if len(priority) != num_prompts:
-            raise ValueError(f"priority has {len(priority)} entries for {num_prompts} prompts; "
-                             f"pass one per prompt")
-        for i, value in enumerate(priority):
-            try:
-                validate_priority(value, self.config.scheduler.policy)
-            except ValueError as exc:
-                raise ValueError(f"{exc} (priority[{i}])") from None
-        return list(priority)
-
-    def _tokenize(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
-        try:
-            if isinstance(prompt, str):
-                prompt = {"prompt": prompt}
-            if not isinstance(prompt, dict):
-                raise ValueError(f"a prompt must be a str or a dict with 'prompt_token_ids', "
-                                 f"got {type(prompt).__name__}")
-            if "prompt_token_ids" in prompt:
-                token_ids = prompt["prompt_token_ids"]
-                if not isinstance(token_ids, (list, tuple)):
-                    raise ValueError("prompt_token_ids must be a list of ints")
-                token_ids = list(token_ids)
-                text = prompt.get("prompt")
-            elif "prompt" in prompt:
-                text = prompt["prompt"]
-                if not isinstance(text, str):
-                    raise ValueError(f"prompt must be a str, got {type(text).__name__}")
-                if not text:
-                    raise ValueError("the prompt is empty; give at least one character")
-                if self.tokenizer is None:
-                    raise ValueError("this model directory has no tokenizer.json; pass prompts "
-                                     "as {'prompt_token_ids': [...]}")
-                token_ids = self.tokenizer.encode(
-                    text, add_special_tokens=prompt.get("add_special_tokens", True))
-            else:
-                raise ValueError("a prompt dict needs 'prompt_token_ids' or 'prompt'")
-            validate_prompt(token_ids, self.config)
-        except ValueError as exc:
-            raise ValueError(f"prompt {index}: {exc}") from None
-        return text, token_ids
-
-    # ---- metrics ------------------------------------------------------------------------------
     def get_metrics(self) -> list[Metric]:
         """The engine's figures now, as vLLM's `LLM.get_metrics()` gives them: one `Counter`
         or `Gauge` per series, named and labelled as the server's `GET /metrics` names them

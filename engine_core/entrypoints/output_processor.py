@@ -10,14 +10,13 @@ stop-string failure) finishes alone with finish_reason "error"; the others are u
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import msgspec
 
 from engine_core.messages import EngineCoreOutput, EngineCoreRequest, TokenLogprobs
 from engine_core.models import IncrementalDetokenizer, Tokenizer
 from engine_core.outputs import CompletionOutput, Logprob, RequestOutput
-from engine_core.sampling_params import WIRE_INT_MAX, WIRE_INT_MIN, SamplingParams
+from engine_core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -46,23 +45,17 @@ class OutputProcessor:
         self._requests: dict[str, _RequestState] = {}
         self._sequence_owner: dict[str, str] = {}  # core request id -> request id
 
-    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, eos_token_ids: list[int],
-                    arrival_time: float = 0.0, owner_id: str = "", priority: int = 0
-                    ) -> list[EngineCoreRequest]:
-        """Register a request; returns the engine-core requests to submit (one per sequence).
-        They carry `owner_id` (the user request they belong to, for fair share; default: this
-        request) and `priority`."""
+    def add_request(self, request_id: str, prompt: str | None,
+                    core_requests: Sequence[EngineCoreRequest]) -> None:
+        """Track a user request whose sequences are `core_requests` (as `InputProcessor.
+        make_requests` built them: sequence i is `core_requests[i]`), before they are sent to
+        the engine core. ValueError if `request_id` is in use."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model directory has no "
-                             "tokenizer.json; use stop_token_ids instead")
-        state = _RequestState(RequestOutput(request_id, prompt, list(prompt_token_ids)))
-        core_requests = []
-        for index in range(params.n):
-            child_params = _child_params(params, index)
-            core_id = request_id if params.n == 1 else f"{index}_{request_id}"
+        prompt_token_ids = list(core_requests[0].prompt_token_ids)
+        state = _RequestState(RequestOutput(request_id, prompt, prompt_token_ids))
+        for index, core_request in enumerate(core_requests):
+            params = core_request.sampling_params
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
@@ -71,15 +64,12 @@ class OutputProcessor:
                 index=index, text="", token_ids=[],
                 cumulative_logprob=0.0 if params.logprobs is not None else None,
                 logprobs=[] if params.logprobs is not None else None)
-            state.sequences[core_id] = _Sequence(index, child_params, detok, completion)
+            core_id = core_request.request_id
+            state.sequences[core_id] = _Sequence(index, params, detok, completion)
             state.output.outputs.append(completion)
             self._sequence_owner[core_id] = request_id
-            core_requests.append(EngineCoreRequest(
-                core_id, list(prompt_token_ids), child_params, list(eos_token_ids), arrival_time,
-                owner_id=owner_id or request_id, priority=priority))
-        state.num_unfinished = params.n
+        state.num_unfinished = len(core_requests)
         self._requests[request_id] = state
-        return core_requests
 
     def core_request_ids(self, request_id: str) -> list[str]:
         state = self._requests.get(request_id)
@@ -143,9 +133,11 @@ class OutputProcessor:
             seq.detokenizer.step(out.new_token_ids)
             completion.text = seq.detokenizer.text
         if out.new_logprobs is not None and completion.logprobs is not None:
+            cumulative = completion.cumulative_logprob or 0.0  # 0.0 whenever logprobs are on
             for entry in out.new_logprobs:
                 completion.logprobs.append(self._logprob_dict(entry))
-                completion.cumulative_logprob += entry.logprobs[0]
+                cumulative += entry.logprobs[0]
+            completion.cumulative_logprob = cumulative
         if out.finish_reason is not None:
             completion.finish_reason = out.finish_reason
             completion.stop_reason = out.stop_reason
@@ -179,15 +171,3 @@ class OutputProcessor:
                 result[token_id] = Logprob(logprob, rank, decoded)
         return result
 
-
-def _child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Sequence `index` of an n-way request: n=1, and a distinct seed when one is set."""
-    if params.n == 1:
-        return params
-    seed = None if params.seed is None else _wrap_seed(params.seed + index)
-    return msgspec.structs.replace(params, n=1, seed=seed)
-
-
-def _wrap_seed(value: int) -> int:
-    """`value`, wrapped around into the wire's int range when `seed + index` overflows it."""
-    return value if value <= WIRE_INT_MAX else value - WIRE_INT_MAX - 1 + WIRE_INT_MIN

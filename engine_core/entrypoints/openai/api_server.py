@@ -61,7 +61,7 @@ def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
         raise ValueError("protect_metrics needs an api_key (--protect-metrics needs --api-key)")
     version = engine_version()
     metrics = ServerMetrics(llm, served_model_name)
-    serving = OpenAIServing(llm, served_model_name, metrics)
+    serving = OpenAIServing(llm, served_model_name, metrics, max_request_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -158,7 +158,9 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: 
                 refused.append(message)
                 server.should_exit = True
 
-            instance = DisaggInstance.for_engine(app, llm, model_name, on_refused, args.api_key)
+            serving: OpenAIServing = app.state.serving
+            instance = DisaggInstance.for_engine(serving.serve_proxied, llm, model_name,
+                                                 on_refused)
             await instance.start()
         logger.info("serving %s (max_model_len=%d) on http://%s:%d", model_name,
                     llm.config.scheduler.max_model_len, args.host, args.port)

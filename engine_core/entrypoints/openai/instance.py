@@ -7,12 +7,14 @@ adds to a server.
   `Heartbeat` with the engine's load every second. A proxy that has forgotten the instance (it
   restarted) gets a `Register` again. A proxy that refuses the instance (its KV layout differs
   from the instances already there) stops the server with the proxy's message.
-- **Requests**: a ROUTER, bound on a free port of `kv_ip`, takes `ProxyRequest`s (`wire.py`) and
-  runs each through the server's own OpenAI app as an in-process ASGI call, so the answer is
-  byte for byte what the HTTP route gives; the typed transfer parameters ride along in the ASGI
-  scope's state (`KVTransferContext`), never in the JSON body. Each response message goes back
-  as it is produced (one chunk per SSE event) to the request's `reply_to`: the proxy that
-  accepted it, which must be one this instance is registered with.
+- **Requests**: a ROUTER, bound on a free port of `kv_ip`, takes `ProxyRequest`s
+  (`instance_wire.py`) and serves each through the server's own OpenAI serving as an
+  in-process ASGI-style call (`proxied.ProxiedApp`), so the answer is what the HTTP route
+  gives; the request's transfer side is a typed argument of that call (`KVTransferRequest`,
+  never in the JSON body) and the params the engine returned its typed result
+  (`KVTransferResult`). Each response message goes back as it is produced (one chunk per SSE
+  event; the last one, with the returned params, once the call is over) to the request's
+  `reply_to`: the proxy that accepted it, which must be one this instance is registered with.
 - **Faults**: a `ProxyAbort`, or a proxy that is gone, is a client disconnect to the app: the
   request is aborted and its KV blocks freed. A proxy that answers no heartbeat for
   `PROXY_TIMEOUT_S` is dropped: the requests it sent are aborted, its return address is
@@ -33,8 +35,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -55,9 +57,13 @@ from engine_core.entrypoints.http.instance_wire import (
     ResponseChunk,
     ResponseHead,
 )
+from engine_core.entrypoints.openai.proxied import (
+    KVTransferRequest,
+    KVTransferResult,
+    ProxiedApp,
+)
 from engine_core.kv_compat import kv_compat_fields
 from engine_core.kv_transfer_config import KVTransferConfig
-from engine_core.transfer_params import KVTransferParams
 from engine_core.transport import (
     CurveAuthenticator,
     WarningLimiter,
@@ -67,40 +73,14 @@ from engine_core.transport import (
     secure_client,
 )
 
-__all__ = ["KV_TRANSFER_STATE", "DisaggInstance", "KVTransferContext"]
+__all__ = ["DisaggInstance"]
 
 logger = logging.getLogger(__name__)
 
-KV_TRANSFER_STATE = "kv_transfer"  # the key of a `KVTransferContext` in the ASGI scope's state
 HEARTBEAT_S = 1.0
 REGISTER_RETRY_S = 1.0
 PROXY_TIMEOUT_S = 3.0  # three unanswered heartbeats: the proxy is gone
 MAX_PROXY_MESSAGE_BYTES = 64 << 20  # a request body is far smaller (the proxy caps bodies)
-
-
-@dataclass
-class KVTransferContext:
-    """The transfer side of one proxied request, shared between the bridge and the app.
-
-    In: `do_remote_decode` (prefill leg), `push_to` (PUT/PUT_ASYNC prefill: where prompt i is
-    pushed, as transfer `f"{push_to.lease_id}-{i}"`), `params_in` (decode leg: per prompt).
-    Out: `params_out`, prompt index -> the params the engine returned (prefill leg)."""
-
-    do_remote_decode: bool = False
-    push_to: KVTransferParams | None = None
-    params_in: list[KVTransferParams | None] = field(default_factory=list)
-    params_out: dict[int, KVTransferParams | None] = field(default_factory=dict)
-
-    def params_for(self, index: int) -> KVTransferParams | None:
-        """What the engine request of prompt `index` carries."""
-        if self.push_to is not None:
-            return msgspec.structs.replace(self.push_to,
-                                           lease_id=f"{self.push_to.lease_id}-{index}")
-        return self.params_in[index] if index < len(self.params_in) else None
-
-    def returned_params(self) -> list[KVTransferParams | None]:
-        count = max(self.params_out, default=-1) + 1
-        return [self.params_out.get(i) for i in range(count)]
 
 
 @dataclass
@@ -114,13 +94,14 @@ class ProxyLink:
 
 
 class DisaggInstance:
-    """Serves `app` to the proxies of `kv_config.proxy_address`. Start with `start()` on the
-    event loop, stop with `close()`. `load()` gives the engine's load for the heartbeats;
-    `on_refused(message)` is called if a proxy refuses us."""
+    """Serves `app` (the OpenAI serving's `serve_proxied`) to the proxies of
+    `kv_config.proxy_address`. Start with `start()` on the event loop, stop with `close()`.
+    `load()` gives the engine's load for the heartbeats; `on_refused(message)` is called if a
+    proxy refuses us."""
 
-    def __init__(self, app: Callable, kv_config: KVTransferConfig, compat_fields: dict[str, str],
-                 model_name: str, max_model_len: int, load: Callable[[], Load],
-                 on_refused: Callable[[str], None], api_key: str | None = None) -> None:
+    def __init__(self, app: ProxiedApp, kv_config: KVTransferConfig,
+                 compat_fields: dict[str, str], model_name: str, max_model_len: int,
+                 load: Callable[[], Load], on_refused: Callable[[str], None]) -> None:
         self.app = app
         self.kv_config = kv_config
         self.compat_fields = compat_fields
@@ -128,7 +109,6 @@ class DisaggInstance:
         self.max_model_len = max_model_len
         self.load = load
         self.on_refused = on_refused
-        self.api_key = api_key
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.kv_endpoint = f"tcp://{kv_config.kv_ip}:{kv_config.kv_port}"
         self.request_address = ""
@@ -146,9 +126,8 @@ class DisaggInstance:
         self._encoder = msgspec.msgpack.Encoder()
 
     @classmethod
-    def for_engine(cls, app: Callable, llm: Any, model_name: str,
-                   on_refused: Callable[[str], None], api_key: str | None = None
-                   ) -> DisaggInstance:
+    def for_engine(cls, app: ProxiedApp, llm: Any, model_name: str,
+                   on_refused: Callable[[str], None]) -> DisaggInstance:
         """The instance of a server over `llm` (an AsyncLLM with a KV transfer config)."""
         config = llm.config
 
@@ -158,7 +137,7 @@ class DisaggInstance:
                         stats.num_total_blocks)
 
         return cls(app, config.kv_transfer, kv_compat_fields(config), model_name,
-                   config.scheduler.max_model_len, load, on_refused, api_key)
+                   config.scheduler.max_model_len, load, on_refused)
 
     async def start(self) -> None:
         """Bind the request socket and start registering (in the background: the proxy may
@@ -196,7 +175,7 @@ class DisaggInstance:
             self._auth.stop()
         self._ctx.destroy(linger=0)  # also any socket a stuck task still holds
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -307,22 +286,24 @@ class DisaggInstance:
                 self._spawn(self._serve_request(message))
 
     async def _serve_request(self, request: ProxyRequest) -> None:
-        """Run one proxied request through the app, sending its response back to the proxy
-        that sent it (`reply_to`) as it comes."""
+        """Serve one proxied request, sending its response back to the proxy that sent it
+        (`reply_to`) as it comes; the last chunk carries the KV transfer params the serving
+        returned (prefill leg)."""
         assert self._router is not None
+        router = self._router
         request_id = request.request_id
         key = (request.reply_to, request_id)
         aborted = self._aborts[key]
         return_address = request.reply_to.encode()
-        context = KVTransferContext(request.do_remote_decode, request.push_to,
-                                    list(request.kv_transfer_params))
+        transfer = KVTransferRequest(request.do_remote_decode, request.push_to,
+                                     tuple(request.kv_transfer_params))
         head_sent = False
-        body_sent = False
+        last_body: bytes | None = None  # held until the call returns the transfer params
+        result: KVTransferResult | None = None
 
         async def reply(message: ResponseHead | ResponseChunk) -> None:
             try:
-                await self._router.send_multipart([return_address,
-                                                   self._encoder.encode(message)])
+                await router.send_multipart([return_address, self._encoder.encode(message)])
             except zmq.ZMQError as exc:  # the proxy is gone: stop the work
                 logger.warning("cannot answer the proxy for %s (%s); aborting it", request_id,
                                exc)
@@ -338,8 +319,8 @@ class DisaggInstance:
             await aborted.wait()
             return {"type": "http.disconnect"}
 
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal head_sent, body_sent
+        async def send(message: MutableMapping[str, Any]) -> None:
+            nonlocal head_sent, last_body
             if aborted.is_set():
                 raise OSError("the proxy aborted the request")
             if message["type"] == "http.response.start":
@@ -347,28 +328,24 @@ class DisaggInstance:
                 media_type = headers.get(b"content-type", b"application/json").decode()
                 head_sent = True
                 await reply(ResponseHead(request_id, message["status"], media_type))
-            elif message["type"] == "http.response.body" and not body_sent:
-                last = not message.get("more_body", False)
-                body = message.get("body", b"")
-                if body or last:
-                    body_sent = last
-                    params = context.returned_params() if last and request.do_remote_decode \
-                        else []
-                    await reply(ResponseChunk(request_id, bytes(body), last, params))
+            elif message["type"] == "http.response.body" and last_body is None:
+                body = bytes(message.get("body", b""))
+                if not message.get("more_body", False):
+                    last_body = body
+                elif body:
+                    await reply(ResponseChunk(request_id, body))
 
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(request.body)).encode())]
-        if self.api_key:
-            headers.append((b"authorization", f"Bearer {self.api_key}".encode()))
         scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": "1.1", "method": "POST", "scheme": "http",
             "path": request.route, "raw_path": request.route.encode(), "root_path": "",
             "query_string": b"", "headers": headers, "client": ("proxy", 0),
-            "server": (self.kv_config.kv_ip, 0), "state": {KV_TRANSFER_STATE: context},
+            "server": (self.kv_config.kv_ip, 0),
         }
         try:
-            await self.app(scope, receive, send)
+            result = await self.app(scope, receive, send, transfer)
         except Exception as exc:
             if not aborted.is_set():
                 logger.exception("serving proxied request %s failed", request_id)
@@ -379,6 +356,8 @@ class DisaggInstance:
                 await reply(ResponseHead(request_id, 500, "application/json"))
                 await reply(ResponseChunk(request_id, body, True))
         finally:
-            if head_sent and not body_sent and not aborted.is_set():
-                await reply(ResponseChunk(request_id, b"", True))  # never leave it hanging
+            if head_sent and not aborted.is_set():  # the last chunk; never leave it hanging
+                params = list(result.params) if result is not None and \
+                    request.do_remote_decode else []
+                await reply(ResponseChunk(request_id, last_body or b"", True, params))
             self._aborts.pop(key, None)

@@ -1,9 +1,12 @@
 """Serving the OpenAI routes over an `AsyncLLM`: `OpenAIServing` turns a /v1/completions or
 /v1/chat/completions body into engine requests and their outputs back into responses.
 
-Each prompt of a request is one engine request. Its outputs arrive as cumulative snapshots;
-streamed responses send what is new in each (text, and the new tokens' logprobs). A client that
-disconnects aborts its requests, so their KV blocks are freed at once.
+Each prompt of a request is one engine request, checked once here with the engine's
+`InputProcessor` and handed on as it is. Its outputs arrive as cumulative snapshots; streamed
+responses send what is new in each (text, and the new tokens' logprobs). A client that
+disconnects aborts its requests, so their KV blocks are freed at once. A request from the
+disaggregation proxy comes in through `serve_proxied`, its KV transfer side a typed argument
+and the params the engine returned its typed result (`proxied.py`).
 
 One request must never hurt the others: a text prompt that cannot fit the context is refused by
 its length before it is tokenized, long prompts are tokenized (and chat templates rendered) in a
@@ -21,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -33,10 +36,18 @@ from engine_core.entrypoints.async_llm import AsyncLLM, EngineDeadError
 from engine_core.entrypoints.http.disconnect import ClientDisconnected as _ClientDisconnected
 from engine_core.entrypoints.http.disconnect import unless_disconnected as _unless_disconnected
 from engine_core.entrypoints.http.errors import RequestError, param_of, validation_error
+from engine_core.entrypoints.http.limits import DEFAULT_MAX_REQUEST_BYTES, RequestTooLarge
 from engine_core.entrypoints.http.protocol import ChatCompletionRequest, CompletionRequest
 from engine_core.entrypoints.http.setup import ClosingStreamingResponse
-from engine_core.entrypoints.openai.instance import KV_TRANSFER_STATE, KVTransferContext
+from engine_core.entrypoints.input_processor import ProcessedPrompt, ProcessedRequest
 from engine_core.entrypoints.openai.metrics import ServerMetrics
+from engine_core.entrypoints.openai.proxied import (
+    KVTransferRequest,
+    KVTransferResult,
+    Receive,
+    Scope,
+    Send,
+)
 from engine_core.entrypoints.openai.responses import (
     chat_choice,
     chat_chunk,
@@ -47,10 +58,9 @@ from engine_core.entrypoints.openai.responses import (
     completion_logprobs,
     usage,
 )
-from engine_core.models.tokenizer import PROMPT_CHARS_SAFETY_FACTOR
 from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
-from engine_core.validation import validate_priority, validate_sampling_params
+from engine_core.transfer_params import KVTransferParams
 
 logger = logging.getLogger("engine_core.entrypoints.openai")
 
@@ -69,16 +79,30 @@ class _Prompt:
     """One prompt of a request: an engine request, with what the metrics and the log need."""
 
     request_id: str
-    token_ids: list[int]
-    params: SamplingParams
+    request: ProcessedRequest  # checked once, when it was made; the engine gets it as it is
     arrival: float  # time.perf_counter() when the HTTP request came in
     owner_id: str  # the HTTP request's id, shared by its prompts: fair share is per owner
-    priority: int = 0
     echo_text: str = ""
     first_token_time: float | None = None
     num_output_tokens: int = 0
-    # a request from the disaggregation proxy: its KV transfer side (prompts by their index)
-    kv_transfer: KVTransferContext | None = None
+    # what the engine returned with the final output (a prefill leg of a proxied request)
+    kv_transfer_params: KVTransferParams | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.prompt.token_ids
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+
+@dataclass(frozen=True)
+class _Served:
+    """A route's answer, and the prompts it was generated for (none if it failed first)."""
+
+    response: Response
+    prompts: list[_Prompt]
 
 
 @dataclass
@@ -135,28 +159,17 @@ def _raise_if_failed(request_id: str, output: RequestOutput) -> None:
                                  f"{completion.error or 'unknown error'}")
 
 
-def _attach_kv_transfer(raw: Request, prompts: list[_Prompt]) -> None:
-    """Give each prompt the KV transfer side of a request from the disaggregation proxy (set in
-    the ASGI scope by `disagg/instance.py`; absent on plain HTTP requests)."""
-    transfer = raw.scope.get("state", {}).get(KV_TRANSFER_STATE)
-    for prompt in prompts:
-        prompt.kv_transfer = transfer
-
-
 class OpenAIServing:
     """The request handlers behind the routes, over one `AsyncLLM`."""
 
-    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.llm = llm
         self.model_name = model_name
         self.metrics = metrics
+        self.max_request_bytes = max_request_bytes  # of a proxied request (HTTP: the middleware)
         self.max_model_len = llm.config.scheduler.max_model_len
         self.created = int(time.time())
-        # A text longer than this many characters cannot fit max_model_len tokens (None: the
-        # tokenizer gives no bound, and only tokenizing tells).
-        per_token = llm.tokenizer.max_chars_per_token if llm.tokenizer is not None else None
-        self.max_prompt_chars = (self.max_model_len * per_token * PROMPT_CHARS_SAFETY_FACTOR
-                                 if per_token is not None else None)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             _TOKENIZER_THREADS, thread_name_prefix="pp-engine-tokenize")
 
@@ -175,11 +188,10 @@ class OpenAIServing:
 
     def _check_chars(self, num_chars: int, param: str, what: str = "the prompt has") -> None:
         """400 for text that is provably too long for the context, before tokenizing it."""
-        if self.max_prompt_chars is not None and num_chars > self.max_prompt_chars:
-            raise RequestError(
-                f"{what} {num_chars} characters, more than the {self.max_model_len} tokens of "
-                f"this model's context can hold (at most {self.max_prompt_chars} characters); "
-                f"shorten it", param=param)
+        try:
+            self.llm.input_processor.check_prompt_chars(num_chars, what)
+        except ValueError as exc:
+            raise RequestError(str(exc), param=param) from None
 
     # ---- shared -------------------------------------------------------------------------------
     @staticmethod
@@ -197,7 +209,7 @@ class OpenAIServing:
                                type="NotFoundError", code="model_not_found")
         request.check_supported()
         try:
-            validate_priority(request.priority, self.llm.config.scheduler.policy)
+            self.llm.input_processor.check_priority(request.priority)
         except ValueError as exc:
             raise RequestError(str(exc), param="priority") from None
         if not self.llm.is_running:
@@ -205,11 +217,10 @@ class OpenAIServing:
                                code="engine_dead")
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool, param: str,
-                  where: str = "") -> list[int]:
-        if isinstance(prompt, str):
-            self._check_chars(len(prompt), param, f"{where}the prompt has")
+                  where: str = "") -> ProcessedPrompt:
+        """Tokenize and check a prompt whose length in characters has been checked."""
         try:
-            return self.llm.tokenize(prompt, add_special_tokens)[1]
+            return self.llm.input_processor.process_prompt(prompt, add_special_tokens)
         except ValueError as exc:
             raise RequestError(f"{where}{exc}", param=param) from None
 
@@ -235,7 +246,7 @@ class OpenAIServing:
         vocabulary), so that every bad value is a 400 before a stream starts."""
         try:
             params = request.sampling_params(max_tokens, logprobs)
-            validate_sampling_params(params, self.llm.config)
+            self.llm.input_processor.check_sampling_params(params)
         except ValueError as exc:
             raise RequestError(str(exc), param=param_of(str(exc))) from None
         return params
@@ -260,23 +271,23 @@ class OpenAIServing:
         logger.info("%s finished (%s): prompt_tokens=%d output_tokens=%d ttft=%.3fs e2e=%.3fs",
                     prompt.request_id, ",".join(reasons), len(prompt.token_ids), total, ttft, e2e)
 
-    async def _generate(self, prompts: list[_Prompt]
-                        ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _generate(self, prompts: list[_Prompt], kv_transfer: KVTransferRequest | None
+                        ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """(prompt index, snapshot) of all prompts, generated concurrently, as they come.
-        Closing this iterator aborts the prompts that have not finished."""
+        Closing this iterator aborts the prompts that have not finished. With `kv_transfer`
+        (a proxied request), each prompt's final output leaves its KV transfer params in the
+        prompt."""
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+        transfer = kv_transfer if kv_transfer is not None else KVTransferRequest()
 
         async def produce(index: int, prompt: _Prompt) -> None:
-            transfer = prompt.kv_transfer
-            kv_args: dict[str, Any] = {} if transfer is None else {
-                "do_remote_decode": transfer.do_remote_decode,
-                "kv_transfer_params": transfer.params_for(index)}
             try:
-                async for output in self.llm.generate(
-                        prompt.token_ids, prompt.params, prompt.request_id,
-                        priority=prompt.priority, owner_id=prompt.owner_id, **kv_args):
-                    if transfer is not None and output.finished:
-                        transfer.params_out[index] = output.kv_transfer_params
+                async for output in self.llm.generate_processed(
+                        prompt.request, prompt.request_id, owner_id=prompt.owner_id,
+                        do_remote_decode=transfer.do_remote_decode,
+                        kv_transfer_params=transfer.params_for(index)):
+                    if output.finished:
+                        prompt.kv_transfer_params = output.kv_transfer_params
                     self._observe(prompt, output)
                     _raise_if_failed(prompt.request_id, output)
                     queue.put_nowait((index, output))
@@ -306,12 +317,13 @@ class OpenAIServing:
             for task in tasks:
                 task.cancel()
 
-    async def _collect(self, request: Request, prompts: list[_Prompt]) -> list[RequestOutput]:
+    async def _collect(self, request: Request, prompts: list[_Prompt],
+                       kv_transfer: KVTransferRequest | None) -> list[RequestOutput]:
         """The final output of every prompt; aborts them all if the client disconnects."""
 
         async def run() -> list[RequestOutput]:
             finals: list[RequestOutput | None] = [None] * len(prompts)
-            async with contextlib.aclosing(self._generate(prompts)) as outputs:
+            async with contextlib.aclosing(self._generate(prompts, kv_transfer)) as outputs:
                 async for index, output in outputs:
                     finals[index] = output
             return finals  # type: ignore[return-value]
@@ -322,9 +334,37 @@ class OpenAIServing:
         return ClosingStreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    # ---- requests from the disaggregation proxy -----------------------------------------------
+    async def serve_proxied(self, scope: Scope, receive: Receive, send: Send,
+                            kv_transfer: KVTransferRequest) -> KVTransferResult:
+        """`proxied.ProxiedApp`: serve a request of the disaggregation proxy (`instance.py`) as
+        its route (`scope["path"]`) answers over HTTP, with its KV transfer side; return, once
+        the response has been sent, the KV transfer params each prompt's engine request gave
+        back. The proxy's channel is authenticated by the instance (CurveZMQ, a registered
+        proxy), so no API key is asked for; the body limit is this server's."""
+        raw = Request(scope, receive)
+        routes = {"/v1/completions": self._completions,
+                  "/v1/chat/completions": self._chat_completions}
+        prompts: list[_Prompt] = []
+        try:
+            if len(await raw.body()) > self.max_request_bytes:
+                raise RequestTooLarge(self.max_request_bytes)
+            route = routes.get(scope["path"])
+            if route is None:
+                raise RequestError("Not Found", status=404, code=404)
+            served = await route(raw, kv_transfer)
+            response, prompts = served.response, served.prompts
+        except Exception as exc:
+            response = self.error_response(exc)
+        await response(scope, receive, send)
+        return KVTransferResult(tuple(p.kv_transfer_params for p in prompts))
+
     # ---- /v1/completions ----------------------------------------------------------------------
     async def completions(self, raw: Request) -> Response:
         """POST /v1/completions."""
+        return (await self._completions(raw, None)).response
+
+    async def _completions(self, raw: Request, kv_transfer: KVTransferRequest | None) -> _Served:
         arrival = time.perf_counter()
         request = await self._parse(raw, CompletionRequest)
         self._check_request(request)
@@ -336,11 +376,11 @@ class OpenAIServing:
                 self._check_chars(len(text), "prompt", f"{where}the prompt has")
         prompts = await self._run(sum(len(t) for t in texts), self._completion_prompts,
                                   request, request_id, texts, arrival)
-        _attach_kv_transfer(raw, prompts)
         created = int(time.time())
         if request.stream:
-            return self._stream(self._completion_events(request, request_id, created, prompts))
-        finals = await self._collect(raw, prompts)
+            return _Served(self._stream(self._completion_events(
+                request, request_id, created, prompts, kv_transfer)), prompts)
+        finals = await self._collect(raw, prompts, kv_transfer)
         choices = []
         num_generated = 0
         for i, (prompt, output) in enumerate(zip(prompts, finals)):
@@ -355,8 +395,9 @@ class OpenAIServing:
                     completion.token_ids if request.return_token_ids else None))
                 num_generated += len(completion.token_ids)
         num_prompt = sum(len(p.token_ids) for p in prompts)
-        return JSONResponse(completion_chunk(request_id, created, self.model_name, choices,
-                                             usage(num_prompt, num_generated)))
+        return _Served(JSONResponse(completion_chunk(request_id, created, self.model_name,
+                                                     choices, usage(num_prompt, num_generated))),
+                       prompts)
 
     def _completion_prompts(self, request: CompletionRequest, request_id: str,
                             texts: list[str | list[int]], arrival: float) -> list[_Prompt]:
@@ -364,13 +405,16 @@ class OpenAIServing:
         prompts = []
         for i, text in enumerate(texts):
             where = f"prompt {i}: " if len(texts) > 1 else ""
-            token_ids = self._tokenize(text, True, "prompt", where)
-            max_tokens = self._max_tokens(request.max_tokens, len(token_ids), "max_tokens")
+            processed = self._tokenize(text, True, "prompt", where)
+            max_tokens = self._max_tokens(request.max_tokens, len(processed.token_ids),
+                                          "max_tokens")
             params = self._sampling_params(request, max_tokens, request.logprobs)
-            prompt = _Prompt(f"{request_id}-{i}", token_ids, params, arrival, request_id,
-                             request.priority)
+            prompt = _Prompt(f"{request_id}-{i}",
+                             ProcessedRequest(processed, params, request.priority), arrival,
+                             request_id)
             if request.echo:
-                prompt.echo_text = text if isinstance(text, str) else self._decode(token_ids)
+                prompt.echo_text = text if isinstance(text, str) \
+                    else self._decode(processed.token_ids)
             prompts.append(prompt)
         return prompts
 
@@ -379,12 +423,14 @@ class OpenAIServing:
         return tokenizer.decode(token_ids) if tokenizer is not None else ""
 
     async def _completion_events(self, request: CompletionRequest, request_id: str,
-                                 created: int, prompts: list[_Prompt]) -> AsyncIterator[str]:
+                                 created: int, prompts: list[_Prompt],
+                                 kv_transfer: KVTransferRequest | None
+                                 ) -> AsyncGenerator[str, None]:
         n = request.n
         holdback = _holdback(prompts[0].params)
         states = [_ChoiceStream() for _ in range(len(prompts) * n)]
         try:
-            async with contextlib.aclosing(self._generate(prompts)) as outputs:
+            async with contextlib.aclosing(self._generate(prompts, kv_transfer)) as outputs:
                 async for i, output in outputs:
                     for completion in output.outputs:
                         state = states[i * n + completion.index]
@@ -418,6 +464,10 @@ class OpenAIServing:
     # ---- /v1/chat/completions -----------------------------------------------------------------
     async def chat_completions(self, raw: Request) -> Response:
         """POST /v1/chat/completions."""
+        return (await self._chat_completions(raw, None)).response
+
+    async def _chat_completions(self, raw: Request, kv_transfer: KVTransferRequest | None
+                                ) -> _Served:
         arrival = time.perf_counter()
         request = await self._parse(raw, ChatCompletionRequest)
         self._check_request(request)
@@ -428,18 +478,20 @@ class OpenAIServing:
         messages = [m.to_template() for m in request.messages]
         num_chars = sum(len(m["content"]) for m in messages)
         self._check_chars(num_chars, "messages", "the messages have")
-        token_ids = await self._run(num_chars, self._chat_prompt, request, messages)
+        processed = await self._run(num_chars, self._chat_prompt, request, messages)
         param = "max_completion_tokens" if request.max_completion_tokens is not None \
             else "max_tokens"
-        max_tokens = self._max_tokens(request.requested_max_tokens, len(token_ids), param)
+        max_tokens = self._max_tokens(request.requested_max_tokens, len(processed.token_ids),
+                                      param)
         params = self._sampling_params(request, max_tokens, request.num_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        prompts = [_Prompt(request_id, token_ids, params, arrival, request_id, request.priority)]
-        _attach_kv_transfer(raw, prompts)
+        prompts = [_Prompt(request_id, ProcessedRequest(processed, params, request.priority),
+                           arrival, request_id)]
         created = int(time.time())
         if request.stream:
-            return self._stream(self._chat_events(request, request_id, created, prompts))
-        (output,) = await self._collect(raw, prompts)
+            return _Served(self._stream(self._chat_events(request, request_id, created, prompts,
+                                                          kv_transfer)), prompts)
+        (output,) = await self._collect(raw, prompts, kv_transfer)
         choices = []
         for completion in output.outputs:
             logprobs = None
@@ -450,13 +502,13 @@ class OpenAIServing:
                                        completion.token_ids if request.return_token_ids
                                        else None))
         num_generated = sum(len(c.token_ids) for c in output.outputs)
-        return JSONResponse({
+        return _Served(JSONResponse({
             "id": request_id, "object": "chat.completion", "created": created,
             "model": self.model_name, "choices": choices,
-            "usage": usage(len(token_ids), num_generated)})
+            "usage": usage(len(processed.token_ids), num_generated)}), prompts)
 
     def _chat_prompt(self, request: ChatCompletionRequest, messages: list[dict[str, Any]]
-                     ) -> list[int]:
+                     ) -> ProcessedPrompt:
         """Render the chat template and tokenize the result (may run in a thread)."""
         assert self.llm.tokenizer is not None
         try:
@@ -470,10 +522,12 @@ class OpenAIServing:
                                param="messages") from None
         if not isinstance(text, str):
             raise RequestError("the chat template did not render to text", param="messages")
+        self._check_chars(len(text), "messages")
         return self._tokenize(text, False, "messages")
 
     async def _chat_events(self, request: ChatCompletionRequest, request_id: str, created: int,
-                           prompts: list[_Prompt]) -> AsyncIterator[str]:
+                           prompts: list[_Prompt], kv_transfer: KVTransferRequest | None
+                           ) -> AsyncGenerator[str, None]:
         holdback = _holdback(prompts[0].params)
         states = [_ChoiceStream() for _ in range(request.n)]
         top = request.top_logprobs or 0
@@ -482,7 +536,7 @@ class OpenAIServing:
                 role = {"index": index, "delta": {"role": "assistant", "content": ""},
                         "logprobs": None, "finish_reason": None}
                 yield _sse(chat_chunk(request_id, created, self.model_name, [role]))
-            async with contextlib.aclosing(self._generate(prompts)) as outputs:
+            async with contextlib.aclosing(self._generate(prompts, kv_transfer)) as outputs:
                 async for _, output in outputs:
                     for completion in output.outputs:
                         state = states[completion.index]
