@@ -44,7 +44,7 @@ def test_startup_error_is_a_value_error(text_model):
 
 def test_dead_engine_process_raises_quickly(text_model):
     llm = LLM(text_model, dtype="float32", engine_process=True)
-    pid = llm.engine.pid
+    pid = llm.engine.engine_states()[0].pid
     os.kill(pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="engine-core process died"):

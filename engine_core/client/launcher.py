@@ -1,180 +1,106 @@
-"""Clients of an engine-core process: spawn it, shake hands, send requests, receive outputs.
+"""Starting engine cores for one front-end: sockets, spawn, handshake, reaping.
 
-`EngineCoreProcClient` is synchronous and has the same surface as an in-process `EngineCore`
-(add_request, abort_requests, step, has_unfinished_requests, shutdown), so `LLM` can run the
-engine in a separate process unchanged. `AsyncEngineCoreClient` is its asyncio twin for
-`AsyncLLM`. Sockets: ipc:// in a private (0700) temp dir by default, tcp:// when asked, and then
-CurveZMQ with a key directory (or, explicitly, `insecure_tcp`). The front-end binds a ROUTER for
-input and one for output and talks only to its engine's routing id (see `core_process.py` for
-the wire). Everything on them is msgspec, every frame is decoded inside a try (a bad one is
-logged, capped, and dropped), every wait has a timeout, and a dead engine process is noticed
-within about a second.
+Every client of engine-core processes starts them here, one engine or N. `EngineLauncher`
+owns what identifies and secures the engines and how they come up:
+
+- the addresses: ipc:// in a private (0700) temp dir when every engine is local, tcp:// on
+  `DataParallelConfig.address` otherwise (or when asked), CurveZMQ over tcp with a key
+  directory (`pp-engine keys`; tcp without keys only with `insecure_tcp`), the ZAP handler
+  (`CurveAuthenticator`) of the front-end's context;
+- one random, secret routing id per engine (`EngineLink.identity`; whoever holds it can pose as
+  that engine on the input and output sockets, so it only ever travels in INIT);
+- the local engines' processes: multiprocessing spawn, or Ray actors with
+  `DataParallelConfig.backend == "ray"` (`ray_launcher.py`); remote ones are started on their
+  hosts with `pp-engine serve --headless` (`headless.py`);
+- the front-end side of the HELLO -> INIT -> READY handshake (the engine side and a diagram are
+  in `core_process.py`), with a config check (an engine whose config differs is refused,
+  naming the field) and, while remote ranks exist, rejoins of restarted remote engines;
+- reaping: a stopped engine gets `SHUTDOWN_TIMEOUT_S` to exit, then is terminated, then killed;
+  the ipc dir is removed.
+
+Every wait is bounded and every frame is decoded inside a try: a bad one is logged (capped by
+the shared `WarningLimiter`) and dropped.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import multiprocessing
 import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import zmq
-import zmq.asyncio
 
-from engine_core.client.base import EngineState
-from engine_core.client.core_process import (
-    KIND_ABORT,
-    KIND_ADD,
-    KIND_HELLO,
-    KIND_SHUTDOWN,
-    run_engine_core,
-)
-from engine_core.config import EngineArgs
-from engine_core.messages import (
-    AbortRequests,
-    EngineCoreOutput,
-    EngineCoreOutputs,
-    EngineCoreRequest,
-    HandshakeHello,
-    HandshakeInit,
-    HandshakeReady,
-    SchedulerStats,
-)
+from engine_core.client.core_process import KIND_HELLO, engine_version, run_engine_core
+from engine_core.config import DataParallelConfig, EngineArgs, config_mismatch
+from engine_core.messages import HandshakeHello, HandshakeInit, HandshakeReady
 from engine_core.transport import (
     CurveAuthenticator,
+    CurveKeys,
     WarningLimiter,
     load_server_keys,
     prepare_router,
     require_keys_for_tcp,
 )
 
+if TYPE_CHECKING:
+    from engine_core.client.ray_launcher import RayEngineLauncher
+
+__all__ = ["EngineLauncher", "EngineLink", "EngineProcessHandle", "new_identity", "reap"]
+
 logger = logging.getLogger(__name__)
 
-LIVENESS_POLL_S = 1.0
-SHUTDOWN_TIMEOUT_S = 10.0
-UNREACHABLE_RETRY_S = 0.05  # the engine's input socket is (re)connecting
-INPUT_INBOUND_BYTES = 4096  # only the engine's hello arrives here (CURVE framing included)
+LIVENESS_POLL_S = 1.0  # how often a waiting front-end checks that its engines live
+SHUTDOWN_TIMEOUT_S = 10.0  # an engine told to stop gets this long before it is terminated
+INPUT_INBOUND_BYTES = 4096  # only an engine's hello arrives on the input socket
+HANDSHAKE_INBOUND_BYTES = 1 << 20
 
 
-class EngineProcess:
-    """Spawns the engine-core process and runs the front-end side of the handshake.
+class EngineProcessHandle(Protocol):
+    """What the front-end needs of a local engine: a spawned process or a Ray actor."""
 
-    Owns what identifies and secures the engine: its routing id (`identity`, a random secret)
-    and, over tcp, the CurveZMQ keys. ValueError at construction for tcp without keys (unless
-    `insecure_tcp`) or an unreadable key directory."""
+    @property
+    def pid(self) -> int | None: ...
 
-    def __init__(self, engine_args: EngineArgs, transport: str = "ipc",
-                 host: str = "127.0.0.1", zmq_keys: str | None = None,
-                 insecure_tcp: bool = False) -> None:
-        if transport not in ("ipc", "tcp"):
-            raise ValueError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
-        require_keys_for_tcp(transport, zmq_keys, insecure_tcp)
-        self.engine_args = engine_args
-        self.transport, self.host = transport, host
-        self.zmq_keys = zmq_keys if transport == "tcp" else None  # ipc needs none
-        self.keys = load_server_keys(zmq_keys) if self.zmq_keys is not None else None
-        self.identity = b"E" + secrets.token_bytes(15)  # never starts with 0 (libzmq reserves it)
-        self._ipc_dir = tempfile.mkdtemp(prefix="pp-engine-") if transport == "ipc" else None
-        self.process: multiprocessing.process.BaseProcess | None = None
-        self.bad_frames = WarningLimiter(logger)
+    @property
+    def exitcode(self) -> int | None: ...
 
-    def address(self, name: str) -> str:
-        if self.transport == "ipc":
-            return f"ipc://{self._ipc_dir}/{name}"
-        return f"tcp://{self.host}:*"
+    def is_alive(self) -> bool: ...
 
-    def authenticator(self, ctx: zmq.Context) -> CurveAuthenticator | None:
-        """The ZAP handler `ctx` needs before its server sockets bind (None without keys)."""
-        return CurveAuthenticator(ctx, self.keys) if self.keys is not None else None
+    def join(self, timeout: float | None = None) -> None: ...
 
-    def bind_router(self, socket: zmq.Socket, name: str, max_inbound_bytes: int = -1) -> str:
-        """Set up and bind one of the front-end's ROUTERs; returns its concrete address. A peer
-        that sends a message over `max_inbound_bytes` (-1: no limit) is disconnected."""
-        prepare_router(socket, self.keys, max_inbound_bytes)
-        return _bind(socket, self.address(name))
+    def terminate(self) -> None: ...
 
-    def start(self, ctx: zmq.Context, input_socket: zmq.Socket, output_address: str,
-              timeout_s: float) -> HandshakeReady:
-        """Spawn the process and complete HELLO -> INIT -> READY (and the engine's hello on
-        `input_socket`, a bound sync ROUTER of `ctx`) within timeout_s.
-
-        Raises ValueError if the engine rejected its arguments, RuntimeError if it failed or
-        died, TimeoutError if it did not get ready in time."""
-        handshake = ctx.socket(zmq.ROUTER)
-        try:
-            handshake_address = self.bind_router(handshake, "handshake", 1 << 20)
-            self.process = multiprocessing.get_context("spawn").Process(
-                target=run_engine_core, args=(handshake_address, 0, self.zmq_keys),
-                name="pp-engine-core", daemon=True)
-            self.process.start()
-            deadline = time.monotonic() + timeout_s
-            identity, _ = self._recv(handshake, deadline, HandshakeHello, self._is_our_hello)
-            init = HandshakeInit(input_socket.getsockopt_string(zmq.LAST_ENDPOINT),
-                                 output_address, msgspec.msgpack.encode(self.engine_args),
-                                 self.identity)
-            handshake.send_multipart([identity, msgspec.msgpack.encode(init)])
-            _, ready = self._recv(handshake, deadline, HandshakeReady,
-                                  lambda sender, _: sender == identity)
-            if ready.error is None:
-                self._recv(input_socket, deadline, None,
-                           lambda sender, hello: sender == self.identity and hello == KIND_HELLO)
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            handshake.close(linger=0)
-        if ready.error is not None:
-            self.stop()
-            error_type = ValueError if ready.error_type == "ValueError" else RuntimeError
-            raise error_type(ready.error)
-        return ready
-
-    def _is_our_hello(self, _sender: bytes, hello: HandshakeHello) -> bool:
-        return hello.pid == self.process.pid
-
-    def _recv(self, socket: zmq.Socket, deadline: float, message_type: type | None, accept):
-        """The first [sender, payload] on a ROUTER that decodes as message_type (raw bytes for
-        None) and that accept(sender, message) admits; anything else is logged and dropped."""
-        what = message_type.__name__ if message_type is not None else "the engine's hello"
-        while True:
-            if socket.poll(int(LIVENESS_POLL_S * 1000)):
-                frames = socket.recv_multipart()
-                try:
-                    sender, payload = frames
-                    message = (payload if message_type is None
-                               else msgspec.msgpack.decode(payload, type=message_type))
-                except (ValueError, msgspec.DecodeError) as exc:
-                    self.bad_frames.warning("dropped a bad frame while waiting for %s "
-                                            "(%d frames): %s", what, len(frames), exc)
-                    continue
-                if accept(sender, message):
-                    return sender, message
-                self.bad_frames.warning("dropped %s from an unknown peer", what)
-                continue
-            if not self.is_alive():
-                raise RuntimeError(f"the engine-core process exited during startup "
-                                   f"(exit code {self.process.exitcode})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the engine core did not answer {what} in time")
-
-    def is_alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
-
-    def stop(self) -> None:
-        """Wait for a requested exit, then terminate and kill if needed. Idempotent."""
-        if self.process is not None:
-            reap(self.process, SHUTDOWN_TIMEOUT_S)
-        if self._ipc_dir is not None:
-            shutil.rmtree(self._ipc_dir, ignore_errors=True)
-            self._ipc_dir = None
+    def kill(self) -> None: ...
 
 
-def reap(process: multiprocessing.process.BaseProcess, wait_s: float) -> None:
+def new_identity() -> bytes:
+    """A fresh secret routing id (never starting with a 0 byte, which libzmq reserves)."""
+    return b"E" + secrets.token_bytes(15)
+
+
+@dataclass
+class EngineLink:
+    """One engine core (one data-parallel rank) as the launcher sees it."""
+
+    rank: int
+    identity: bytes  # its routing id on the input and output sockets (a secret)
+    process: EngineProcessHandle | None = None  # None: a remote engine
+    pid: int | None = None
+    host: str = ""
+    alive: bool = False  # ready, and not declared dead since
+    accepted: bool = False  # its READY came, with our config
+    greeted: bool = False  # its hello came on the input socket (so it can be routed to)
+    ever_ready: bool = False  # it got ready once (then it is given time to exit when stopped)
+
+
+def reap(process: EngineProcessHandle, wait_s: float) -> None:
     """Give `process` up to `wait_s` to exit on its own, then terminate it, then kill it."""
     process.join(wait_s if process.is_alive() else 0)
     if process.is_alive():
@@ -185,251 +111,255 @@ def reap(process: multiprocessing.process.BaseProcess, wait_s: float) -> None:
         process.join(5)
 
 
-def _bind(socket: zmq.Socket, address: str) -> str:
-    """Bind and return the concrete address (a tcp port chosen by the OS for ':*')."""
-    socket.bind(address)
-    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+class EngineLauncher:
+    """Brings up the engines of one front-end and takes them down again.
 
+    Use: `bind(ctx, input_socket, output_socket)` (the front-end's two ROUTERs, created by the
+    client in `ctx`), then `launch(timeout_s)`, then `serve_rejoins()` from the client's output
+    loop, and `reap(told)` / `close()` at the end. The engine records are the client's
+    (`EngineLink`s or subclasses of it); the launcher fills in their process, pid, host and
+    handshake state and renews a remote engine's routing id when it rejoins.
 
-class _ClientBase:
-    """Request bookkeeping and frame decoding shared by both clients."""
+    ValueError at construction for a bad transport, a non-zero start rank (that is for
+    headless launchers), tcp without keys (unless `insecure_tcp`) or an unreadable key
+    directory."""
 
-    def __init__(self, proc: EngineProcess) -> None:
-        self.proc = proc
-        self.encoder = msgspec.msgpack.Encoder()
-        self.decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
-        self.unfinished: set[str] = set()
-        self.error: str | None = None
-        self.stats = SchedulerStats()
-        self.num_routed = 0
-
-    def is_alive(self) -> bool:
-        return self.error is None and self.proc.is_alive()
-
-    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
-        """Queue the sequences of one user request (see `client/base.py`)."""
-        for request in requests:
-            self.add_request(request)
-
-    def engine_states(self) -> list[EngineState]:
-        """The one engine, as `client/base.py` describes it (stats: the last received)."""
-        return [EngineState(0, self.is_alive(), self.stats, self.num_routed, self.pid)]
-
-    def stop_engines(self) -> None:
-        """Stop and reap the engine-core process (blocking)."""
-        self.proc.stop()
-
-    @property
-    def pid(self) -> int | None:
-        """The engine-core process id."""
-        return self.proc.process.pid if self.proc.process is not None else None
-
-    @property
-    def engine_identity(self) -> bytes:
-        """The engine's routing id on both sockets (a secret: whoever holds it can pose as it)."""
-        return self.proc.identity
-
-    def _frames_add(self, request: EngineCoreRequest) -> list[bytes]:
-        self.unfinished.add(request.request_id)
-        self.num_routed += 1
-        return [self.proc.identity, KIND_ADD, self.encoder.encode(request)]
-
-    def _frames_abort(self, request_ids: list[str]) -> list[bytes]:
-        self.unfinished.difference_update(request_ids)
-        return [self.proc.identity, KIND_ABORT,
-                self.encoder.encode(AbortRequests(list(request_ids)))]
-
-    def _frames_shutdown(self) -> list[bytes]:
-        return [self.proc.identity, KIND_SHUTDOWN, b""]
-
-    def _decode_output(self, frames: list[bytes]) -> EngineCoreOutputs | None:
-        """One message from the output ROUTER: [sender, payload]. None (logged, capped) unless
-        it comes from our engine and decodes; never raises."""
-        if len(frames) != 2 or frames[0] != self.proc.identity:
-            self.proc.bad_frames.warning("dropped an output of %d frame(s) (sizes %s) not from "
-                                         "our engine", len(frames), [len(f) for f in frames][:8])
-            return None
-        try:
-            return self.decoder.decode(frames[1])
-        except msgspec.DecodeError as exc:
-            self.proc.bad_frames.warning("dropped an undecodable output (%d bytes): %s",
-                                         len(frames[1]), exc)
-            return None
-
-    def _received(self, batch: EngineCoreOutputs) -> EngineCoreOutputs:
-        for output in batch.outputs:
-            if output.finish_reason is not None:
-                self.unfinished.discard(output.request_id)
-        if batch.error is not None:
-            self.error = batch.error
-        if batch.stats is not None:
-            self.stats = batch.stats
-        return batch
-
-    def _dead_message(self) -> str:
-        code = self.proc.process.exitcode if self.proc.process is not None else None
-        return self.error or f"the engine-core process died (exit code {code})"
-
-
-class EngineCoreProcClient(_ClientBase):
-    """Synchronous client with `EngineCore`'s surface, for `LLM(..., engine_process=True)`.
-
-    `zmq_keys` (a `pp-engine keys` directory) secures tcp with CurveZMQ; tcp without it raises
-    ValueError unless `insecure_tcp`."""
-
-    def __init__(self, engine_args: EngineArgs, transport: str = "ipc",
-                 host: str = "127.0.0.1", timeout_s: float = 600.0,
-                 step_timeout_s: float = 600.0, zmq_keys: str | None = None,
+    def __init__(self, engine_args: EngineArgs, dp: DataParallelConfig,
+                 engines: Sequence[EngineLink], bad_frames: WarningLimiter, *,
+                 transport: str = "ipc", zmq_keys: str | None = None,
                  insecure_tcp: bool = False) -> None:
-        proc = EngineProcess(engine_args, transport, host, zmq_keys, insecure_tcp)
-        super().__init__(proc)
-        self.ctx = zmq.Context()  # our own: its ZAP handler admits only our engines
-        self.auth = proc.authenticator(self.ctx)
-        self.input_socket = self.ctx.socket(zmq.ROUTER)
-        self.output_socket = self.ctx.socket(zmq.ROUTER)
-        self.step_timeout_s = step_timeout_s
-        try:
-            self.input_address = proc.bind_router(self.input_socket, "input", INPUT_INBOUND_BYTES)
-            self.output_address = proc.bind_router(self.output_socket, "output")
-            ready = proc.start(self.ctx, self.input_socket, self.output_address, timeout_s)
-        except BaseException:
-            self._close()
-            raise
-        self.num_kv_blocks = ready.num_kv_blocks
+        if transport not in ("ipc", "tcp"):
+            raise ValueError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
+        if dp.start_rank != 0:
+            raise ValueError("the front-end's local engines are ranks 0..L-1: "
+                             "--data-parallel-start-rank (-dpr) is for --headless only")
+        transport = ("tcp" if dp.has_remote or dp.rpc_port is not None or dp.backend == "ray"
+                     else transport)
+        require_keys_for_tcp(transport, zmq_keys, insecure_tcp)
+        self.engine_args, self.dp, self.transport = engine_args, dp, transport
+        self.zmq_keys = zmq_keys if transport == "tcp" else None  # ipc needs none
+        self.keys: CurveKeys | None = (load_server_keys(self.zmq_keys)
+                                       if self.zmq_keys is not None else None)
+        self.expected_fields = engine_args.resolve().config_fields()
+        self.engines = engines
+        self.bad_frames = bad_frames
+        self._by_identity = {e.identity: e for e in engines}
+        self.ipc_dir: str | None = None  # made by bind() (ipc only)
+        self.auth: CurveAuthenticator | None = None
+        self.handshake_socket: zmq.Socket | None = None
+        self._input_socket: zmq.Socket | None = None
+        self.handshake_address = self.input_address = self.output_address = ""
+        self.ray: RayEngineLauncher | None = None
+        self._peers: dict[bytes, EngineLink] = {}  # handshake routing id -> rank it said HELLO for
+        self._refusals: dict[int, str] = {}  # rank -> why its last engine was refused
 
-    def add_request(self, request: EngineCoreRequest) -> None:
-        self._send(self._frames_add(request))
-
-    def abort_requests(self, request_ids: list[str]) -> None:
-        frames = self._frames_abort(request_ids)
-        if self.is_alive():
-            with contextlib.suppress(RuntimeError, TimeoutError):
-                self._send(frames)
-
-    def _send(self, frames: list[bytes]) -> None:
-        """Send to our engine; while it is unreachable (reconnecting) retry until step_timeout_s,
-        checking that it lives."""
-        deadline = time.monotonic() + self.step_timeout_s
-        while True:
-            self._check()
+    # ---- addresses ----------------------------------------------------------------------------
+    def bind(self, ctx: zmq.Context, input_socket: zmq.Socket,
+             output_socket: zmq.Socket) -> None:
+        """Start the ZAP handler in `ctx` (the sync context, or the shadow of an asyncio one,
+        that holds the sockets), then bind the handshake, input and output ROUTERs.
+        ValueError (naming the address) if one cannot bind."""
+        if self.transport == "ipc":
+            self.ipc_dir = tempfile.mkdtemp(prefix="pp-engine-")
+        self.auth = CurveAuthenticator(ctx, self.keys) if self.keys is not None else None
+        self.handshake_socket = ctx.socket(zmq.ROUTER)
+        self._input_socket = input_socket
+        for sock, name, inbound, port in (
+                (self.handshake_socket, "handshake", HANDSHAKE_INBOUND_BYTES, self.dp.rpc_port),
+                (input_socket, "input", INPUT_INBOUND_BYTES, None),
+                (output_socket, "output", -1, None)):
+            prepare_router(sock, self.keys, inbound)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # a vanished host drops its connection
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            address = self._address(name, port)
             try:
-                self.input_socket.send_multipart(frames, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                pass
+                sock.bind(address)
             except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
+                raise ValueError(f"cannot bind the engine {name} socket to {address}: "
+                                 f"{exc}") from None
+            setattr(self, f"{name}_address", sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def _address(self, name: str, port: int | None = None) -> str:
+        if self.transport == "ipc":
+            return f"ipc://{self.ipc_dir}/{name}"
+        return f"tcp://{self.dp.address}:{port if port is not None else '*'}"
+
+    def find(self, identity: bytes) -> EngineLink | None:
+        """The engine with this routing id (None: no engine of ours)."""
+        return self._by_identity.get(identity)
+
+    def name(self, engine: EngineLink) -> str:
+        """How messages name an engine: "the engine core", or "data-parallel engine R"."""
+        return "the engine core" if len(self.engines) == 1 else \
+            f"data-parallel engine {engine.rank}"
+
+    # ---- startup ------------------------------------------------------------------------------
+    def launch(self, timeout_s: float) -> None:
+        """Start the local engines, then HELLO -> INIT -> READY (+ the hello on the input
+        socket) with every engine, local and remote, within timeout_s (blocking).
+
+        Raises ValueError if a local engine rejected its arguments, RuntimeError if one failed
+        or exited, TimeoutError (naming the ranks and the address) if they were not all ready
+        in time. The caller stops whatever was started (`reap`, `close`)."""
+        assert self.handshake_socket is not None and self._input_socket is not None, "bind first"
+        for engine in self.engines[:self.dp.local]:
+            engine.process = self._start_local(engine.rank)
+            engine.pid = engine.process.pid
+        deadline = time.monotonic() + timeout_s
+        poller = zmq.Poller()
+        poller.register(self.handshake_socket, zmq.POLLIN)
+        poller.register(self._input_socket, zmq.POLLIN)
+        while not all(e.alive for e in self.engines):
+            events = dict(poller.poll(int(LIVENESS_POLL_S * 1000)))
+            if self.handshake_socket in events:
+                self._on_handshake(self.handshake_socket.recv_multipart())
+            if self._input_socket in events:
+                self._on_input(self._input_socket.recv_multipart())
+            for engine in self.engines[:self.dp.local]:
+                assert engine.process is not None
+                if not engine.alive and not engine.process.is_alive():
+                    raise RuntimeError(f"{self.name(engine)} (pid {engine.pid}) exited during "
+                                       f"startup (exit code {engine.process.exitcode})")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the engine core took no input for {self.step_timeout_s} s")
-            time.sleep(UNREACHABLE_RETRY_S)
+                missing = [e.rank for e in self.engines if not e.alive]
+                why = "".join(f"; rank {r} was refused: {m}" for r, m in self._refusals.items())
+                raise TimeoutError(f"engine core(s) {missing} did not get ready within "
+                                   f"{timeout_s:g} s at {self.handshake_address}{why}")
+        if not self.dp.has_remote:  # else it stays open: a restarted remote engine rejoins
+            self.handshake_socket.close(linger=0)
+            self.handshake_socket = None
 
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.unfinished)
+    def _start_local(self, rank: int) -> EngineProcessHandle:
+        """Spawn local rank `rank` (a process, or a Ray actor); it connects to the handshake."""
+        if self.dp.backend == "ray":
+            if self.ray is None:
+                from engine_core.client.ray_launcher import RayEngineLauncher
 
-    def step(self) -> list[EngineCoreOutput]:
-        """The next batch of outputs (waits for it). RuntimeError if the engine is dead."""
-        deadline = time.monotonic() + self.step_timeout_s
-        while True:
-            self._check()
-            if self.output_socket.poll(int(LIVENESS_POLL_S * 1000)):
-                batch = self._decode_output(self.output_socket.recv_multipart())
-                if batch is not None:
-                    self._received(batch)
-                    self._check()
-                    return batch.outputs
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no output from the engine core in {self.step_timeout_s} s")
+                self.ray = RayEngineLauncher(self.dp.local)
+            return self.ray.start(self.handshake_address, rank, self.zmq_keys)
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, name=f"pp-engine-core-dp{rank}",
+            args=(self.handshake_address, rank, self.zmq_keys), daemon=True)
+        process.start()
+        return process
 
-    def _check(self) -> None:
-        if not self.is_alive():
-            self.unfinished.clear()
-            raise RuntimeError(self._dead_message())
+    def serve_rejoins(self) -> list[EngineLink]:
+        """After startup: the handshakes of remote engines restarted with the rank of a dead
+        one (non-blocking). Returns the engines that became ready again."""
+        if self.handshake_socket is None or self._input_socket is None:
+            return []
+        was_alive = {e.rank for e in self.engines if e.alive}
+        while self.handshake_socket.poll(0):
+            try:
+                self._on_handshake(self.handshake_socket.recv_multipart())
+            except (ValueError, RuntimeError) as exc:  # never for remote engines; be safe
+                logger.error("handshake failed: %s", exc)
+        while self._input_socket.poll(0):
+            self._on_input(self._input_socket.recv_multipart())
+        return [e for e in self.engines if e.alive and e.rank not in was_alive]
 
-    def shutdown(self) -> None:
-        if self.proc.is_alive():
-            with contextlib.suppress(zmq.ZMQError):
-                self.input_socket.send_multipart(self._frames_shutdown(), flags=zmq.NOBLOCK)
-        self.proc.stop()
-        self._close()
+    def _on_input(self, frames: list[bytes]) -> None:
+        """A frame on the input socket: only an engine's hello (before READY completes) is
+        expected there."""
+        engine = self._by_identity.get(frames[0]) if len(frames) == 2 else None
+        if engine is not None and frames[1] == KIND_HELLO:
+            engine.greeted = True
+            self._ready_if_complete(engine)
+        else:
+            self.bad_frames.warning("dropped a frame of %d part(s) on the input socket",
+                                    len(frames))
 
-    def _close(self) -> None:
-        self.input_socket.close(linger=0)
-        self.output_socket.close(linger=0)
+    def _on_handshake(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.bad_frames.warning("dropped a handshake message of %d frame(s)", len(frames))
+            return
+        sender, payload = frames
+        engine = self._peers.get(sender)
+        if engine is None:
+            try:
+                hello = msgspec.msgpack.decode(payload, type=HandshakeHello)
+            except msgspec.DecodeError as exc:
+                self.bad_frames.warning("dropped an undecodable HELLO: %s", exc)
+                return
+            self._on_hello(sender, hello)
+            return
+        try:
+            ready = msgspec.msgpack.decode(payload, type=HandshakeReady)
+        except msgspec.DecodeError as exc:
+            self.bad_frames.warning("dropped an undecodable READY: %s", exc)
+            return
+        del self._peers[sender]
+        error = ready.error
+        if error is None:
+            error = config_mismatch(self.expected_fields, ready.config_fields)
+        if error is None:
+            engine.accepted = True  # alive once its hello on the input socket arrived too
+            self._ready_if_complete(engine)
+            return
+        if engine.process is not None:  # a local engine: its failure is the front-end's
+            kind = ValueError if ready.error_type in ("ValueError", "ConfigMismatchError") \
+                else RuntimeError
+            raise kind(error)
+        logger.error("refused data-parallel engine %d from %s: %s", engine.rank, engine.host,
+                     error)
+        self._refusals[engine.rank] = error
+
+    def _ready_if_complete(self, engine: EngineLink) -> None:
+        if engine.accepted and engine.greeted and not engine.alive:
+            engine.alive = True
+            logger.info("%s %s (host %s, pid %s)", self.name(engine),
+                        "rejoined" if engine.ever_ready else "ready", engine.host or "local",
+                        engine.pid)
+            engine.ever_ready = True
+
+    def _on_hello(self, sender: bytes, hello: HandshakeHello) -> None:
+        assert self.handshake_socket is not None
+        rank = hello.engine_index
+        engine = self.engines[rank] if 0 <= rank < len(self.engines) else None
+        if engine is None or engine.alive or (engine.process is not None
+                                              and hello.pid != engine.pid):
+            self.bad_frames.warning("dropped a HELLO for rank %d (pid %d): not expected", rank,
+                                    hello.pid)
+            return
+        if engine.process is None:  # remote: (re)joining; a fresh routing id each time
+            engine.pid, engine.host = hello.pid, hello.host
+            engine.accepted = engine.greeted = False
+            del self._by_identity[engine.identity]
+            engine.identity = new_identity()
+            self._by_identity[engine.identity] = engine
+        if hello.version != engine_version():
+            logger.warning("engine core %d runs pp-engine %s, the front-end %s",
+                           rank, hello.version, engine_version())
+        self._peers[sender] = engine
+        init = HandshakeInit(self.input_address, self.output_address,
+                             msgspec.msgpack.encode(self.engine_args), engine.identity,
+                             dp_size=len(self.engines), config_fields=self.expected_fields)
+        self.handshake_socket.send_multipart([sender, msgspec.msgpack.encode(init)])
+
+    # ---- shutdown -----------------------------------------------------------------------------
+    def reap(self, told: set[int]) -> None:
+        """Reap the local engines (blocking): the ranks in `told` (asked to stop) and those
+        that were ready once (exiting on their own after a failure, say) get up to
+        `SHUTDOWN_TIMEOUT_S` in all, the others none; then terminate, then kill."""
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+        for engine in self.engines:
+            process = engine.process
+            if process is None or process.pid is None:
+                continue
+            grace = engine.rank in told or engine.ever_ready
+            reap(process, max(0.0, deadline - time.monotonic()) if grace else 0)
+
+    def close(self) -> None:
+        """Remove the Ray actors, close the handshake socket, stop the ZAP handler (before the
+        context is terminated) and remove the ipc dir. Idempotent."""
+        if self.ray is not None:
+            self.ray.close()
+            self.ray = None
+        if self.handshake_socket is not None:
+            self.handshake_socket.close(linger=0)
+            self.handshake_socket = None
         if self.auth is not None:
             self.auth.stop()
             self.auth = None
-        self.ctx.term()
-
-
-class AsyncEngineCoreClient(_ClientBase):
-    """asyncio client for `AsyncLLM`. Inputs go out on a plain (sync, never blocking) ROUTER,
-    outputs arrive on an asyncio one; both live in one libzmq context with the ZAP handler."""
-
-    def __init__(self, proc: EngineProcess, ctx: zmq.asyncio.Context) -> None:
-        super().__init__(proc)
-        self.ctx = ctx
-        self.sync_ctx = zmq.Context.shadow(ctx.underlying)
-        self.auth = proc.authenticator(self.sync_ctx)
-        self.input_socket = self.sync_ctx.socket(zmq.ROUTER)
-        self.output_socket = ctx.socket(zmq.ROUTER)
-        self.input_address = self.output_address = ""  # bound in start()
-        self.num_kv_blocks = 0
-
-    @classmethod
-    async def start(cls, engine_args: EngineArgs, *, transport: str = "ipc",
-                    host: str = "127.0.0.1", timeout_s: float = 600.0,
-                    zmq_keys: str | None = None,
-                    insecure_tcp: bool = False) -> AsyncEngineCoreClient:
-        proc = EngineProcess(engine_args, transport, host, zmq_keys, insecure_tcp)
-        client = cls(proc, zmq.asyncio.Context())
-        try:
-            client.input_address = proc.bind_router(client.input_socket, "input",
-                                                    INPUT_INBOUND_BYTES)
-            client.output_address = proc.bind_router(client.output_socket, "output")
-            ready = await asyncio.to_thread(proc.start, client.sync_ctx, client.input_socket,
-                                            client.output_address, timeout_s)
-        except BaseException:
-            client.shutdown()
-            raise
-        client.num_kv_blocks = ready.num_kv_blocks
-        return client
-
-    def add_request(self, request: EngineCoreRequest) -> None:
-        if not self.is_alive():
-            raise RuntimeError(self._dead_message())
-        self._send(self._frames_add(request))
-
-    def abort_requests(self, request_ids: list[str]) -> None:
-        if self.is_alive():
-            with contextlib.suppress(RuntimeError):
-                self._send(self._frames_abort(request_ids))
-
-    def _send(self, frames: list[bytes]) -> None:
-        try:
-            self.input_socket.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: its socket is gone; it is dying
-            raise RuntimeError(f"the engine core is not reachable: {exc}") from None
-
-    async def get_outputs(self) -> EngineCoreOutputs:
-        """The next message from the engine core (bad frames are dropped). RuntimeError once
-        the engine is dead."""
-        while True:
-            if self.error is not None or not self.proc.is_alive():
-                raise RuntimeError(self._dead_message())
-            if await self.output_socket.poll(int(LIVENESS_POLL_S * 1000)):
-                batch = self._decode_output(await self.output_socket.recv_multipart())
-                if batch is not None:
-                    return self._received(batch)
-
-    def shutdown(self) -> None:
-        if self.proc.is_alive():
-            with contextlib.suppress(zmq.ZMQError):
-                self.input_socket.send_multipart(self._frames_shutdown(), flags=zmq.NOBLOCK)
-        self.proc.stop()
-        self.input_socket.close(linger=0)
-        self.output_socket.close(linger=0)
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None
-        self.ctx.term()
+        if self.ipc_dir is not None:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
