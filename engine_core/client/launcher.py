@@ -60,6 +60,7 @@ LIVENESS_POLL_S = 1.0  # how often a waiting front-end checks that its engines l
 SHUTDOWN_TIMEOUT_S = 10.0  # an engine told to stop gets this long before it is terminated
 INPUT_INBOUND_BYTES = 4096  # only an engine's hello arrives on the input socket
 HANDSHAKE_INBOUND_BYTES = 1 << 20
+EXITED_ENGINE_GRACE_MS = 500  # what an engine sent just before it exited arrives within this
 
 
 class EngineProcessHandle(Protocol):
@@ -218,6 +219,9 @@ class EngineLauncher:
             for engine in self.engines[:self.dp.local]:
                 assert engine.process is not None
                 if not engine.alive and not engine.process.is_alive():
+                    # the READY that says why may still be on its way: read what came
+                    while self.handshake_socket.poll(EXITED_ENGINE_GRACE_MS):
+                        self._on_handshake(self.handshake_socket.recv_multipart())
                     raise RuntimeError(f"{self.name(engine)} (pid {engine.pid}) exited during "
                                        f"startup (exit code {engine.process.exitcode})")
             if time.monotonic() > deadline:
