@@ -4,7 +4,7 @@
 `core_client.EngineCoreClient`, for one engine-core process or N (local, remote, Ray), so it
 does not care how many engines there are. `LLM` talks to a `SyncEngineClient`: `EngineCore` in
 process, or `sync.SyncEngineCoreClient` (the same client behind a synchronous facade) for
-`engine_process=True` and data parallelism. Both clients come from `factory.make_client`.
+`engine_process=True` and data parallelism. The client comes from `factory.make_client`.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class EngineCoreClient:
         self.launcher = EngineLauncher(engine_args, dp, self.engines, self.bad_frames,
                                        transport=transport, zmq_keys=zmq_keys,
                                        insecure_tcp=insecure_tcp)
-        config = engine_args.resolve()
+        config = self.launcher.config
         self.prefix_index = (PrefixIndex(dp.size, config.cache.block_size)
                              if dp.routing == "prefix" and config.cache.enable_prefix_caching
                              else None)

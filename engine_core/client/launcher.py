@@ -141,7 +141,8 @@ class EngineLauncher:
         self.zmq_keys = zmq_keys if transport == "tcp" else None  # ipc needs none
         self.keys: CurveKeys | None = (load_server_keys(self.zmq_keys)
                                        if self.zmq_keys is not None else None)
-        self.expected_fields = engine_args.resolve().config_fields()
+        self.config = engine_args.resolve()
+        self.expected_fields = self.config.config_fields()
         self.engines = engines
         self.bad_frames = bad_frames
         self._by_identity = {e.identity: e for e in engines}
