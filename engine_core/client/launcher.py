@@ -190,7 +190,7 @@ class EngineLauncher:
         """The engine with this routing id (None: no engine of ours)."""
         return self._by_identity.get(identity)
 
-    def name(self, engine: EngineLink) -> str:
+    def _name(self, engine: EngineLink) -> str:
         """How messages name an engine: "the engine core", or "data-parallel engine R"."""
         return "the engine core" if len(self.engines) == 1 else \
             f"data-parallel engine {engine.rank}"
@@ -223,7 +223,7 @@ class EngineLauncher:
                     # the READY that says why may still be on its way: read what came
                     while self.handshake_socket.poll(EXITED_ENGINE_GRACE_MS):
                         self._on_handshake(self.handshake_socket.recv_multipart())
-                    raise RuntimeError(f"{self.name(engine)} (pid {engine.pid}) exited during "
+                    raise RuntimeError(f"{self._name(engine)} (pid {engine.pid}) exited during "
                                        f"startup (exit code {engine.process.exitcode})")
             if time.monotonic() > deadline:
                 missing = [e.rank for e in self.engines if not e.alive]
@@ -312,7 +312,7 @@ class EngineLauncher:
     def _ready_if_complete(self, engine: EngineLink) -> None:
         if engine.accepted and engine.greeted and not engine.alive:
             engine.alive = True
-            logger.info("%s %s (host %s, pid %s)", self.name(engine),
+            logger.info("%s %s (host %s, pid %s)", self._name(engine),
                         "rejoined" if engine.ever_ready else "ready", engine.host or "local",
                         engine.pid)
             engine.ever_ready = True
