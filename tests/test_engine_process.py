@@ -44,7 +44,7 @@ def test_startup_error_is_a_value_error(text_model):
 
 def test_dead_engine_process_raises_quickly(text_model):
     llm = LLM(text_model, dtype="float32", engine_process=True)
-    pid = llm.engine.pid
+    pid = llm.engine.engine_states()[0].pid
     os.kill(pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="engine-core process died"):
@@ -52,3 +52,18 @@ def test_dead_engine_process_raises_quickly(text_model):
                      use_tqdm=False)
     assert time.monotonic() - start < 10
     llm.shutdown()
+
+
+def test_step_waits_at_most_the_step_timeout(text_model):
+    llm = LLM(text_model, dtype="float32", engine_process=True)
+    try:
+        llm.engine.step_timeout_s = 0.5
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="no output"):
+            llm.engine.step()  # an idle engine sends nothing: the wait ends, it does not hang
+        assert time.monotonic() - start < 5
+        out = llm.generate("def f(x):", SamplingParams(max_tokens=4, ignore_eos=True),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4  # the client goes on working
+    finally:
+        llm.shutdown()

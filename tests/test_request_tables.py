@@ -75,7 +75,7 @@ async def _rounds(num_rounds: int) -> tuple[list[int], list[int]]:
             await asyncio.wait_for(_idle(llm), 60)
             assert not llm._streams
             assert not llm.processor._requests and not llm.processor._sequence_owner
-            assert not llm.client.unfinished
+            assert not llm.client.has_unfinished_requests()
             counts.append(_num_objects())
             tasks.append(len(asyncio.all_tasks()))
     finally:

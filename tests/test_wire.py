@@ -69,8 +69,8 @@ def _gone(pid: int) -> bool:
 
 
 def _shutdown_and_check(llm: LLM) -> None:
-    client = llm.engine
-    pid, ipc_dir = client.pid, client.proc._ipc_dir
+    core = llm.engine.client
+    pid, ipc_dir = core.engine_states()[0].pid, core.launcher.ipc_dir
     llm.shutdown()
     assert _gone(pid)
     assert ipc_dir is None or not os.path.exists(ipc_dir)
@@ -111,6 +111,12 @@ def _invalid_request(request_id: str, **sampling: object) -> bytes:
                                    "sampling_params": {"max_tokens": 4, **sampling}})
 
 
+def _sync_view(sock) -> zmq.Socket:
+    """A blocking view of one of the client's asyncio sockets (its loop is idle between
+    steps), for reading what arrives there directly."""
+    return zmq.Socket.shadow(sock.underlying)
+
+
 def _error_outputs(client, request_ids: set[str], timeout_s: float = 20.0
                    ) -> dict[str, EngineCoreOutput]:
     """Step the client until every id in request_ids has had an output (bounded)."""
@@ -124,31 +130,47 @@ def _error_outputs(client, request_ids: set[str], timeout_s: float = 20.0
     return seen
 
 
+def _engine_outputs(core, request_ids: set[str], timeout_s: float = 20.0
+                    ) -> dict[str, EngineCoreOutput]:
+    """What our engine sent for these ids, read straight off the output socket (bounded): for
+    requests sent past the client, which therefore does not route their outputs."""
+    sock = _sync_view(core.output_socket)
+    seen: dict[str, EngineCoreOutput] = {}
+    deadline = time.monotonic() + timeout_s
+    while set(seen) != request_ids and time.monotonic() < deadline:
+        if sock.poll(100):
+            decoded = core._decode_output(sock.recv_multipart())
+            assert decoded is not None
+            seen.update((o.request_id, o) for o in decoded[1].outputs
+                        if o.request_id in request_ids)
+    return seen
+
+
 # ---- engine-core input ------------------------------------------------------------------------
 def test_engine_survives_input_fuzz(text_model, expected_tokens):
     llm = LLM(text_model, dtype="float32", engine_process=True)
     try:
         assert _generate(llm) == expected_tokens
-        client = llm.engine
-        identity = client.engine_identity
+        core = llm.engine.client
+        identity = core.engine_identity()
         for frames in _fuzz_inputs():
-            client.input_socket.send_multipart([identity, *frames])
-        client.input_socket.send_multipart(
+            core.input_socket.send_multipart([identity, *frames])
+        core.input_socket.send_multipart(
             [identity, KIND_ADD, _invalid_request("bad-temp", temperature=-1.0)])
-        client.input_socket.send_multipart(  # decodes, but add_request refuses it
+        core.input_socket.send_multipart(  # decodes, but add_request refuses it
             [identity, KIND_ADD, msgspec.msgpack.encode(
                 {"request_id": "bad-vocab", "prompt_token_ids": [10**6],
                  "sampling_params": {"max_tokens": 4}})])
-        client.input_socket.send_multipart(  # no recoverable id: only logged
+        core.input_socket.send_multipart(  # no recoverable id: only logged
             [identity, KIND_ADD, msgspec.msgpack.encode({"sampling_params": {"n": -1}})])
 
-        errors = _error_outputs(client, {"bad-temp", "bad-vocab"})
+        errors = _engine_outputs(core, {"bad-temp", "bad-vocab"})
         assert set(errors) == {"bad-temp", "bad-vocab"}
         for output in errors.values():
             assert output.finish_reason == "error" and output.new_token_ids == []
         assert "temperature" in errors["bad-temp"].error
         assert "prompt token ids" in errors["bad-vocab"].error
-        assert client.proc.is_alive() and client.error is None
+        assert core.is_alive() and core.engines[0].process.is_alive()
         assert _generate(llm) == expected_tokens
     finally:
         _shutdown_and_check(llm)
@@ -157,14 +179,14 @@ def test_engine_survives_input_fuzz(text_model, expected_tokens):
 def test_duplicate_request_id_does_not_end_the_live_request(text_model):
     llm = LLM(text_model, dtype="float32", engine_process=True)
     try:
-        client = llm.engine
+        client, core = llm.engine, llm.engine.client
         params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
         client.add_request(EngineCoreRequest("live", [1, 5, 9], params))
-        client.input_socket.send_multipart([client.engine_identity, KIND_ADD,
-                                            _invalid_request("live", temperature=-1.0)])
-        client.input_socket.send_multipart([client.engine_identity, KIND_ADD,
-                                            msgspec.msgpack.encode(EngineCoreRequest(
-                                                "live", [1, 2], params))])
+        core.input_socket.send_multipart([core.engine_identity(), KIND_ADD,
+                                          _invalid_request("live", temperature=-1.0)])
+        core.input_socket.send_multipart([core.engine_identity(), KIND_ADD,
+                                          msgspec.msgpack.encode(EngineCoreRequest(
+                                              "live", [1, 2], params))])
         tokens, finish = [], None
         deadline = time.monotonic() + 60
         while finish is None and time.monotonic() < deadline:
@@ -197,14 +219,14 @@ def test_owner_and_priority_cross_the_wire(text_model):
 def test_rogue_reader_on_the_input_socket_gets_nothing(text_model, zmq_ctx):
     llm = LLM(text_model, dtype="float32", engine_process=True)
     try:
-        client = llm.engine
-        assert stat.S_IMODE(os.stat(client.proc._ipc_dir).st_mode) == 0o700
+        core = llm.engine.client
+        assert stat.S_IMODE(os.stat(core.launcher.ipc_dir).st_mode) == 0o700
         rogues = []
         for identity in (None, b"rogue-reader"):
             rogue = zmq_ctx.socket(zmq.DEALER)
             if identity is not None:
                 rogue.setsockopt(zmq.ROUTING_ID, identity)
-            rogue.connect(client.input_address)
+            rogue.connect(core.input_address)
             rogues.append(rogue)
         time.sleep(0.3)  # let them attach before any request goes out
         for _ in range(3):
@@ -215,34 +237,35 @@ def test_rogue_reader_on_the_input_socket_gets_nothing(text_model, zmq_ctx):
 
 
 # ---- front-end output -------------------------------------------------------------------------
-def _drain_bad_frames(client, count: int, timeout_s: float = 10.0) -> None:
+def _drain_bad_frames(core, count: int, timeout_s: float = 10.0) -> None:
     """Read the output socket until `count` bad frames were dropped (bounded)."""
+    sock = _sync_view(core.output_socket)
     deadline = time.monotonic() + timeout_s
-    while client.proc.bad_frames.count < count and time.monotonic() < deadline:
-        if client.output_socket.poll(100):
-            assert client._decode_output(client.output_socket.recv_multipart()) is None
+    while core.bad_frames.count < count and time.monotonic() < deadline:
+        if sock.poll(100):
+            assert core._decode_output(sock.recv_multipart()) is None
 
 
 def test_frontend_drops_rogue_and_garbage_outputs(text_model, expected_tokens, zmq_ctx):
     llm = LLM(text_model, dtype="float32", engine_process=True)
     try:
-        client = llm.engine
+        core = llm.engine.client
         rng = random.Random(1)
         rogue = zmq_ctx.socket(zmq.DEALER)
-        rogue.connect(client.output_address)
+        rogue.connect(core.output_address)
         rogue.send(rng.randbytes(48))
         rogue.send(msgspec.msgpack.encode(EngineCoreOutputs(error="injected death")))
-        _drain_bad_frames(client, 2)
-        assert client.proc.bad_frames.count == 2
-        assert client.error is None
+        _drain_bad_frames(core, 2)
+        assert core.bad_frames.count == 2
+        assert core.is_alive()
         assert _generate(llm) == expected_tokens
 
         # garbage that claims our engine's identity: the decode path drops it, never raises
-        identity = client.engine_identity
+        identity = core.engine_identity()
         for frames in ([identity, rng.randbytes(48)], [identity, b""], [identity],
                        [identity, b"\x80", b"x"], [identity, msgspec.msgpack.encode([1, 2])]):
-            assert client._decode_output(frames) is None
-        assert client.error is None
+            assert core._decode_output(frames) is None
+        assert core.is_alive()
         assert _generate(llm) == expected_tokens
     finally:
         _shutdown_and_check(llm)
@@ -252,17 +275,17 @@ def test_async_pump_survives_garbage(text_model, expected_tokens, zmq_ctx):
     async def run() -> None:
         llm = await AsyncLLM.create(EngineArgs(model=text_model, dtype="float32"),
                                     startup_timeout_s=120)
-        pid = llm.client.pid
+        pid = llm.client.engine_states()[0].pid
         try:
             rogue = zmq_ctx.socket(zmq.DEALER)
             rogue.connect(llm.client.output_address)
             rogue.send(random.Random(2).randbytes(48))
             rogue.send(msgspec.msgpack.encode(EngineCoreOutputs(error="injected death")))
             deadline = time.monotonic() + 10
-            while llm.client.proc.bad_frames.count < 2 and time.monotonic() < deadline:
+            while llm.client.bad_frames.count < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            assert llm.client.proc.bad_frames.count == 2
-            assert llm.client._decode_output([llm.client.engine_identity, b"\xc1"]) is None
+            assert llm.client.bad_frames.count == 2
+            assert llm.client._decode_output([llm.client.engine_identity(), b"\xc1"]) is None
             assert llm.is_running
             final = None
             async for output in llm.generate(PROMPT, GREEDY, "after-garbage"):
@@ -318,9 +341,9 @@ def test_tcp_with_curve(text_model, expected_tokens, tmp_path, zmq_ctx):
     llm = LLM(text_model, dtype="float32", engine_process=True, engine_transport="tcp",
               zmq_keys=keys)
     try:
-        client = llm.engine
-        assert client.output_address.startswith("tcp://127.0.0.1:")
-        assert client.output_socket.curve_server and client.input_socket.curve_server
+        core = llm.engine.client
+        assert core.output_address.startswith("tcp://127.0.0.1:")
+        assert core.output_socket.curve_server and core.input_socket.curve_server
         assert _generate(llm) == expected_tokens
 
         stranger_dir = str(tmp_path / "stranger")
@@ -334,15 +357,15 @@ def test_tcp_with_curve(text_model, expected_tokens, tmp_path, zmq_ctx):
         plain = zmq_ctx.socket(zmq.DEALER)  # no CURVE at all
         for rogue in (stranger, plain):
             rogue.setsockopt(zmq.LINGER, 0)
-            rogue.connect(client.output_address)
+            rogue.connect(core.output_address)
             rogue.send(msgspec.msgpack.encode(EngineCoreOutputs(error="injected death")))
-        assert client.output_socket.poll(1500) == 0  # nothing got through
-        assert client.proc.bad_frames.count == 0
-        for address in (client.input_address, client.output_address):
+        assert _sync_view(core.output_socket).poll(1500) == 0  # nothing got through
+        assert core.bad_frames.count == 0
+        for address in (core.input_address, core.output_address):
             reader = zmq_ctx.socket(zmq.DEALER)
             reader.setsockopt(zmq.LINGER, 0)
             reader.connect(address)
-        assert _generate(llm) == expected_tokens and client.error is None
+        assert _generate(llm) == expected_tokens and core.is_alive()
     finally:
         _shutdown_and_check(llm)
     assert not any(isinstance(t, AuthenticationThread) for t in threading.enumerate())

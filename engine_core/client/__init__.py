@@ -1,4 +1,6 @@
-"""Front-end clients of engine cores: the declared boundary (`base.py`) and its data-parallel
-implementation (`dp.py`: N engine cores behind one front-end), its synchronous facade
-(`sync.py`) and the headless launcher of remote engines (`headless.py`). The single-process
-clients live in `engine_core/core_client.py`."""
+"""Engine-core processes and every client that reaches them: the declared boundary
+(`base.py`), the engine process itself (`core_process.py`), the one launcher (`launcher.py`:
+sockets, spawn or Ray actors (`ray_launcher.py`), handshake, reaping), the one asyncio client of
+one or N engines (`core_client.py`, with prefix routing in `prefix_router.py`), its
+synchronous facade (`sync.py`), `make_client` (`factory.py`), and the headless launcher of
+remote engines (`headless.py`)."""

@@ -1,10 +1,10 @@
-"""The front-end's view of "an engine core": one declared interface for every implementation.
+"""The front-end's view of "an engine core": one declared interface per calling style.
 
-`AsyncLLM` (and through it the server) talks to an `AsyncEngineCoreClient`-shaped object:
-`core_client.AsyncEngineCoreClient` (one engine-core process) or `dp.DPEngineCoreClient` (N
-engine cores, local and remote), so it does not care how many engines there are. `LLM` talks to
-the synchronous shape, `SyncEngineClient`: `EngineCore` in process, `EngineCoreProcClient`, or
-`sync.SyncDPClient`.
+`AsyncLLM` (and through it the server) talks to an `AsyncEngineClient`:
+`core_client.EngineCoreClient`, for one engine-core process or N (local, remote, Ray), so it
+does not care how many engines there are. `LLM` talks to a `SyncEngineClient`: `EngineCore` in
+process, or `sync.SyncEngineCoreClient` (the same client behind a synchronous facade) for
+`engine_process=True` and data parallelism. The client comes from `factory.make_client`.
 """
 
 from __future__ import annotations
@@ -41,9 +41,12 @@ class AsyncEngineClient(Protocol):
     - `add_requests(requests)`: queue the sequences of one user request; all of them go to the
       same engine (they share a prompt). RuntimeError if no engine can take them.
     - `abort_requests(ids)`: each id reaches the engine that owns it; unknown ids are ignored.
-    - `get_outputs()`: the next batch; a request whose engine died is finished here with
-      finish_reason "error". RuntimeError once no engine is left (the client is dead).
-    - `engine_states()`: one `EngineState` per engine; `stats`: the sum over live engines.
+    - `get_outputs(timeout_s=None)`: the next batch; while another engine lives, a request
+      whose engine died is finished here with finish_reason "error" and that engine's error.
+      RuntimeError once no engine is left (the client is dead), naming why the last one died;
+      the requests still open are then the caller's to fail. TimeoutError if `timeout_s`
+      passes without a batch.
+    - `engine_states()`: one `EngineState` per engine; `stats()`: the sum over live engines.
     - `is_alive()`: at least one engine lives. `stop_engines()`: stop and reap the processes
       (blocking; safe off the event loop). `shutdown()`: that, and close every socket.
     """
@@ -52,7 +55,9 @@ class AsyncEngineClient(Protocol):
 
     def abort_requests(self, request_ids: list[str]) -> None: ...
 
-    async def get_outputs(self) -> EngineCoreOutputs: ...
+    async def get_outputs(self, timeout_s: float | None = None) -> EngineCoreOutputs: ...
+
+    def stats(self) -> SchedulerStats: ...
 
     def engine_states(self) -> list[EngineState]: ...
 
@@ -65,15 +70,19 @@ class AsyncEngineClient(Protocol):
 
 @runtime_checkable
 class SyncEngineClient(Protocol):
-    """The contract `LLM` relies on (`EngineCore`'s own surface): `step()` returns the next
-    outputs (blocking) and raises RuntimeError when the engine (every engine) is dead."""
+    """The contract `LLM` relies on (`EngineCore`'s own surface): `add_requests` queues the
+    sequences of one user request, `step()` returns the next outputs (blocking, bounded) and
+    raises RuntimeError when the engine (every engine) is dead, `stats()` is the load of the
+    engine (the sum over live engines)."""
 
-    def add_requests(self, requests: Sequence[EngineCoreRequest]) -> None: ...
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None: ...
 
     def abort_requests(self, request_ids: list[str]) -> None: ...
 
     def has_unfinished_requests(self) -> bool: ...
 
     def step(self) -> list[EngineCoreOutput]: ...
+
+    def stats(self) -> SchedulerStats: ...
 
     def shutdown(self) -> None: ...

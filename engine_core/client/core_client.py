@@ -1,14 +1,27 @@
-"""Clients of an engine-core process: spawn it, shake hands, send requests, receive outputs.
+"""`EngineCoreClient`: the front-end's asyncio client of its engine cores, one or N.
 
-`EngineCoreProcClient` is synchronous and has the same surface as an in-process `EngineCore`
-(add_request, abort_requests, step, has_unfinished_requests, shutdown), so `LLM` can run the
-engine in a separate process unchanged. `AsyncEngineCoreClient` is its asyncio twin for
-`AsyncLLM`. Sockets: ipc:// in a private (0700) temp dir by default, tcp:// when asked, and then
-CurveZMQ with a key directory (or, explicitly, `insecure_tcp`). The front-end binds a ROUTER for
-input and one for output and talks only to its engine's routing id (see `core_process.py` for
-the wire). Everything on them is msgspec, every frame is decoded inside a try (a bad one is
-logged, capped, and dropped), every wait has a timeout, and a dead engine process is noticed
-within about a second.
+Every engine is a full engine-core process (`core_process.run_engine_core`: its own scheduler,
+KV blocks and pipeline stages); one engine is the case N = 1 of data parallelism (DESIGN
+section 6). `launcher.py` starts them and shakes hands (sockets, routing ids, CurveZMQ, spawn or
+Ray, remote ranks from `pp-engine serve --headless`, reaping); this client talks to them. The
+front-end binds a ROUTER for input and one for output; it sends each engine only what is its
+own (addressed by the engine's secret routing id) and attributes outputs to their engine by the
+sender's routing id, dropping frames from anyone else. Everything on the wire is msgspec, every
+frame is decoded inside a try (a bad one is logged, capped, and dropped), every wait is bounded.
+
+Routing: every user request (all its n sequences) goes to the live engine with the lowest
+`waiting * 4 + running + sends since its last report` (with `routing="prefix"`, to the engine
+that was sent the most of its prompt's leading blocks, unless that one is much busier: see
+`prefix_router.py`); engines report their stats with every output batch (and, remote or Ray
+ones, at least once a second when idle). The client remembers which engine owns each request,
+so aborts reach it.
+
+Failures: an engine that dies (its process exits, it reports an error, a remote one is silent
+for `REMOTE_SILENCE_S` or its connection dropped) is noticed within about a second and fails
+only its own requests (finish_reason "error", with its error text); routing skips it. A remote
+engine restarted with the rank of a dead one rejoins. Once no engine is left the client is dead:
+`get_outputs` raises RuntimeError naming why the last one died, and the requests still open are
+the caller's to fail (for one engine: every request, with the engine's own error text).
 """
 
 from __future__ import annotations
@@ -16,420 +29,332 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
-import secrets
-import shutil
-import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from engine_core.client.base import EngineState
-from engine_core.client.core_process import (
-    KIND_ABORT,
-    KIND_ADD,
-    KIND_HELLO,
-    KIND_SHUTDOWN,
-    run_engine_core,
+from engine_core.client.core_process import KIND_ABORT, KIND_ADD, KIND_PING, KIND_SHUTDOWN
+from engine_core.client.launcher import (
+    LIVENESS_POLL_S,
+    EngineLauncher,
+    EngineLink,
+    new_identity,
 )
-from engine_core.config import EngineArgs
+from engine_core.client.prefix_router import PrefixIndex
+from engine_core.config import DataParallelConfig, EngineArgs
 from engine_core.messages import (
     AbortRequests,
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
-    HandshakeHello,
-    HandshakeInit,
-    HandshakeReady,
     SchedulerStats,
 )
-from engine_core.transport import (
-    CurveAuthenticator,
-    WarningLimiter,
-    load_server_keys,
-    prepare_router,
-    require_keys_for_tcp,
-)
+from engine_core.transport import WarningLimiter
+
+__all__ = ["EngineCoreClient"]
 
 logger = logging.getLogger(__name__)
 
-LIVENESS_POLL_S = 1.0
-SHUTDOWN_TIMEOUT_S = 10.0
-UNREACHABLE_RETRY_S = 0.05  # the engine's input socket is (re)connecting
-INPUT_INBOUND_BYTES = 4096  # only the engine's hello arrives here (CURVE framing included)
+REMOTE_SILENCE_S = 10.0  # a remote engine that sent nothing (not even a heartbeat) is dead
+WAITING_WEIGHT = 4  # a waiting request weighs this many running ones in the load score
+PREFIX_LOAD_SLACK = 8  # prefix routing yields to load when the holder is this much busier
 
 
-class EngineProcess:
-    """Spawns the engine-core process and runs the front-end side of the handshake.
+@dataclass
+class _Engine(EngineLink):
+    """One engine core as the client tracks it: the launcher's link plus its load."""
 
-    Owns what identifies and secures the engine: its routing id (`identity`, a random secret)
-    and, over tcp, the CurveZMQ keys. ValueError at construction for tcp without keys (unless
-    `insecure_tcp`) or an unreadable key directory."""
+    stats: SchedulerStats = field(default_factory=SchedulerStats)
+    sends_since_report: int = 0
+    num_routed: int = 0
+    last_seen: float = 0.0
+    requests: set[str] = field(default_factory=set)
+    failure: str | None = None  # why it was last declared dead
 
-    def __init__(self, engine_args: EngineArgs, transport: str = "ipc",
-                 host: str = "127.0.0.1", zmq_keys: str | None = None,
+    def score(self) -> int:
+        return (self.stats.num_waiting * WAITING_WEIGHT + self.stats.num_running
+                + self.sends_since_report)
+
+
+class EngineCoreClient:
+    """asyncio client of the front-end's engine cores (implements `base.AsyncEngineClient`).
+
+    Make one with `factory.make_client(...)` (ValueError for bad flags, tcp without keys or an
+    unreadable key directory), then `await client.start(timeout_s)`: ValueError if an engine
+    rejected its arguments or a socket cannot bind (port in use), RuntimeError if an engine
+    failed or exited during startup, TimeoutError (naming the ranks and the address) if they
+    were not all ready in time; the client is shut down after any of these. `shutdown()` when
+    done, always."""
+
+    def __init__(self, engine_args: EngineArgs, dp: DataParallelConfig, *,
+                 transport: str = "ipc", zmq_keys: str | None = None,
                  insecure_tcp: bool = False) -> None:
-        if transport not in ("ipc", "tcp"):
-            raise ValueError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
-        require_keys_for_tcp(transport, zmq_keys, insecure_tcp)
-        self.engine_args = engine_args
-        self.transport, self.host = transport, host
-        self.zmq_keys = zmq_keys if transport == "tcp" else None  # ipc needs none
-        self.keys = load_server_keys(zmq_keys) if self.zmq_keys is not None else None
-        self.identity = b"E" + secrets.token_bytes(15)  # never starts with 0 (libzmq reserves it)
-        self._ipc_dir = tempfile.mkdtemp(prefix="pp-engine-") if transport == "ipc" else None
-        self.process: multiprocessing.process.BaseProcess | None = None
+        self.dp = dp
+        self.engines = [_Engine(rank, new_identity()) for rank in range(dp.size)]
         self.bad_frames = WarningLimiter(logger)
-
-    def address(self, name: str) -> str:
-        if self.transport == "ipc":
-            return f"ipc://{self._ipc_dir}/{name}"
-        return f"tcp://{self.host}:*"
-
-    def authenticator(self, ctx: zmq.Context) -> CurveAuthenticator | None:
-        """The ZAP handler `ctx` needs before its server sockets bind (None without keys)."""
-        return CurveAuthenticator(ctx, self.keys) if self.keys is not None else None
-
-    def bind_router(self, socket: zmq.Socket, name: str, max_inbound_bytes: int = -1) -> str:
-        """Set up and bind one of the front-end's ROUTERs; returns its concrete address. A peer
-        that sends a message over `max_inbound_bytes` (-1: no limit) is disconnected."""
-        prepare_router(socket, self.keys, max_inbound_bytes)
-        return _bind(socket, self.address(name))
-
-    def start(self, ctx: zmq.Context, input_socket: zmq.Socket, output_address: str,
-              timeout_s: float) -> HandshakeReady:
-        """Spawn the process and complete HELLO -> INIT -> READY (and the engine's hello on
-        `input_socket`, a bound sync ROUTER of `ctx`) within timeout_s.
-
-        Raises ValueError if the engine rejected its arguments, RuntimeError if it failed or
-        died, TimeoutError if it did not get ready in time."""
-        handshake = ctx.socket(zmq.ROUTER)
-        try:
-            handshake_address = self.bind_router(handshake, "handshake", 1 << 20)
-            self.process = multiprocessing.get_context("spawn").Process(
-                target=run_engine_core, args=(handshake_address, 0, self.zmq_keys),
-                name="pp-engine-core", daemon=True)
-            self.process.start()
-            deadline = time.monotonic() + timeout_s
-            identity, _ = self._recv(handshake, deadline, HandshakeHello, self._is_our_hello)
-            init = HandshakeInit(input_socket.getsockopt_string(zmq.LAST_ENDPOINT),
-                                 output_address, msgspec.msgpack.encode(self.engine_args),
-                                 self.identity)
-            handshake.send_multipart([identity, msgspec.msgpack.encode(init)])
-            _, ready = self._recv(handshake, deadline, HandshakeReady,
-                                  lambda sender, _: sender == identity)
-            if ready.error is None:
-                self._recv(input_socket, deadline, None,
-                           lambda sender, hello: sender == self.identity and hello == KIND_HELLO)
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            handshake.close(linger=0)
-        if ready.error is not None:
-            self.stop()
-            error_type = ValueError if ready.error_type == "ValueError" else RuntimeError
-            raise error_type(ready.error)
-        return ready
-
-    def _is_our_hello(self, _sender: bytes, hello: HandshakeHello) -> bool:
-        return hello.pid == self.process.pid
-
-    def _recv(self, socket: zmq.Socket, deadline: float, message_type: type | None, accept):
-        """The first [sender, payload] on a ROUTER that decodes as message_type (raw bytes for
-        None) and that accept(sender, message) admits; anything else is logged and dropped."""
-        what = message_type.__name__ if message_type is not None else "the engine's hello"
-        while True:
-            if socket.poll(int(LIVENESS_POLL_S * 1000)):
-                frames = socket.recv_multipart()
-                try:
-                    sender, payload = frames
-                    message = (payload if message_type is None
-                               else msgspec.msgpack.decode(payload, type=message_type))
-                except (ValueError, msgspec.DecodeError) as exc:
-                    self.bad_frames.warning("dropped a bad frame while waiting for %s "
-                                            "(%d frames): %s", what, len(frames), exc)
-                    continue
-                if accept(sender, message):
-                    return sender, message
-                self.bad_frames.warning("dropped %s from an unknown peer", what)
-                continue
-            if not self.is_alive():
-                raise RuntimeError(f"the engine-core process exited during startup "
-                                   f"(exit code {self.process.exitcode})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the engine core did not answer {what} in time")
-
-    def is_alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
-
-    def stop(self) -> None:
-        """Wait for a requested exit, then terminate and kill if needed. Idempotent."""
-        if self.process is not None:
-            reap(self.process, SHUTDOWN_TIMEOUT_S)
-        if self._ipc_dir is not None:
-            shutil.rmtree(self._ipc_dir, ignore_errors=True)
-            self._ipc_dir = None
-
-
-def reap(process: multiprocessing.process.BaseProcess, wait_s: float) -> None:
-    """Give `process` up to `wait_s` to exit on its own, then terminate it, then kill it."""
-    process.join(wait_s if process.is_alive() else 0)
-    if process.is_alive():
-        process.terminate()
-        process.join(5)
-    if process.is_alive():
-        process.kill()
-        process.join(5)
-
-
-def _bind(socket: zmq.Socket, address: str) -> str:
-    """Bind and return the concrete address (a tcp port chosen by the OS for ':*')."""
-    socket.bind(address)
-    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
-
-
-class _ClientBase:
-    """Request bookkeeping and frame decoding shared by both clients."""
-
-    def __init__(self, proc: EngineProcess) -> None:
-        self.proc = proc
+        self.launcher = EngineLauncher(engine_args, dp, self.engines, self.bad_frames,
+                                       transport=transport, zmq_keys=zmq_keys,
+                                       insecure_tcp=insecure_tcp)
+        config = self.launcher.config
+        self.prefix_index = (PrefixIndex(dp.size, config.cache.block_size)
+                             if dp.routing == "prefix" and config.cache.enable_prefix_caching
+                             else None)
+        self._owner: dict[str, _Engine] = {}
+        self._failed: list[EngineCoreOutput] = []
+        self._last_failure: str | None = None
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
-        self.unfinished: set[str] = set()
-        self.error: str | None = None
-        self.stats = SchedulerStats()
-        self.num_routed = 0
+        self.ctx = zmq.asyncio.Context()
+        self.sync_ctx: zmq.Context = zmq.Context.shadow(self.ctx.underlying)
+        # inputs go out on a plain (sync, never blocking) ROUTER; outputs arrive on an asyncio one
+        self.input_socket = self.sync_ctx.socket(zmq.ROUTER)
+        self.output_socket = self.ctx.socket(zmq.ROUTER)
+        self._closed = False
 
-    def is_alive(self) -> bool:
-        return self.error is None and self.proc.is_alive()
+    async def start(self, timeout_s: float = 600.0) -> None:
+        """Bind, start the engines and wait until every one is ready (see the class)."""
+        try:
+            self.launcher.bind(self.sync_ctx, self.input_socket, self.output_socket)
+            await asyncio.to_thread(self.launcher.launch, timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        now = time.monotonic()
+        for engine in self.engines:
+            engine.last_seen = now
 
-    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
-        """Queue the sequences of one user request (see `client/base.py`)."""
-        for request in requests:
-            self.add_request(request)
+    # ---- what tests and /metrics look at ------------------------------------------------------
+    @property
+    def input_address(self) -> str:
+        return self.launcher.input_address
+
+    @property
+    def output_address(self) -> str:
+        return self.launcher.output_address
+
+    def engine_identity(self, rank: int = 0) -> bytes:
+        """Engine `rank`'s routing id on both sockets (a secret: whoever holds it can pose as
+        that engine)."""
+        return self.engines[rank].identity
+
+    def owner_of(self, request_id: str) -> int | None:
+        """The rank of the engine that holds this unfinished request (None: none does)."""
+        engine = self._owner.get(request_id)
+        return engine.rank if engine is not None else None
 
     def engine_states(self) -> list[EngineState]:
-        """The one engine, as `client/base.py` describes it (stats: the last received)."""
-        return [EngineState(0, self.is_alive(), self.stats, self.num_routed, self.pid)]
+        return [EngineState(e.rank, e.alive, e.stats, e.num_routed, e.pid) for e in self.engines]
 
-    def stop_engines(self) -> None:
-        """Stop and reap the engine-core process (blocking)."""
-        self.proc.stop()
-
-    @property
-    def pid(self) -> int | None:
-        """The engine-core process id."""
-        return self.proc.process.pid if self.proc.process is not None else None
-
-    @property
-    def engine_identity(self) -> bytes:
-        """The engine's routing id on both sockets (a secret: whoever holds it can pose as it)."""
-        return self.proc.identity
-
-    def _frames_add(self, request: EngineCoreRequest) -> list[bytes]:
-        self.unfinished.add(request.request_id)
-        self.num_routed += 1
-        return [self.proc.identity, KIND_ADD, self.encoder.encode(request)]
-
-    def _frames_abort(self, request_ids: list[str]) -> list[bytes]:
-        self.unfinished.difference_update(request_ids)
-        return [self.proc.identity, KIND_ABORT,
-                self.encoder.encode(AbortRequests(list(request_ids)))]
-
-    def _frames_shutdown(self) -> list[bytes]:
-        return [self.proc.identity, KIND_SHUTDOWN, b""]
-
-    def _decode_output(self, frames: list[bytes]) -> EngineCoreOutputs | None:
-        """One message from the output ROUTER: [sender, payload]. None (logged, capped) unless
-        it comes from our engine and decodes; never raises."""
-        if len(frames) != 2 or frames[0] != self.proc.identity:
-            self.proc.bad_frames.warning("dropped an output of %d frame(s) (sizes %s) not from "
-                                         "our engine", len(frames), [len(f) for f in frames][:8])
-            return None
-        try:
-            return self.decoder.decode(frames[1])
-        except msgspec.DecodeError as exc:
-            self.proc.bad_frames.warning("dropped an undecodable output (%d bytes): %s",
-                                         len(frames[1]), exc)
-            return None
-
-    def _received(self, batch: EngineCoreOutputs) -> EngineCoreOutputs:
-        for output in batch.outputs:
-            if output.finish_reason is not None:
-                self.unfinished.discard(output.request_id)
-        if batch.error is not None:
-            self.error = batch.error
-        if batch.stats is not None:
-            self.stats = batch.stats
-        return batch
-
-    def _dead_message(self) -> str:
-        code = self.proc.process.exitcode if self.proc.process is not None else None
-        return self.error or f"the engine-core process died (exit code {code})"
-
-
-class EngineCoreProcClient(_ClientBase):
-    """Synchronous client with `EngineCore`'s surface, for `LLM(..., engine_process=True)`.
-
-    `zmq_keys` (a `pp-engine keys` directory) secures tcp with CurveZMQ; tcp without it raises
-    ValueError unless `insecure_tcp`."""
-
-    def __init__(self, engine_args: EngineArgs, transport: str = "ipc",
-                 host: str = "127.0.0.1", timeout_s: float = 600.0,
-                 step_timeout_s: float = 600.0, zmq_keys: str | None = None,
-                 insecure_tcp: bool = False) -> None:
-        proc = EngineProcess(engine_args, transport, host, zmq_keys, insecure_tcp)
-        super().__init__(proc)
-        self.ctx = zmq.Context()  # our own: its ZAP handler admits only our engines
-        self.auth = proc.authenticator(self.ctx)
-        self.input_socket = self.ctx.socket(zmq.ROUTER)
-        self.output_socket = self.ctx.socket(zmq.ROUTER)
-        self.step_timeout_s = step_timeout_s
-        try:
-            self.input_address = proc.bind_router(self.input_socket, "input", INPUT_INBOUND_BYTES)
-            self.output_address = proc.bind_router(self.output_socket, "output")
-            ready = proc.start(self.ctx, self.input_socket, self.output_address, timeout_s)
-        except BaseException:
-            self._close()
-            raise
-        self.num_kv_blocks = ready.num_kv_blocks
-
-    def add_request(self, request: EngineCoreRequest) -> None:
-        self._send(self._frames_add(request))
-
-    def abort_requests(self, request_ids: list[str]) -> None:
-        frames = self._frames_abort(request_ids)
-        if self.is_alive():
-            with contextlib.suppress(RuntimeError, TimeoutError):
-                self._send(frames)
-
-    def _send(self, frames: list[bytes]) -> None:
-        """Send to our engine; while it is unreachable (reconnecting) retry until step_timeout_s,
-        checking that it lives."""
-        deadline = time.monotonic() + self.step_timeout_s
-        while True:
-            self._check()
-            try:
-                self.input_socket.send_multipart(frames, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                pass
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the engine core took no input for {self.step_timeout_s} s")
-            time.sleep(UNREACHABLE_RETRY_S)
+    def is_alive(self) -> bool:
+        return any(e.alive for e in self.engines)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.unfinished)
+        return bool(self._owner) or bool(self._failed)
 
-    def step(self) -> list[EngineCoreOutput]:
-        """The next batch of outputs (waits for it). RuntimeError if the engine is dead."""
-        deadline = time.monotonic() + self.step_timeout_s
-        while True:
-            self._check()
-            if self.output_socket.poll(int(LIVENESS_POLL_S * 1000)):
-                batch = self._decode_output(self.output_socket.recv_multipart())
-                if batch is not None:
-                    self._received(batch)
-                    self._check()
-                    return batch.outputs
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no output from the engine core in {self.step_timeout_s} s")
+    def dead_message(self) -> str:
+        """Why the client is dead: for one engine, why it died."""
+        if len(self.engines) == 1:
+            return self.engines[0].failure or "the engine core is not running"
+        last = f" (the last: {self._last_failure})" if self._last_failure else ""
+        return f"all {len(self.engines)} data-parallel engine cores are dead{last}"
 
-    def _check(self) -> None:
-        if not self.is_alive():
-            self.unfinished.clear()
-            raise RuntimeError(self._dead_message())
-
-    def shutdown(self) -> None:
-        if self.proc.is_alive():
-            with contextlib.suppress(zmq.ZMQError):
-                self.input_socket.send_multipart(self._frames_shutdown(), flags=zmq.NOBLOCK)
-        self.proc.stop()
-        self._close()
-
-    def _close(self) -> None:
-        self.input_socket.close(linger=0)
-        self.output_socket.close(linger=0)
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None
-        self.ctx.term()
-
-
-class AsyncEngineCoreClient(_ClientBase):
-    """asyncio client for `AsyncLLM`. Inputs go out on a plain (sync, never blocking) ROUTER,
-    outputs arrive on an asyncio one; both live in one libzmq context with the ZAP handler."""
-
-    def __init__(self, proc: EngineProcess, ctx: zmq.asyncio.Context) -> None:
-        super().__init__(proc)
-        self.ctx = ctx
-        self.sync_ctx = zmq.Context.shadow(ctx.underlying)
-        self.auth = proc.authenticator(self.sync_ctx)
-        self.input_socket = self.sync_ctx.socket(zmq.ROUTER)
-        self.output_socket = ctx.socket(zmq.ROUTER)
-        self.input_address = self.output_address = ""  # bound in start()
-        self.num_kv_blocks = 0
-
-    @classmethod
-    async def start(cls, engine_args: EngineArgs, *, transport: str = "ipc",
-                    host: str = "127.0.0.1", timeout_s: float = 600.0,
-                    zmq_keys: str | None = None,
-                    insecure_tcp: bool = False) -> AsyncEngineCoreClient:
-        proc = EngineProcess(engine_args, transport, host, zmq_keys, insecure_tcp)
-        client = cls(proc, zmq.asyncio.Context())
+    # ---- requests -----------------------------------------------------------------------------
+    def add_requests(self, requests: Sequence[EngineCoreRequest]) -> None:
+        """Send the sequences of one user request to one live engine (the least loaded, or
+        with prefix routing the one holding most of their prompt)."""
+        if not requests:
+            return
+        live = [e for e in self.engines if e.alive]
+        if not live:
+            raise RuntimeError(self.dead_message())
+        engine = self._route(live, requests[0])
+        for request in requests:
+            self._owner[request.request_id] = engine
+            engine.requests.add(request.request_id)
+        engine.sends_since_report += len(requests)
+        engine.num_routed += len(requests)
         try:
-            client.input_address = proc.bind_router(client.input_socket, "input",
-                                                    INPUT_INBOUND_BYTES)
-            client.output_address = proc.bind_router(client.output_socket, "output")
-            ready = await asyncio.to_thread(proc.start, client.sync_ctx, client.input_socket,
-                                            client.output_address, timeout_s)
-        except BaseException:
-            client.shutdown()
-            raise
-        client.num_kv_blocks = ready.num_kv_blocks
-        return client
+            for request in requests:
+                self.input_socket.send_multipart(
+                    [engine.identity, KIND_ADD, self.encoder.encode(request)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # its socket is gone: it is dying
+            self._fail(engine, f"the engine core is not reachable ({exc})")
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        if not self.is_alive():
-            raise RuntimeError(self._dead_message())
-        self._send(self._frames_add(request))
+        self.add_requests([request])
+
+    def _route(self, live: list[_Engine], request: EngineCoreRequest) -> _Engine:
+        engine = min(live, key=lambda e: (e.score(), e.num_routed))
+        index = self.prefix_index
+        if index is not None:
+            hashes = index.hashes(request.prompt_token_ids)
+            best = max(live, key=lambda e: (index.match(e.rank, hashes), -e.score()))
+            if (index.match(best.rank, hashes) > 0
+                    and best.score() - engine.score() <= PREFIX_LOAD_SLACK):
+                engine = best
+            index.record(engine.rank, hashes)
+        return engine
 
     def abort_requests(self, request_ids: list[str]) -> None:
-        if self.is_alive():
-            with contextlib.suppress(RuntimeError):
-                self._send(self._frames_abort(request_ids))
+        """Each id reaches the engine that owns it; unknown ids are ignored."""
+        by_engine: dict[int, list[str]] = {}
+        for request_id in request_ids:
+            engine = self._owner.pop(request_id, None)
+            if engine is not None:
+                engine.requests.discard(request_id)
+                by_engine.setdefault(engine.rank, []).append(request_id)
+        for rank, ids in by_engine.items():
+            engine = self.engines[rank]
+            if engine.alive:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.input_socket.send_multipart(
+                        [engine.identity, KIND_ABORT, self.encoder.encode(AbortRequests(ids))],
+                        flags=zmq.NOBLOCK)
 
-    def _send(self, frames: list[bytes]) -> None:
-        try:
-            self.input_socket.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: its socket is gone; it is dying
-            raise RuntimeError(f"the engine core is not reachable: {exc}") from None
-
-    async def get_outputs(self) -> EngineCoreOutputs:
-        """The next message from the engine core (bad frames are dropped). RuntimeError once
-        the engine is dead."""
+    # ---- outputs ------------------------------------------------------------------------------
+    async def get_outputs(self, timeout_s: float | None = None) -> EngineCoreOutputs:
+        """The next batch from any engine (plus the failures of engines found dead).
+        RuntimeError once every engine is dead; TimeoutError if `timeout_s` passes without a
+        batch (None: wait as long as some engine lives)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            if self.error is not None or not self.proc.is_alive():
-                raise RuntimeError(self._dead_message())
-            if await self.output_socket.poll(int(LIVENESS_POLL_S * 1000)):
-                batch = self._decode_output(await self.output_socket.recv_multipart())
-                if batch is not None:
-                    return self._received(batch)
+            for engine in self.launcher.serve_rejoins():
+                self._rejoined(engine)
+            self._check_engines()
+            if not self.is_alive():
+                self._failed.clear()  # the caller fails every open request
+                raise RuntimeError(self.dead_message())
+            if self._failed:
+                failed, self._failed = self._failed, []
+                return EngineCoreOutputs(outputs=failed)
+            wait_s = LIVENESS_POLL_S
+            if deadline is not None:
+                wait_s = min(wait_s, max(0.0, deadline - time.monotonic()))
+            if await self.output_socket.poll(int(wait_s * 1000)):
+                batch = self._received(await self.output_socket.recv_multipart())
+                if batch is not None and self.is_alive():
+                    return batch
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"no output from the engine cores in {timeout_s:g} s")
+
+    def _decode_output(self, frames: list[bytes]) -> tuple[_Engine, EngineCoreOutputs] | None:
+        """One message from the output ROUTER, [sender, payload], with the engine that sent it.
+        None (logged, capped) unless it comes from one of our engines and decodes; never
+        raises."""
+        link = self.launcher.find(frames[0]) if len(frames) == 2 else None
+        if link is None:
+            self.bad_frames.warning("dropped an output of %d frame(s) (sizes %s) from no engine "
+                                    "of ours", len(frames), [len(f) for f in frames][:8])
+            return None
+        engine = self.engines[link.rank]
+        try:
+            return engine, self.decoder.decode(frames[1])
+        except msgspec.DecodeError as exc:
+            self.bad_frames.warning("dropped an undecodable output of engine %d (%d bytes): %s",
+                                    engine.rank, len(frames[1]), exc)
+            return None
+
+    def _received(self, frames: list[bytes]) -> EngineCoreOutputs | None:
+        """Apply one output message: the engine's stats, its requests' outputs, its death."""
+        decoded = self._decode_output(frames)
+        if decoded is None:
+            return None
+        engine, batch = decoded
+        if not engine.alive:
+            return None  # declared dead already; its requests have failed
+        engine.last_seen = time.monotonic()
+        if batch.stats is not None:
+            engine.stats = batch.stats
+            engine.sends_since_report = 0
+        outputs = []
+        for output in batch.outputs:
+            if self._owner.get(output.request_id) is not engine:
+                continue  # aborted (or never ours): the caller forgot it
+            if output.finish_reason is not None:
+                del self._owner[output.request_id]
+                engine.requests.discard(output.request_id)
+            outputs.append(output)
+        if batch.error is not None:
+            self._fail(engine, batch.error)
+        failed, self._failed = self._failed, []
+        return EngineCoreOutputs(outputs=outputs + failed)
+
+    def _rejoined(self, engine: EngineLink) -> None:
+        rejoined = self.engines[engine.rank]
+        rejoined.last_seen = time.monotonic()
+        rejoined.stats, rejoined.sends_since_report = SchedulerStats(), 0
+        rejoined.failure = None
+
+    def _check_engines(self) -> None:
+        now = time.monotonic()
+        for engine in self.engines:
+            if not engine.alive:
+                continue
+            if engine.process is not None and not engine.process.is_alive():
+                self._fail(engine, f"the engine-core process died (pid {engine.pid}, exit "
+                                   f"code {engine.process.exitcode})")
+            elif engine.process is None and now - engine.last_seen > REMOTE_SILENCE_S:
+                self._fail(engine, f"nothing heard from the engine core ({engine.host}, pid "
+                                   f"{engine.pid}) for {REMOTE_SILENCE_S:g} s")
+            elif engine.process is None and now - engine.last_seen > LIVENESS_POLL_S:
+                try:  # its connection is gone (the ROUTER forgot its id) if this fails
+                    self.input_socket.send_multipart([engine.identity, KIND_PING, b""],
+                                                     flags=zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    self._fail(engine, f"the connection to the engine core dropped "
+                                       f"({engine.host}, pid {engine.pid}: {exc})")
+
+    def _fail(self, engine: _Engine, reason: str) -> None:
+        """Declare `engine` dead: each of its requests ends with finish_reason "error" and the
+        reason (prefixed with the engine's rank when there are several)."""
+        engine.alive = engine.accepted = engine.greeted = False
+        message = reason if len(self.engines) == 1 else \
+            f"data-parallel engine {engine.rank} failed: {reason}"
+        engine.failure = self._last_failure = message
+        alive = sum(e.alive for e in self.engines)
+        logger.error("%s; %d request(s) fail, %d engine(s) left", message,
+                     len(engine.requests), alive)
+        for request_id in sorted(engine.requests):
+            self._owner.pop(request_id, None)
+            self._failed.append(EngineCoreOutput(request_id, [], finish_reason="error",
+                                                 error=message))
+        engine.requests.clear()
+        engine.stats = SchedulerStats()
+        if self.prefix_index is not None:
+            self.prefix_index.forget(engine.rank)
+
+    # ---- status -------------------------------------------------------------------------------
+    def stats(self) -> SchedulerStats:
+        """The sum over live engines (`SchedulerStats.sum`; kv_usage: of all their blocks)."""
+        return SchedulerStats.sum(e.stats for e in self.engines if e.alive)
+
+    # ---- shutdown -----------------------------------------------------------------------------
+    def stop_engines(self) -> None:
+        """Ask every live engine to stop, then reap the local processes (terminate, then kill,
+        if they do not exit in time). Remote engines exit on the shutdown message, or when
+        their connection drops. Blocking; safe off the event loop."""
+        told = set()
+        for engine in self.engines:
+            if engine.alive:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.input_socket.send_multipart([engine.identity, KIND_SHUTDOWN, b""],
+                                                     flags=zmq.NOBLOCK)
+                    told.add(engine.rank)
+            engine.alive = False
+        self.launcher.reap(told)
 
     def shutdown(self) -> None:
-        if self.proc.is_alive():
-            with contextlib.suppress(zmq.ZMQError):
-                self.input_socket.send_multipart(self._frames_shutdown(), flags=zmq.NOBLOCK)
-        self.proc.stop()
+        """Stop the engines and close every socket. Idempotent."""
+        if self._closed:
+            return
+        self.stop_engines()
+        self._closed = True
         self.input_socket.close(linger=0)
         self.output_socket.close(linger=0)
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None
+        self.launcher.close()
         self.ctx.term()

@@ -5,14 +5,15 @@ is an engine-core actor in a placement group of its own, running the same
 `core_process.run_engine_core` as a spawned process would: the same handshake, sockets and
 CurveZMQ keys carry the traffic (tcp on `--data-parallel-address`, which the cluster's nodes
 must reach), so no headless command is needed. A rank's pipeline stages (with `-pp`) are Ray
-actors too, placed by its own executor. `RayEngineHandle` gives `dp.py` what it needs of a
-process (pid, is_alive, exitcode, join, terminate, kill).
+actors too, placed by its own executor. `RayEngineHandle` gives `launcher.py` what it needs of
+a process (`launcher.EngineProcessHandle`: pid, is_alive, exitcode, join, terminate, kill).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any
 
 from engine_core.client.core_process import run_engine_core
 
@@ -33,7 +34,7 @@ class _EngineCoreActor:
 class RayEngineHandle:
     """One rank's actor and its running `run` call, with a process-like surface."""
 
-    def __init__(self, actor, ref, pid: int) -> None:
+    def __init__(self, actor: Any, ref: Any, pid: int) -> None:
         self.actor, self.ref, self.pid = actor, ref, pid
         self.exitcode: int | None = None
 
@@ -75,7 +76,7 @@ class RayEngineLauncher:
         from engine_core.executors.ray_executor import _connect_ray
 
         self._started_ray = _connect_ray(num_engines, 1)
-        self._groups: list = []
+        self._groups: list[Any] = []
         self.handles: list[RayEngineHandle] = []
 
     def start(self, handshake_address: str, rank: int,
@@ -87,10 +88,10 @@ class RayEngineLauncher:
         group = placement_group([{"CPU": 1}], strategy="STRICT_PACK")
         self._groups.append(group)
         ray.get(group.ready(), timeout=120)
-        actor_class = ray.remote(num_cpus=1, max_restarts=0)(_EngineCoreActor)
+        actor_class: Any = ray.remote(num_cpus=1, max_restarts=0)(_EngineCoreActor)
         actor = actor_class.options(
             name=None, scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote()
-        pid = ray.get(actor.pid.remote(), timeout=120)
+        pid = int(ray.get(actor.pid.remote(), timeout=120))
         handle = RayEngineHandle(actor, actor.run.remote(handshake_address, rank, zmq_keys),
                                  pid)
         self.handles.append(handle)

@@ -1,7 +1,8 @@
-"""`SyncDPClient`: the data-parallel client with `EngineCore`'s synchronous surface, for `LLM`.
+"""`SyncEngineCoreClient`: engine-core processes behind `EngineCore`'s synchronous surface.
 
-It runs the one asyncio implementation (`dp.DPEngineCoreClient`) on a private event loop, so the
-routing, handshake and fault handling exist once for `LLM` and `AsyncLLM`.
+`LLM` uses it for `engine_process=True` (one engine) and for data parallelism (N engines). It
+runs the one asyncio implementation (`core_client.EngineCoreClient`) on a private event loop,
+so the launch, routing, handshake and fault handling exist once for `LLM` and `AsyncLLM`.
 """
 
 from __future__ import annotations
@@ -10,27 +11,27 @@ import asyncio
 from collections.abc import Sequence
 
 from engine_core.client.base import EngineState
-from engine_core.client.dp import DPEngineCoreClient
-from engine_core.config import DataParallelConfig, EngineArgs
+from engine_core.client.core_client import EngineCoreClient
 from engine_core.messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats
 
-__all__ = ["SyncDPClient"]
+__all__ = ["SyncEngineCoreClient"]
 
 
-class SyncDPClient:
-    """Implements `base.SyncEngineClient` over N engine cores. `step()` waits for the next
-    batch from any engine (at most about a second: idle engines send heartbeats) and raises
-    RuntimeError once every engine is dead; a request whose engine died comes back with
-    finish_reason "error"."""
+class SyncEngineCoreClient:
+    """Implements `base.SyncEngineClient` over an `EngineCoreClient` (from
+    `factory.make_client`), which it starts (raising what `EngineCoreClient.start` raises) and
+    owns. `step()` waits for the next batch from any engine, at most `step_timeout_s`
+    (TimeoutError, rather than a hang), and raises RuntimeError once every engine is dead (for
+    one engine: with its error text); while another engine lives, a request whose engine died
+    comes back with finish_reason "error"."""
 
-    def __init__(self, engine_args: EngineArgs, dp: DataParallelConfig, *,
-                 transport: str = "ipc", zmq_keys: str | None = None,
-                 insecure_tcp: bool = False, timeout_s: float = 600.0) -> None:
+    def __init__(self, client: EngineCoreClient, *, startup_timeout_s: float = 600.0,
+                 step_timeout_s: float = 600.0) -> None:
+        self.client = client
+        self.step_timeout_s = step_timeout_s
         self._loop = asyncio.new_event_loop()
         try:
-            self.client = self._loop.run_until_complete(DPEngineCoreClient.start(
-                engine_args, dp, transport=transport, zmq_keys=zmq_keys,
-                insecure_tcp=insecure_tcp, timeout_s=timeout_s))
+            self._loop.run_until_complete(client.start(startup_timeout_s))
         except BaseException:
             self._loop.close()
             raise
@@ -48,11 +49,13 @@ class SyncDPClient:
         return self.client.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        return self._loop.run_until_complete(self.client.get_outputs()).outputs
+        """The next batch of outputs (waits for it; see the class)."""
+        return self._loop.run_until_complete(
+            self.client.get_outputs(self.step_timeout_s)).outputs
 
-    @property
     def stats(self) -> SchedulerStats:
-        return self.client.stats
+        """The sum over live engines (as `EngineCore.stats()` for one in process)."""
+        return self.client.stats()
 
     def engine_states(self) -> list[EngineState]:
         return self.client.engine_states()
@@ -61,6 +64,7 @@ class SyncDPClient:
         return self.client.is_alive()
 
     def shutdown(self) -> None:
+        """Stop the engines and close the client. Idempotent."""
         if not self._loop.is_closed():
             self.client.shutdown()
             self._loop.close()

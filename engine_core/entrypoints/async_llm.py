@@ -1,7 +1,8 @@
 """`AsyncLLM`: the asyncio front-end the server uses; the engine core runs in its own process.
 
 Tokenization, incremental detokenization, stop strings and output assembly happen here; the
-engine-core process only sees token ids (over ZMQ, msgspec messages; see `core_client.py`).
+engine-core process only sees token ids (over ZMQ, msgspec messages; see
+`client/core_client.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from engine_core.client.base import AsyncEngineClient
-from engine_core.client.core_client import AsyncEngineCoreClient
+from engine_core.client.factory import make_client
 from engine_core.config import DataParallelConfig, EngineArgs, EngineConfig
 from engine_core.entrypoints.input_processor import (
     InputProcessor,
@@ -75,23 +76,15 @@ class AsyncLLM:
         `transport` is "ipc" (a private temp dir) or "tcp" (on `host`: CurveZMQ with the
         `zmq_keys` directory, or unsecured only with `insecure_tcp`). With `data_parallel`
         (more than one engine, or remote ones), N engine cores serve behind this one front-end
-        (`client/dp.py`); everything else is unchanged."""
+        (`client/core_client.py`); everything else is unchanged."""
         config = engine_args.resolve()
         tokenizer = load_tokenizer(config.model_dir)
-        use_dp = data_parallel is not None and (
-            data_parallel.size > 1 or data_parallel.has_remote
-            or data_parallel.rpc_port is not None)
 
-        def start_client() -> Awaitable[AsyncEngineClient]:
-            if use_dp:
-                from engine_core.client.dp import DPEngineCoreClient
-
-                return DPEngineCoreClient.start(engine_args, data_parallel, transport=transport,
-                                                zmq_keys=zmq_keys, insecure_tcp=insecure_tcp,
-                                                timeout_s=startup_timeout_s)
-            return AsyncEngineCoreClient.start(engine_args, transport=transport, host=host,
-                                               timeout_s=startup_timeout_s, zmq_keys=zmq_keys,
-                                               insecure_tcp=insecure_tcp)
+        async def start_client() -> AsyncEngineClient:
+            client = make_client(engine_args, data_parallel, transport=transport, host=host,
+                                 zmq_keys=zmq_keys, insecure_tcp=insecure_tcp)
+            await client.start(startup_timeout_s)
+            return client
 
         llm = cls(config, tokenizer, await start_client())
         llm._start_client = start_client
@@ -123,8 +116,8 @@ class AsyncLLM:
         The old engine-core process is stopped and reaped first (its requests have already
         failed with EngineDeadError); new requests are served once this returns. Raises
         RuntimeError if the engine is not dead or was not made by `create`, and whatever
-        `AsyncEngineCoreClient.start` raises if the new engine core does not come up (the
-        AsyncLLM then stays dead)."""
+        `EngineCoreClient.start` raises if the new engine core does not come up (the AsyncLLM
+        then stays dead)."""
         if self.error is None:
             raise RuntimeError("restart() needs a dead engine core; this one is running")
         if self._start_client is None:
@@ -230,10 +223,7 @@ class AsyncLLM:
         try:
             while True:
                 batch: EngineCoreOutputs = await self.client.get_outputs()
-                if batch.error is not None:
-                    raise EngineDeadError(batch.error)
-                if batch.stats is not None:
-                    self.stats = batch.stats
+                self.stats = self.client.stats()
                 changed, to_abort = self.processor.process(batch.outputs)
                 if to_abort:
                     self.client.abort_requests(to_abort)

@@ -11,6 +11,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from engine_core.client.base import SyncEngineClient
+from engine_core.client.factory import make_client
+from engine_core.client.sync import SyncEngineCoreClient
 from engine_core.config import DataParallelConfig, EngineArgs
 from engine_core.engine import EngineCore
 from engine_core.entrypoints.chat import check_messages
@@ -45,7 +48,7 @@ class LLM:
     (`engine_transport` "ipc", or "tcp" on 127.0.0.1; tcp needs `zmq_keys`, a CurveZMQ key
     directory made by `pp-engine keys DIR`, or an explicit `insecure_tcp=True`).
     With `data_parallel_size=N` (N > 1), N engine-core processes serve the prompts, each
-    request routed to the least loaded one (`engine_core/client/dp.py`), or with
+    request routed to the least loaded one (`engine_core/client/core_client.py`), or with
     `dp_routing="prefix"` to the one holding most of its prompt's prefix;
     `data_parallel_backend="ray"` runs the engines as Ray actors (tcp: needs `zmq_keys` or
     `insecure_tcp`).
@@ -70,19 +73,15 @@ class LLM:
         self.tokenizer = load_tokenizer(self.config.model_dir)
         dp = DataParallelConfig(size=data_parallel_size, routing=dp_routing,
                                 backend=data_parallel_backend)
-        if dp.size > 1:  # N engine-core processes behind one client
-            from engine_core.client.sync import SyncDPClient
-
-            self.engine = SyncDPClient(self.engine_args, dp, transport=engine_transport,
-                                       zmq_keys=zmq_keys, insecure_tcp=insecure_tcp)
-        elif engine_process:  # the engine core in its own process, over ZMQ
-            from engine_core.client.core_client import EngineCoreProcClient
-
-            self.engine = EngineCoreProcClient(self.engine_args, transport=engine_transport,
-                                               zmq_keys=zmq_keys, insecure_tcp=insecure_tcp)
+        self.engine: SyncEngineClient
+        if dp.size > 1 or engine_process:  # engine-core process(es) behind one client
+            self.engine = SyncEngineCoreClient(make_client(
+                self.engine_args, dp, transport=engine_transport, zmq_keys=zmq_keys,
+                insecure_tcp=insecure_tcp))
         else:
             self.engine = EngineCore(self.config, make_executor(self.config))
         self.input_processor = InputProcessor(self.config, self.tokenizer)
+        self._closed = False
         self.processor = OutputProcessor(self.tokenizer)
         self._request_counter = itertools.count()
 
@@ -203,18 +202,15 @@ class LLM:
         (`engine_metrics.ENGINE_METRICS`: requests running and waiting, free and total KV
         blocks, prompt tokens computed, KV transfer, ...), summed over the data-parallel
         engines. With the engine in other processes the figures are the last they reported."""
-        stats = self.engine.stats
-        # `EngineCore.stats()` is a method; today's process and data-parallel clients expose
-        # the last stats received as an attribute (or property).
-        current = stats() if callable(stats) else stats
-        return read_engine_metrics(current, {"model_name": self.engine_args.model})
+        return read_engine_metrics(self.engine.stats(), {"model_name": self.engine_args.model})
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Release the engine and its stages. Idempotent."""
-        if getattr(self, "engine", None) is not None:
-            self.engine.shutdown()
-            self.engine = None
+        if getattr(self, "_closed", True):  # closed, or __init__ never got an engine
+            return
+        self._closed = True
+        self.engine.shutdown()
 
     def __enter__(self) -> LLM:
         return self
