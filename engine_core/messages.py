@@ -231,3 +231,4 @@ class HandshakeReady(msgspec.Struct):
     config_fields: dict[str, str] = {}  # what went into config_hash, so a mismatch is named
     error: str | None = None
     error_type: str | None = None  # "ValueError" for bad arguments
+    stats: SchedulerStats | None = None  # the engine's figures at start (free and total blocks)

@@ -69,7 +69,6 @@ PREFIX_LOAD_SLACK = 8  # prefix routing yields to load when the holder is this m
 class _Engine(EngineLink):
     """One engine core as the client tracks it: the launcher's link plus its load."""
 
-    stats: SchedulerStats = field(default_factory=SchedulerStats)
     sends_since_report: int = 0
     num_routed: int = 0
     last_seen: float = 0.0
@@ -287,7 +286,7 @@ class EngineCoreClient:
     def _rejoined(self, engine: EngineLink) -> None:
         rejoined = self.engines[engine.rank]
         rejoined.last_seen = time.monotonic()
-        rejoined.stats, rejoined.sends_since_report = SchedulerStats(), 0
+        rejoined.sends_since_report = 0  # its stats: those of its READY
         rejoined.failure = None
 
     def _check_engines(self) -> None:

@@ -126,7 +126,7 @@ def run_engine_core(handshake_address: str, engine_index: int = 0,
     output_socket.setsockopt(zmq.SNDTIMEO, IDLE_POLL_MS)  # never block forever on a gone peer
     handshake.send(msgspec.msgpack.encode(HandshakeReady(
         config_hash=engine.config.config_hash(), num_kv_blocks=engine.executor.num_kv_blocks,
-        config_fields=engine.config.config_fields())))
+        config_fields=engine.config.config_fields(), stats=engine.stats())))
     handshake.close()
     loop = EngineCoreLoop(engine, input_socket, output_socket, monitor)
     try:

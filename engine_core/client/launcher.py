@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
@@ -39,7 +39,7 @@ import zmq
 
 from engine_core.client.core_process import KIND_HELLO, engine_version, run_engine_core
 from engine_core.config import DataParallelConfig, EngineArgs, config_mismatch
-from engine_core.messages import HandshakeHello, HandshakeInit, HandshakeReady
+from engine_core.messages import HandshakeHello, HandshakeInit, HandshakeReady, SchedulerStats
 from engine_core.transport import (
     CurveAuthenticator,
     CurveKeys,
@@ -99,6 +99,7 @@ class EngineLink:
     accepted: bool = False  # its READY came, with our config
     greeted: bool = False  # its hello came on the input socket (so it can be routed to)
     ever_ready: bool = False  # it got ready once (then it is given time to exit when stopped)
+    stats: SchedulerStats = field(default_factory=SchedulerStats)  # the last it reported
 
 
 def reap(process: EngineProcessHandle, wait_s: float) -> None:
@@ -299,6 +300,7 @@ class EngineLauncher:
             error = config_mismatch(self.expected_fields, ready.config_fields)
         if error is None:
             engine.accepted = True  # alive once its hello on the input socket arrived too
+            engine.stats = ready.stats if ready.stats is not None else SchedulerStats()
             self._ready_if_complete(engine)
             return
         if engine.process is not None:  # a local engine: its failure is the front-end's
