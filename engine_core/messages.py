@@ -59,7 +59,7 @@ class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     # request is its own); and its priority, lower served first (scheduling_policy "priority").
     owner_id: str = ""
     priority: int = 0
-    # Disaggregated prefill/decode (engine_core/disagg/): on a prefill instance, keep the
+    # Disaggregated prefill/decode (engine_core/kv_transfer/): on a prefill instance, keep the
     # prompt's KV for a decode instance; on a decode instance, where to get it from.
     do_remote_decode: bool = False
     kv_transfer_params: KVTransferParams | None = None
