@@ -12,7 +12,6 @@ the engine, that a stall is named, and that every KV block comes back.
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -128,12 +127,15 @@ class FakeStage(Executor):
 
 
 def request_ids_of(batch: StepBatch) -> list[str]:
-    return [r.request_id for r in itertools.chain(batch.new_requests, batch.cached_requests)]
+    return ([r.request_id for r in batch.new_requests]
+            + [r.request_id for r in batch.cached_requests])
 
 
 def make_engine(step_timeout_s: float = 30.0, **config) -> tuple[EngineCore, FakeStage]:
     engine_config = make_config(**config)
-    stage = FakeStage(engine_config.cache.num_kv_blocks)
+    num_kv_blocks = engine_config.cache.num_kv_blocks
+    assert num_kv_blocks is not None
+    stage = FakeStage(num_kv_blocks)
     return EngineCore(engine_config, stage, step_timeout_s=step_timeout_s), stage
 
 
@@ -151,7 +153,7 @@ def all_blocks_free(engine: EngineCore) -> bool:
 
 def run_to_end(engine: EngineCore, max_steps: int = 200) -> list[list[EngineCoreOutput]]:
     """Step until nothing is left; the outputs of each step."""
-    per_step = []
+    per_step: list[list[EngineCoreOutput]] = []
     for _ in range(max_steps):
         if not engine.has_unfinished_requests():
             return per_step
@@ -291,7 +293,7 @@ def test_a_malformed_step_output_kills_the_engine():
         future.output = StepOutput(batch.step_id + 5, [], [])
         return future
 
-    engine.executor.submit = wrong_step  # type: ignore[method-assign]
+    engine.executor.submit = wrong_step
     with pytest.raises(RuntimeError, match=r"returned step 5 .* for step 0"):
         engine.step()
     assert all_blocks_free(engine)
