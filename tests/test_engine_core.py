@@ -65,6 +65,7 @@ class FakeStep:
     stage: FakeStage
     error: BaseException | None = None
     hang: bool = False
+    interrupt: bool = False  # the first wait is interrupted (KeyboardInterrupt), then resolves
     waits: list[float | None] = field(default_factory=list)  # the timeout of each result()
 
     def result(self, timeout: float | None = None) -> StepOutput:
@@ -76,6 +77,9 @@ class FakeStep:
             raise TimeoutError(f"step {self.batch.step_id} gave no output in {timeout} s")
         if self.error is not None:
             raise self.error
+        if self.interrupt:
+            self.interrupt = False
+            raise KeyboardInterrupt
         self.stage.finished.add(self.batch.step_id)
         return self.output
 
@@ -83,7 +87,7 @@ class FakeStep:
 class FakeStage(Executor):
     """Runs nothing: samples TOKEN for every request of a step that reached the end of the
     tokens the stage knows of it, as the last pipeline stage does. `plan` holds what the next
-    submitted steps do ("ok", "hang" or an exception); an empty plan means "ok"."""
+    submitted steps do ("ok", "hang", "interrupt" or an exception); an empty plan means "ok"."""
 
     def __init__(self, num_kv_blocks: int) -> None:
         self.num_kv_blocks = num_kv_blocks
@@ -113,6 +117,8 @@ class FakeStage(Executor):
         behaviour = self.plan.popleft() if self.plan else "ok"
         if behaviour == "hang":
             step.hang = True
+        elif behaviour == "interrupt":
+            step.interrupt = True
         elif isinstance(behaviour, BaseException):
             step.error = behaviour
         self.steps.append(step)
@@ -296,6 +302,19 @@ def test_a_malformed_step_output_kills_the_engine():
     engine.executor.submit = wrong_step
     with pytest.raises(RuntimeError, match=r"returned step 5 .* for step 0"):
         engine.step()
+    assert all_blocks_free(engine)
+
+
+def test_an_interrupted_wait_leaves_the_step_in_flight_and_the_engine_alive():
+    engine, stage = make_engine()
+    add(engine, "a", max_tokens=2)
+    stage.plan.append("interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    assert engine.error is None and len(engine.in_flight) == 1
+    assert [o.new_token_ids for o in engine.step()] == [[TOKEN]]  # the same step, finished
+    assert [w for w, _ in stage.waited] == [0, 0]
+    run_to_end(engine)
     assert all_blocks_free(engine)
 
 
