@@ -1,11 +1,15 @@
-"""Shared fixtures: tiny random HF checkpoints built locally with transformers (the oracle)."""
+"""Shared fixtures: tiny random HF checkpoints built locally with transformers (the oracle), and
+`pp-engine` processes that are stopped after each test (`tests/servers.py`)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint
+from tests.servers import Processes
 
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 
@@ -27,3 +31,17 @@ def checkpoint_factory(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+@pytest.fixture
+def cli_processes(tmp_path) -> Iterator[Processes]:
+    """`cli_processes.server(model_dir, *flags)` / `.start(args, name)`: `pp-engine` processes
+    logging under tmp_path, all stopped after the test, which then fails if any process of
+    theirs is left. Their log tails are printed at teardown (pytest shows them on failure)."""
+    processes = Processes(str(tmp_path))
+    try:
+        yield processes
+    finally:
+        if processes.procs:
+            print(processes.logs())
+        processes.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import time
 
 import msgspec
@@ -27,6 +26,7 @@ from engine_core.kv_transfer_config import KVTransferConfig
 from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
 from engine_core.transfer_params import KVTransferParams
+from tests.servers import free_port, wait_for
 
 GOOD = {"kv_role": "kv_producer", "kv_port": 21001, "proxy_address": "127.0.0.1:30001",
         "send_type": "PUT", "kv_buffer_size": 1e9}
@@ -96,12 +96,6 @@ PROMPT_LENGTHS = [1, 5, 8, 17, 30]
 MAX_TOKENS = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _engine(model_dir, role=None, lease_ttl_s=30.0, send_type="GET", pipeline_parallel_size=1,
             num_kv_blocks=64, max_model_len=128, **kv):
     """An engine in-process, or with `pipeline_parallel_size` > 1 on Ray (one thread a stage).
@@ -115,7 +109,7 @@ def _engine(model_dir, role=None, lease_ttl_s=30.0, send_type="GET", pipeline_pa
     connector = None
     try:
         if role is not None:
-            kv_config = KVTransferConfig(kv_role=role, kv_port=_free_port(),
+            kv_config = KVTransferConfig(kv_role=role, kv_port=free_port(),
                                          proxy_address="127.0.0.1:1", send_type=send_type, **kv)
             connector = KVConnector(config, kv_config, executor.kv_stages(),
                                     lease_ttl_s=lease_ttl_s, fetch_timeout_s=5.0)
@@ -311,15 +305,6 @@ def test_lease_expiry_returns_producer_blocks(model_and_prompts):
         p.shutdown()
 
 
-def _wait_for(condition, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def _layer_frames(connector, lease_id, num_blocks, compat_hash=None):
     """The frames of every layer of a pushed transfer of `num_blocks` blocks (zeros)."""
     m = connector.config.model
@@ -367,7 +352,7 @@ def test_decoder_silent_at_push_time_pulls_later(model_and_prompts, monkeypatch)
 
     monkeypatch.setattr(kv_pusher, "PUSH_REPLY_TIMEOUT_S", 0.5)
     model_dir, prompts, reference = model_and_prompts
-    port = _free_port()
+    port = free_port()
     p = _engine(model_dir, "kv_producer", send_type="PUT")
     try:
         start = time.monotonic()
@@ -414,14 +399,14 @@ def test_unclaimed_and_half_pushed_kv_expires_and_is_counted(model_and_prompts, 
         assert _offer(sock, conn, "half", 1).accepted
         sock.send_multipart(_layer_frames(conn, "half", 1)[0])  # then P dies
         assert conn.stats().buffer_bytes == 3 * conn.local.block_bytes  # reserved at the offers
-        assert _wait_for(lambda: conn.stats().pushes_expired == 2, timeout_s=5.0)
+        wait_for(lambda: conn.stats().pushes_expired == 2, 5.0, "both pushes to expire")
         assert conn.stats().buffer_bytes == conn.stats().overflow_bytes == 0
         kv = d.stats().kv_transfer  # what the front-end's metrics get
         assert (kv.pushes_expired, kv.buffer_bytes, kv.leases_expired) == (2, 0, 0)
         assert conn._received.num_transfers == 0
         dropped = conn.stats().dropped_messages
         sock.send_multipart(_layer_frames(conn, "half", 1)[1])  # a late layer: dropped at once
-        assert _wait_for(lambda: conn.stats().dropped_messages == dropped + 1)
+        wait_for(lambda: conn.stats().dropped_messages == dropped + 1, 5.0, "a dropped message")
         assert _settle(d)
     finally:
         d.shutdown()
@@ -451,7 +436,7 @@ def test_release_from_a_third_party_ends_leases_and_drops_buffered_kv(model_and_
         assert _offer(sock, conn, "buffered", 2).accepted
         assert conn.stats().buffer_bytes == 2 * conn.local.block_bytes
         dealer(conn.endpoint).send(msgspec.msgpack.encode(ReleaseKV("buffered")))
-        assert _wait_for(lambda: conn.stats().buffer_bytes == 0)
+        wait_for(lambda: conn.stats().buffer_bytes == 0, 5.0, "an empty receive buffer")
         assert conn._received.num_transfers == 0 and conn.stats().pushes_expired == 0
 
         # D's request is aborted after it got blocks, before its fetch started
@@ -537,7 +522,7 @@ def test_pushed_garbage_is_dropped_and_the_decoder_still_serves(model_and_prompt
         sock.send_multipart(frames)  # another KV layout
         sock.send_multipart([frames[0], frames[1][:-1], frames[2]])  # truncated
         sock.send_multipart([b"\x00garbage", b"more"])  # neither a layer nor a control message
-        assert _wait_for(lambda: conn.stats().dropped_messages >= 3)
+        wait_for(lambda: conn.stats().dropped_messages >= 3, 5.0, "3 dropped messages")
         assert conn.stats().dropped_messages == 3
         # an offer of another KV layout is refused, naming it; its layers are dropped
         reply = _offer(sock, conn, "x", 1, compat_hash="0" * 16)
@@ -547,7 +532,8 @@ def test_pushed_garbage_is_dropped_and_the_decoder_still_serves(model_and_prompt
         for frames in _layer_frames(conn, "y", 1):  # no accepted offer for them
             sock.send_multipart(frames)
         num_layers = conn.config.model.num_layers
-        assert _wait_for(lambda: conn.stats().dropped_messages == 5 + num_layers)
+        wait_for(lambda: conn.stats().dropped_messages == 5 + num_layers, 5.0,
+                 "every layer's message dropped")
         assert conn._received.num_transfers == 0 and conn.stats().buffer_bytes == 0
         out = _run(d, [_request("r3", prompts[3], MAX_TOKENS)])
         assert out["r3"][0] == reference["r3"]
@@ -592,7 +578,7 @@ def test_dead_producer_or_abort_while_waiting_for_kv_ends_in_bounded_time(model_
     d = _engine(model_dir, "kv_consumer")
     d.kv_connector.fetcher.fetch_timeout_s = 0.5
     try:  # P is gone: its endpoint answers nothing
-        dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{_free_port()}", block_ids=[1, 2],
+        dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{free_port()}", block_ids=[1, 2],
                                 num_tokens=2 * BLOCK, compat_hash=d.kv_connector.compat_hash,
                                 lease_id="gone", send_type="GET")
         start = time.monotonic()
@@ -621,7 +607,7 @@ def test_a_dead_producer_delays_only_its_own_pull(model_and_prompts):
     try:
         first = _run(p, [_request("r4", prompts[4], 1, do_remote_decode=True)])
         live = first["r4"][1].kv_transfer_params
-        dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{_free_port()}", block_ids=[1, 2],
+        dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{free_port()}", block_ids=[1, 2],
                                 num_tokens=2 * BLOCK, compat_hash=d.kv_connector.compat_hash,
                                 lease_id="gone", send_type="GET")
         d.add_request(_request("stuck", prompts[3], MAX_TOKENS, kv_transfer_params=dead))
@@ -656,7 +642,7 @@ def test_the_fetcher_survives_an_error_of_its_own(model_and_prompts, monkeypatch
 
     monkeypatch.setattr(received, "state", state_failing_once)
     try:
-        pushed = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{_free_port()}",
+        pushed = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{free_port()}",
                                   block_ids=[1, 2], num_tokens=2 * BLOCK,
                                   compat_hash=d.kv_connector.compat_hash, lease_id="x",
                                   send_type="PUT")
@@ -735,12 +721,21 @@ def test_shutdown_does_not_wait_out_a_pending_fetch(model_and_prompts):
     for send_type in ("GET", "PUT"):
         d = _engine(model_dir, "kv_consumer", send_type=send_type)
         d.kv_connector.fetcher.fetch_timeout_s = 60.0
-        dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{_free_port()}", block_ids=[1],
+        dead = KVTransferParams(kv_endpoint=f"tcp://127.0.0.1:{free_port()}", block_ids=[1],
                                 num_tokens=BLOCK, compat_hash=d.kv_connector.compat_hash,
                                 lease_id="never", send_type=send_type)
         d.add_request(_request("a", prompts[4], MAX_TOKENS, kv_transfer_params=dead))
-        d.step()
-        time.sleep(0.2)
+
+        def fetching(d=d) -> bool:  # a step gives it blocks, the next one starts its fetch
+            d.step()
+            fetcher = d.kv_connector.fetcher
+            return bool(fetcher._pulls or fetcher._awaiting)  # the fetch thread has it
+
+        try:
+            wait_for(fetching, 10, f"the {send_type} fetch to start")
+        except BaseException:
+            d.shutdown()
+            raise
         start = time.monotonic()
         d.shutdown()
         assert time.monotonic() - start < 3, send_type

@@ -13,9 +13,6 @@ import contextlib
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -24,7 +21,15 @@ import openai
 import pytest
 
 from tests.checkpoints import make_checkpoint
-from tests.test_server import REPO, ServerProcess, _free_port
+from tests.servers import (
+    CliProcess,
+    ServerProcess,
+    free_port,
+    group_gone,
+    metric_sum,
+    stop_processes,
+    wait_for,
+)
 from tests.text_checkpoint import add_tokenizer
 
 MODEL = "tiny-llama"
@@ -38,93 +43,25 @@ MESSAGES = [{"role": "system", "content": "be brief"},
             {"role": "user", "content": WORDS * 3}]
 
 
-class Proc:
-    """A `python -m engine_core ...` process in its own process group, stopped by pid."""
-
-    def __init__(self, args: list[str], log_path: str) -> None:
-        self.log_path = log_path
-        self.killed = False  # by the test, on purpose
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "engine_core", *args],
-                                         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def log(self, full: bool = False) -> str:
-        with open(self.log_path, errors="replace") as f:
-            text = f.read()
-        return text if full else text[-4000:]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        """Kill the whole process group at once (a crash: no clean shutdown)."""
-        self.killed = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(30)
-        self.kill()
-
-
-def _group_gone(pgid: int, timeout_s: float = 10.0) -> bool:
-    """True once no process of the group `pgid` is left (SIGKILLed processes die
-    asynchronously: waits up to `timeout_s`)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = False
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                    left = left or (int(fields[2]) == pgid and fields[0] != "Z")
-        if not left:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-
-
-def stop_processes(procs: list[Proc]) -> None:
-    """Stop every process, the last started first, and assert that none is left behind."""
-    groups = [p.proc.pid for p in procs]
-    for proc in reversed(procs):
-        proc.stop()
-    assert all(_group_gone(g) for g in groups), "a process was left behind"
-
-
 def wait_idle(urls: list[str], logs: Callable[[], str], timeout_s: float = 20.0) -> None:
     """Until every instance at `urls` runs no request and has every KV block back in the pool
     (leases released or expired, pushed KV dropped); AssertionError with `logs()` if not."""
-    deadline = time.monotonic() + timeout_s
     pending: list[str] = []
-    while time.monotonic() < deadline:
-        pending = []
+
+    def idle() -> bool:
+        pending.clear()
         for url in urls:
             text = httpx.get(url + "/metrics", timeout=5).text
-            free = _metric(text, "ppengine:num_free_kv_blocks")
-            busy = (_metric(text, "ppengine:num_requests_running")
-                    + _metric(text, "ppengine:num_requests_waiting"))
-            if free != _metric(text, "ppengine:num_kv_blocks") or busy:
+            free = metric_sum(text, "ppengine:num_free_kv_blocks")
+            busy = (metric_sum(text, "ppengine:num_requests_running")
+                    + metric_sum(text, "ppengine:num_requests_waiting"))
+            if free != metric_sum(text, "ppengine:num_kv_blocks") or busy:
                 pending.append(f"{url}: {free} free, {busy} requests")
-        if not pending:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"KV blocks not returned: {pending}\n{logs()}")
+        return not pending
 
+    wait_for(idle, timeout_s, "every KV block to return",
+             lambda: f"not returned: {pending}\n{logs()}", interval_s=0.2)
 
-def _metric(text: str, name: str) -> float:
-    """The sum of a metric's samples in a Prometheus text page (0 if absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 class Cluster:
@@ -134,21 +71,21 @@ class Cluster:
                  num_decode: int = 1, keys_dir: str | None = None, lease_ttl_s: float = 30.0,
                  heartbeat_timeout_s: float = 3.0) -> None:
         self.tmp = tmp
-        self.port = _free_port()
-        self.discovery_port = _free_port()
+        self.port = free_port()
+        self.discovery_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         security = ["--zmq-keys", keys_dir] if keys_dir else ["--insecure-tcp"]
-        self.procs: list[Proc] = []
+        self.procs: list[CliProcess] = []
         self.proxy = self._start(
             ["proxy", "--port", str(self.port), "--discovery-port", str(self.discovery_port),
              "--heartbeat-timeout-s", str(heartbeat_timeout_s), *security], "proxy")
-        self.prefill: list[tuple[Proc, str]] = []
-        self.decode: list[tuple[Proc, str]] = []
+        self.prefill: list[tuple[CliProcess, str]] = []
+        self.decode: list[tuple[CliProcess, str]] = []
         self.kv_endpoints: list[str] = []
         roles = ["kv_producer"] * num_prefill + ["kv_consumer"] * num_decode
         for i, role in enumerate(roles):
-            http_port = _free_port()
-            config = {"kv_role": role, "kv_port": _free_port(), "send_type": send_type,
+            http_port = free_port()
+            config = {"kv_role": role, "kv_port": free_port(), "send_type": send_type,
                       "proxy_address": f"127.0.0.1:{self.discovery_port}",
                       "lease_ttl_s": lease_ttl_s}
             proc = self._start(
@@ -163,8 +100,8 @@ class Cluster:
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused",
                                     max_retries=0, timeout=TIMEOUT)
 
-    def _start(self, args: list[str], name: str) -> Proc:
-        proc = Proc(args, os.path.join(self.tmp, f"{name}.log"))
+    def _start(self, args: list[str], name: str) -> CliProcess:
+        proc = CliProcess(args, os.path.join(self.tmp, f"{name}.log"))
         self.procs.append(proc)
         return proc
 
@@ -173,19 +110,19 @@ class Cluster:
 
     def wait_registered(self, num_prefill: int, num_decode: int, timeout_s: float = 120.0
                         ) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def registered() -> bool:
             for proc in self.procs:
                 if not proc.alive():
                     raise RuntimeError(f"{proc.log_path} exited:\n{self.logs()}")
             with contextlib.suppress(httpx.HTTPError):
                 text = httpx.get(self.url + "/metrics", timeout=2).text
-                if (_metric(text, 'ppengine:proxy_instances{role="kv_producer"}') >= num_prefill
-                        and _metric(text, 'ppengine:proxy_instances{role="kv_consumer"}')
-                        >= num_decode):
-                    return
-            time.sleep(0.25)
-        raise TimeoutError(f"instances did not register in {timeout_s} s:\n{self.logs()}")
+                return (metric_sum(text, 'ppengine:proxy_instances{role="kv_producer"}')
+                        >= num_prefill
+                        and metric_sum(text, 'ppengine:proxy_instances{role="kv_consumer"}')
+                        >= num_decode)
+            return False
+
+        wait_for(registered, timeout_s, "the instances to register", self.logs, interval_s=0.25)
 
     def instance_metrics(self, url: str) -> str:
         return httpx.get(url + "/metrics", timeout=5).text
@@ -306,17 +243,17 @@ def test_1p1d_is_token_identical_and_moves_the_kv(model_dir, reference, tmp_path
         # 2 x each completion prompt and 2 x the chat prompt went through D; it ran at most
         # the last partial block (plus the last token) of each, the rest came over the wire
         num_requests = 2 * len(PROMPTS) + 2
-        computed = _metric(d_metrics, "ppengine:prompt_tokens_computed_total")
+        computed = metric_sum(d_metrics, "ppengine:prompt_tokens_computed_total")
         assert 0 < computed <= num_requests * BLOCK
-        received = _metric(d_metrics, "ppengine:kv_transfer_received_tokens_total")
+        received = metric_sum(d_metrics, "ppengine:kv_transfer_received_tokens_total")
         expected = 2 * sum((n - 1) // BLOCK * BLOCK for n in reference["prompt_tokens"])
         assert received >= expected > 0
-        assert _metric(p_metrics, "ppengine:kv_transfer_sent_tokens_total") == received
+        assert metric_sum(p_metrics, "ppengine:kv_transfer_sent_tokens_total") == received
         # P ran the prompts (what its prefix cache did not hold)
-        assert _metric(p_metrics, "ppengine:prompt_tokens_computed_total") > computed
+        assert metric_sum(p_metrics, "ppengine:prompt_tokens_computed_total") > computed
         c.wait_blocks_free()
         proxy_metrics = httpx.get(c.url + "/metrics", timeout=5).text
-        assert _metric(proxy_metrics, "ppengine:proxy_requests_total") >= 2 * num_requests
+        assert metric_sum(proxy_metrics, "ppengine:proxy_requests_total") >= 2 * num_requests
 
 
 def test_2p2d_with_curve_keys_is_token_identical_and_spreads_load(model_dir, reference,
@@ -331,29 +268,29 @@ def test_2p2d_with_curve_keys_is_token_identical_and_spreads_load(model_dir, ref
         c.wait_blocks_free()
         for _, url in c.prefill + c.decode:  # least loaded routing used every instance
             text = c.instance_metrics(url)
-            assert _metric(text, "ppengine:request_success_total") > 0, url
+            assert metric_sum(text, "ppengine:request_success_total") > 0, url
 
 
 def test_no_decode_instance_is_503_naming_the_role(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("disagg-503"))
-    port, discovery = _free_port(), _free_port()
-    proxy = Proc(["proxy", "--port", str(port), "--discovery-port", str(discovery),
-                  "--insecure-tcp"], os.path.join(tmp, "proxy.log"))
+    port, discovery = free_port(), free_port()
+    proxy = CliProcess(["proxy", "--port", str(port), "--discovery-port", str(discovery),
+                        "--insecure-tcp"], os.path.join(tmp, "proxy.log"))
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
+
+        def answer() -> httpx.Response | None:
             with contextlib.suppress(httpx.HTTPError):
-                response = httpx.post(url + "/v1/completions", timeout=10,
-                                      json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
-                break
-            assert time.monotonic() < deadline, proxy.log()
-            time.sleep(0.25)
+                return httpx.post(url + "/v1/completions", timeout=10,
+                                  json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+            return None
+
+        response = wait_for(answer, 60, "the proxy to answer", proxy.log, interval_s=0.25)
         assert response.status_code == 503
         assert "prefill" in response.json()["error"]["message"]
     finally:
         proxy.stop()
-    assert _group_gone(proxy.proc.pid)
+    assert group_gone(proxy.proc.pid)
 
 
 def test_dead_prefill_reroutes_and_dead_decode_fails_fast(model_dir, reference,
@@ -382,15 +319,15 @@ def test_instance_with_another_kv_layout_is_refused_and_exits(model_dir, tmp_pat
     registration with a message naming the field, and its server exits with code 1."""
     tmp = str(tmp_path_factory.mktemp("disagg-refused"))
     with cluster(model_dir, tmp_path_factory, "GET", num_prefill=0, num_decode=1) as c:
-        config = {"kv_role": "kv_producer", "kv_port": _free_port(), "send_type": "GET",
+        config = {"kv_role": "kv_producer", "kv_port": free_port(), "send_type": "GET",
                   "proxy_address": f"127.0.0.1:{c.discovery_port}"}
-        odd = Proc(["serve", model_dir, "--port", str(_free_port()), "--dtype", "float32",
-                    "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
-                    "--block-size", "8", "--kv-transfer-config", json.dumps(config),
-                    "--insecure-tcp"], os.path.join(tmp, "odd.log"))
+        odd = CliProcess(["serve", model_dir, "--port", str(free_port()), "--dtype",
+                          "float32", "--served-model-name", MODEL, "--max-model-len",
+                          str(MAX_MODEL_LEN), "--block-size", "8", "--kv-transfer-config",
+                          json.dumps(config), "--insecure-tcp"], os.path.join(tmp, "odd.log"))
         try:
             assert odd.proc.wait(120) == 1, odd.log()
             assert "refused" in odd.log() and "block_size" in odd.log()
         finally:
             odd.stop()
-        assert _group_gone(odd.proc.pid)
+        assert group_gone(odd.proc.pid)

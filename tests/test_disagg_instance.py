@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from typing import Any
 
 import msgspec
@@ -27,6 +26,7 @@ from engine_core.entrypoints.openai.proxied import KVTransferRequest, KVTransfer
 from engine_core.kv_transfer_config import KVTransferConfig
 from engine_core.transfer_params import KVTransferParams
 from engine_core.transport import create_keys, load_client_keys, secure_client
+from tests.servers import free_port
 from tests.test_disagg_proxy import FIELDS, MODEL, eventually, proxy, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -65,7 +65,7 @@ class EchoApp:
                     return
                 await send({"type": "http.response.body", "body": f"data: {word}\n\n".encode(),
                             "more_body": True})
-                await asyncio.sleep(self.delay_s)
+                await asyncio.sleep(self.delay_s)  # paces the words, as a model would
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
                         "more_body": False})
         except OSError:  # aborted while sending
@@ -83,17 +83,11 @@ def _expected(prompt: str) -> bytes:
     return b"".join(f"data: {w}\n\n".encode() for w in prompt.split()) + b"data: [DONE]\n\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.asynccontextmanager
 async def instance(app: EchoApp, *harnesses, keys: str | None = None):
     """A kv_both DisaggInstance registered with every proxy of `harnesses` (asserted)."""
     addresses = ",".join(h.pool.discovery_address.removeprefix("tcp://") for h in harnesses)
-    config = KVTransferConfig(kv_role="kv_both", kv_port=_free_port(), proxy_address=addresses,
+    config = KVTransferConfig(kv_role="kv_both", kv_port=free_port(), proxy_address=addresses,
                               zmq_keys=keys)
     refused: list[str] = []
     inst = DisaggInstance(app, config, FIELDS, MODEL, 128, Load, refused.append)

@@ -8,10 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -52,8 +49,8 @@ from engine_core.transport import (
     secure_client,
     secure_server,
 )
+from tests.servers import CliProcess, async_wait_for, free_port, wait_for
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "fake-model"
 FIELDS = {"dtype": '"float32"', "block_size": "16", "num_kv_heads": "2"}
 HEARTBEAT_TIMEOUT_S = 1.5  # fakes beat every 0.1 s; a loaded CI machine can stall a loop
@@ -137,7 +134,7 @@ class FakeInstance:
         while True:
             if self.beating:
                 await self.dealer.send(ENCODER.encode(Heartbeat(self.instance_id, self.load)))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the fake's heartbeat period (pacing, not a wait)
 
     async def _serve(self) -> None:
         decoder = msgspec.msgpack.Decoder(ProxyMessage)
@@ -178,7 +175,7 @@ class FakeInstance:
             await send(ResponseChunk(rid, data, last=i == len(chunks) - 1))
             if self.mode == "hang":
                 return
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # paces the fake's chunks, as a model would
 
     def requests(self) -> list[ProxyRequest]:
         return [m for m in self.received if isinstance(m, ProxyRequest)]
@@ -231,8 +228,7 @@ async def proxy(**overrides) -> AsyncIterator[Harness]:
     server = uvicorn.Server(uvicorn.Config(build_proxy_app(pool, config), log_level="warning",
                                            lifespan="off", timeout_graceful_shutdown=1))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
+    await async_wait_for(lambda: server.started, 10, "the proxy's HTTP server to start")
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     ctx = zmq.asyncio.Context()
     harness = Harness(pool, httpx.AsyncClient(base_url=url, timeout=10.0), ctx, [])
@@ -308,8 +304,12 @@ def test_bad_requests_are_answered_by_the_proxy_without_any_instance():
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
             r = await post("/v1/completions", json=completion(prompt="x" * 5000))
             assert r.status_code == 413
-            await asyncio.sleep(0.1)
-            assert p.received == [] and d.received == []
+            # a good request last: it reaches each instance behind anything sent before it
+            r = await post("/v1/completions", json=completion(prompt="the good one"))
+            assert r.status_code == 200, r.text
+            for instance in (p, d):
+                assert [json.loads(m.body)["prompt"] for m in instance.received] == \
+                    ["the good one"]
             assert 'reason="invalid_request"} 5.0' in await h.metrics()
 
     run(scenario())
@@ -665,13 +665,19 @@ def test_client_disconnect_aborts_the_request_on_the_instance(leg):
                 assert d.received == []
             elif leg == "decode":  # gone before D took the KV: P's lease ends at once
                 await eventually(lambda: p.kv_received == [ReleaseKV("lease-x")])
-            else:  # D was streaming: it had the KV, nothing to release
-                await asyncio.sleep(0.2)
-                assert p.kv_received == []
             assert p.aborts() == [] or leg == "prefill"
             await eventually(lambda: all(i.in_flight == 0 for i in h.pool.instances()))
             text = await h.metrics()
             assert 'reason="client_disconnected"} 1.0' in text
+            if leg == "decode_stream":  # D was streaming: it had the KV, nothing to release.
+                # A request whose decode leg is cut short releases its lease: on the proxy's
+                # one KV socket to P, behind any release sent for the stream before it.
+                d.mode = "silent"
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(h.http.post("/v1/completions", json=completion()),
+                                           0.5)
+                await eventually(lambda: p.kv_received != [])
+                assert p.kv_received == [ReleaseKV("lease-x")]  # that one alone
 
     run(scenario())
 
@@ -730,27 +736,19 @@ def test_proxy_command_refuses_tcp_without_keys_and_a_port_in_use(capsys):
         busy.close()
 
 
-def test_proxy_command_exits_0_on_sigterm():
-    sock = listen("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    sock.close()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine_core", "proxy", "--insecure-tcp", "--port",
-         str(port), "--discovery-port", "0", "--uvicorn-log-level", "warning"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def test_proxy_command_exits_0_on_sigterm(tmp_path):
+    port = free_port()
+    proxy = CliProcess(["proxy", "--insecure-tcp", "--port", str(port), "--discovery-port", "0",
+                        "--uvicorn-log-level", "warning"], str(tmp_path / "proxy.log"))
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the proxy did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 503:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        def up() -> bool:  # 503 while no instance is registered
+            assert proxy.alive(), proxy.log()
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 503
+            return False
+
+        wait_for(up, 15, "the proxy to come up", proxy.log)
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(timeout=10) == 0, proxy.log()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proxy.stop()

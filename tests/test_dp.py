@@ -21,31 +21,20 @@ import zmq.auth
 
 from engine_core import LLM, SamplingParams
 from engine_core.messages import EngineCoreRequest, HandshakeHello
+from tests.servers import (
+    REPO,
+    CliProcess,
+    ServerProcess,
+    free_port,
+    pid_gone,
+    spawned_children,
+)
 from tests.text_checkpoint import add_tokenizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def text_model(checkpoint_factory, tmp_path_factory):
     return add_tokenizer(checkpoint_factory("llama"), str(tmp_path_factory.mktemp("dp-tok")))
-
-
-def _gone(pid: int, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # a zombie of ours counts as gone
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(")")[-1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 PROMPTS = [f"def f{i}(x):" + " return x" * (i % 3) for i in range(16)]
@@ -75,7 +64,7 @@ def test_offline_dp2_matches_dp1_and_balances(text_model):
         assert sorted(grown) == [0, 3]
     finally:
         llm.shutdown()
-    assert all(_gone(pid) for pid in pids)
+    assert all(pid_gone(pid) for pid in pids)
 
 
 
@@ -151,15 +140,7 @@ def test_offline_abort_reaches_the_owning_engine(text_model):
 # ---- served -----------------------------------------------------------------------------------
 def _engine_children(server) -> list[int]:
     """The multiprocessing-spawned children of a server (a ServerProcess or a Popen)."""
-    pid = getattr(server, "proc", server).pid
-    pids = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            for child in f.read().split():
-                with open(f"/proc/{child}/cmdline", "rb") as cmd:
-                    if b"spawn_main" in cmd.read():
-                        pids.append(int(child))
-    return pids
+    return spawned_children(getattr(server, "proc", server).pid)
 
 
 async def _both_engines_running(http: httpx.AsyncClient, url: str) -> None:
@@ -184,7 +165,7 @@ def _gauge(metrics: str, name: str, engine: str | None = None) -> float:
 
 
 def test_served_dp2_matches_offline_and_survives_one_engine_death(text_model, tmp_path):
-    from tests.test_server import MODEL, ServerProcess
+    from tests.test_server import MODEL
 
     offline = LLM(text_model, dtype="float32", max_model_len=1024)
     prompts = PROMPTS[:4]
@@ -227,18 +208,15 @@ def test_served_dp2_matches_offline_and_survives_one_engine_death(text_model, tm
         assert server.proc.poll() is None
     finally:
         server.stop()
-    assert all(_gone(pid) for pid in pids)
+    assert all(pid_gone(pid) for pid in pids)
 
 
 # ---- two "nodes" on loopback ------------------------------------------------------------------
 def _headless(model: str, log_path: str, port: int, keys: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "engine_core", "serve", model, "--headless", "-dp", "2",
-           "-dpl", "1", "-dpr", "1", "--data-parallel-address", "127.0.0.1",
-           "--data-parallel-rpc-port", str(port), "--zmq-keys", keys, "--dtype", "float32",
-           *extra]
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    return CliProcess(["serve", model, "--headless", "-dp", "2", "-dpl", "1", "-dpr", "1",
+                       "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port",
+                       str(port), "--zmq-keys", keys, "--dtype", "float32", *extra],
+                      log_path).proc
 
 
 def _head_args(port: int, keys: str) -> list[str]:
@@ -261,9 +239,9 @@ def keys(tmp_path) -> str:
 
 
 def test_head_and_headless_over_curve_tcp(text_model, keys, tmp_path):
-    from tests.test_server import MODEL, ServerProcess, _free_port
+    from tests.test_server import MODEL
 
-    port = _free_port()
+    port = free_port()
     headless = _headless(text_model, str(tmp_path / "headless.log"), port, keys,
                          "--max-model-len", "1024")
     server = None
@@ -291,7 +269,7 @@ def test_head_and_headless_over_curve_tcp(text_model, keys, tmp_path):
         killed = time.monotonic()
         assert headless.wait(30) is not None
         assert time.monotonic() - killed < 10
-        assert all(_gone(pid) for pid in engine_pids)
+        assert all(pid_gone(pid) for pid in engine_pids)
         engine_log = (tmp_path / "headless.log").read_text(errors="replace")
         assert "dropped" in engine_log or "gone" in engine_log, engine_log[-2000:]
     finally:
@@ -301,15 +279,10 @@ def test_head_and_headless_over_curve_tcp(text_model, keys, tmp_path):
 
 
 def test_headless_config_mismatch_is_refused_naming_the_field(text_model, keys, tmp_path):
-    from tests.test_server import _free_port
-
-    port = _free_port()
+    port = free_port()
     head_log = tmp_path / "head.log"
-    with open(head_log, "wb") as log:
-        head = subprocess.Popen(
-            [sys.executable, "-m", "engine_core", "serve", text_model, "--port",
-             str(_free_port()), "--dtype", "float32", *_head_args(port, keys)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = CliProcess(["serve", text_model, "--port", str(free_port()), "--dtype", "float32",
+                       *_head_args(port, keys)], str(head_log)).proc
     headless = _headless(text_model, str(tmp_path / "headless.log"), port, keys,
                          "--max-model-len", "512")
     try:
@@ -343,15 +316,13 @@ def test_bad_flags_fail_fast(text_model, flags, message):
 
 
 def test_rpc_port_in_use_fails_fast(text_model, tmp_path):
-    from tests.test_server import _free_port
-
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "engine_core", "serve", text_model, "--port",
-             str(_free_port()), "--dtype", "float32", "-dp", "2",
+             str(free_port()), "--dtype", "float32", "-dp", "2",
              "--data-parallel-rpc-port", str(port), "--insecure-tcp"],
             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -361,9 +332,9 @@ def test_rpc_port_in_use_fails_fast(text_model, tmp_path):
 def test_headless_engine_death_and_rejoin(text_model, keys, tmp_path):
     """kill -9 the headless engine: only its request fails, fast; a new headless process with
     the same rank rejoins the running head, gets work, and stops with the head."""
-    from tests.test_server import MODEL, ServerProcess, _free_port
+    from tests.test_server import MODEL
 
-    port = _free_port()
+    port = free_port()
     first = _headless(text_model, str(tmp_path / "headless1.log"), port, keys,
                       "--max-model-len", "1024")
     server = second = None
@@ -421,7 +392,7 @@ def test_headless_engine_death_and_rejoin(text_model, keys, tmp_path):
         rejoined = _engine_children(second)
         server.stop()
         assert second.wait(30) == 0  # told to stop by the head
-        assert all(_gone(pid) for pid in rejoined)
+        assert all(pid_gone(pid) for pid in rejoined)
     finally:
         if server is not None:
             server.stop()
@@ -431,8 +402,6 @@ def test_headless_engine_death_and_rejoin(text_model, keys, tmp_path):
 
 
 def test_served_all_engines_dead_exits_1(text_model, tmp_path):
-    from tests.test_server import ServerProcess
-
     server = ServerProcess(text_model, str(tmp_path / "server.log"), "-dp", "2",
                            "--max-model-len", "1024")
     try:
@@ -447,9 +416,7 @@ def test_served_all_engines_dead_exits_1(text_model, tmp_path):
 def test_missing_remote_rank_times_out_naming_rank_and_address(text_model):
     from engine_core.client.factory import make_client
     from engine_core.config import DataParallelConfig, EngineArgs
-    from tests.test_server import _free_port
-
-    port = _free_port()
+    port = free_port()
     dp = DataParallelConfig(size=2, size_local=1, rpc_port=port)
     client = make_client(EngineArgs(text_model, dtype="float32"), dp, insecure_tcp=True)
     start = time.monotonic()
@@ -483,7 +450,7 @@ def test_garbage_on_the_output_socket_is_dropped(text_model):
 
 
 def test_served_restart_engine_restarts_every_engine(text_model, tmp_path):
-    from tests.test_server import MODEL, ServerProcess
+    from tests.test_server import MODEL
 
     server = ServerProcess(text_model, str(tmp_path / "server.log"), "-dp", "2",
                            "--max-model-len", "1024", "--restart-engine")
@@ -507,7 +474,7 @@ def test_served_restart_engine_restarts_every_engine(text_model, tmp_path):
         assert r.status_code == 200
     finally:
         server.stop()
-    assert all(_gone(pid) for pid in old + new)
+    assert all(pid_gone(pid) for pid in old + new)
 
 
 @pytest.mark.slow
@@ -527,4 +494,4 @@ def test_ray_backend_matches_dp1(text_model, keys):
         assert all(s.num_routed >= 2 for s in llm.engine.engine_states())
     finally:
         llm.shutdown()
-    assert all(_gone(pid) for pid in pids)
+    assert all(pid_gone(pid) for pid in pids)

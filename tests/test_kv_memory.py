@@ -4,7 +4,6 @@ the host cannot hold fails the start with an error naming the setting (issue 18)
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from engine_core.executors import kv_memory
 from engine_core.models import default_model_dir
 
 from engine_core import LLM
+from tests.servers import free_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,11 +107,8 @@ def test_the_host_reports_what_is_available():
 
 
 def test_serve_exits_with_a_clear_message_when_the_cache_does_not_fit():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "engine_core", "serve", "--port", str(port),
+        [sys.executable, "-m", "engine_core", "serve", "--port", str(free_port()),
          "--num-kv-blocks", str(10**8)],
         capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 2, result.stderr[-2000:]

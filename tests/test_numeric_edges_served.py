@@ -30,8 +30,8 @@ from tests.numeric_edges import (
     stop_token_ids,
     strict_json,
 )
+from tests.servers import ServerProcess
 from tests.test_disagg_e2e import Cluster, wait_idle
-from tests.test_server import ServerProcess
 from tests.text_checkpoint import add_tokenizer
 
 MAX_MODEL_LEN = 48  # bounds every request: without max_tokens a request runs to the context

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import pytest
 import ray
 
 from engine_core import LLM, SamplingParams
+from tests.servers import free_port
 from tests.test_generate_parity import MAX_TOKENS, engine_greedy, hf_greedy, make_prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,12 +232,6 @@ def test_bad_pipeline_arguments(ray_cluster, checkpoint_factory):
         LLM(model_dir, pipeline_parallel_size=2, threads_per_stage=64)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit(checkpoint_factory):
     """`ray start --head` on loopback, `ray job submit` examples/ray_job.py, check, stop."""
     if ray.is_initialized():
@@ -246,7 +240,7 @@ def test_ray_job_submit(checkpoint_factory):
     # Ray's dashboard agent listens on 52365 unless told otherwise. Another Ray on this host
     # (a parallel test worker's ray.init) may hold it: the agent then runs without its HTTP
     # server and `job submit` answers "No available agent" for ever. Own ports for everything.
-    port, dash, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
+    port, dash, agent_http, agent_grpc, metrics = (free_port() for _ in range(5))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # unix socket paths must be short

@@ -8,14 +8,10 @@ exits with code 1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -25,9 +21,9 @@ import pytest
 
 from engine_core import LLM, SamplingParams
 from tests.checkpoints import make_checkpoint
+from tests.servers import ServerProcess, wait_for
 from tests.text_checkpoint import add_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_KEY = "sk-test"
 MODEL = "tiny-llama"
 MAX_MODEL_LEN = 1024
@@ -35,67 +31,6 @@ TIMEOUT = 60.0  # every client call is bounded
 PROMPTS = ["def hello(world):", "import json\n"]
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-# ---- server processes -------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m engine_core serve MODEL ...` in its own process group."""
-
-    def __init__(self, model_dir: str, log_path: str, *args: str, startup_s: float = 120.0):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "engine_core", "serve", model_dir, "--port",
-               str(self.port), "--dtype", "float32", "--served-model-name", MODEL, *args]
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        try:
-            self._wait_healthy(startup_s)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.25)
-        raise TimeoutError(f"the server was not healthy in {timeout_s} s:\n{self.log()}")
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
-
-    def engine_pid(self) -> int:
-        """The engine-core process: the server's multiprocessing-spawned child."""
-        for path in os.listdir(f"/proc/{self.proc.pid}/task"):
-            with open(f"/proc/{self.proc.pid}/task/{path}/children") as f:
-                for child in f.read().split():
-                    with open(f"/proc/{child}/cmdline", "rb") as cmd:
-                        if b"spawn_main" in cmd.read():
-                            return int(child)
-        raise RuntimeError("no engine-core child process found")
-
-    def stop(self) -> None:
-        """SIGTERM the server (it stops its engine core), then kill whatever is left."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -142,15 +77,14 @@ def metrics(server: ServerProcess) -> dict[str, float]:
 
 
 def wait_idle(server: ServerProcess, timeout_s: float = 20.0) -> dict[str, float]:
-    """Poll /metrics until nothing runs and every KV block is free."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    """Poll /metrics until nothing runs and every KV block is free; the metrics then."""
+    def idle() -> dict[str, float] | None:
         m = metrics(server)
-        if m["ppengine:num_requests_running"] == 0 and \
-                m["ppengine:num_free_kv_blocks"] == m["ppengine:num_kv_blocks"]:
-            return m
-        assert time.monotonic() < deadline, f"the engine did not go idle: {m}"
-        time.sleep(0.1)
+        return m if m["ppengine:num_requests_running"] == 0 and \
+            m["ppengine:num_free_kv_blocks"] == m["ppengine:num_kv_blocks"] else None
+
+    return wait_for(idle, timeout_s, "the engine to go idle", lambda: str(metrics(server)),
+                    interval_s=0.1)
 
 
 def sse_events(response: httpx.Response) -> Iterator[dict | str]:
@@ -424,27 +358,23 @@ def test_bad_requests_get_openai_errors(server):
     wait_idle(server)
 
 
-def test_priority_under_the_priority_policy(model_dir, offline, tmp_path):
+def test_priority_under_the_priority_policy(model_dir, offline, cli_processes):
     expected = offline.generate(PROMPTS, greedy(), use_tqdm=False)
-    server = ServerProcess(model_dir, str(tmp_path / "server.log"), "--scheduling-policy",
-                           "priority")
-    try:
-        with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
-            body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 16, "temperature": 0}
-            response = http.post(COMPLETIONS, json={**body, "priority": -5})
-            assert response.status_code == 200, response.text
-            texts = [c["text"] for c in response.json()["choices"]]
-            assert texts == [o.outputs[0].text for o in expected]
-            chat = http.post(CHAT, json={**GOOD_CHAT, "priority": 9})
-            assert chat.status_code == 200, chat.text
-            for bad in (1 << 63, -(1 << 63) - 1):
-                response = http.post(COMPLETIONS, json={**GOOD, "priority": bad})
-                assert response.status_code == 400, response.text
-                error = response.json()["error"]
-                assert error["param"] == "priority" and "int64" in error["message"]
-        wait_idle(server)
-    finally:
-        server.stop()
+    server = cli_processes.server(model_dir, "--scheduling-policy", "priority")
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+        body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 16, "temperature": 0}
+        response = http.post(COMPLETIONS, json={**body, "priority": -5})
+        assert response.status_code == 200, response.text
+        texts = [c["text"] for c in response.json()["choices"]]
+        assert texts == [o.outputs[0].text for o in expected]
+        chat = http.post(CHAT, json={**GOOD_CHAT, "priority": 9})
+        assert chat.status_code == 200, chat.text
+        for bad in (1 << 63, -(1 << 63) - 1):
+            response = http.post(COMPLETIONS, json={**GOOD, "priority": bad})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "priority" and "int64" in error["message"]
+    wait_idle(server)
     with pytest.raises(SystemExit):  # not a policy: argparse refuses it
         from engine_core.entrypoints.cli import main
         main(["serve", model_dir, "--scheduling-policy", "lottery"])
@@ -504,49 +434,43 @@ def client_for(server: ServerProcess, key: str) -> openai.OpenAI:
 
 
 # ---- engine death -----------------------------------------------------------------------------
-def test_engine_death_fails_requests_fast(model_dir, tmp_path):
-    server = ServerProcess(model_dir, str(tmp_path / "server.log"))
-    try:
-        long = {"model": MODEL, "prompt": "x", "max_tokens": 1000, "ignore_eos": True}
+def test_engine_death_fails_requests_fast(model_dir, cli_processes):
+    server = cli_processes.server(model_dir)
+    long = {"model": MODEL, "prompt": "x", "max_tokens": 1000, "ignore_eos": True}
 
-        async def in_flight() -> tuple[httpx.Response, list]:
-            async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as http:
-                plain = asyncio.create_task(http.post(COMPLETIONS, json=long))
-                events: list = []
-                async with http.stream("POST", COMPLETIONS, json={**long, "stream": True}) as r:
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: "):
-                            events.append(line[6:])
-                            if len(events) == 3:
-                                os.kill(server.engine_pid(), signal.SIGKILL)
-                return await plain, events
+    async def in_flight() -> tuple[httpx.Response, list]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as http:
+            plain = asyncio.create_task(http.post(COMPLETIONS, json=long))
+            events: list = []
+            async with http.stream("POST", COMPLETIONS, json={**long, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 3:
+                            os.kill(server.engine_pid(), signal.SIGKILL)
+            return await plain, events
 
-        start = time.monotonic()
-        plain, events = asyncio.run(asyncio.wait_for(in_flight(), TIMEOUT))
-        assert time.monotonic() - start < 20
-        assert plain.status_code == 500 and plain.json()["error"]["code"] == "engine_dead"
-        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
-        # then the server shuts down with exit code 1 (see tests/test_server_hardening.py)
-        assert server.proc.wait(30) == 1
-    finally:
-        server.stop()
+    start = time.monotonic()
+    plain, events = asyncio.run(asyncio.wait_for(in_flight(), TIMEOUT))
+    assert time.monotonic() - start < 20
+    assert plain.status_code == 500 and plain.json()["error"]["code"] == "engine_dead"
+    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+    # then the server shuts down with exit code 1 (see tests/test_server_hardening.py)
+    assert server.proc.wait(30) == 1
 
 
 # ---- pipeline parallel (Ray) ------------------------------------------------------------------
 @pytest.mark.slow
-def test_pp2_server_matches_offline(model_dir, offline, tmp_path):
+def test_pp2_server_matches_offline(model_dir, offline, cli_processes):
     """The server over a 2-stage Ray pipeline gives the offline (PP=1) greedy text. Starts Ray
     in the engine-core process: keep it apart from other Ray users."""
     expected = offline.generate(PROMPTS, greedy(), use_tqdm=False)
-    server = ServerProcess(model_dir, str(tmp_path / "server.log"), "--pipeline-parallel-size",
-                           "2", "--threads-per-stage", "1", startup_s=180)
-    try:
-        response = client_for(server, "unused").completions.create(
-            model=MODEL, prompt=PROMPTS, max_tokens=16, temperature=0)
-        assert [c.text for c in response.choices] == [o.outputs[0].text for o in expected]
-        wait_idle(server)
-    finally:
-        server.stop()
+    server = cli_processes.server(model_dir, "--pipeline-parallel-size", "2",
+                                  "--threads-per-stage", "1", startup_s=180)
+    response = client_for(server, "unused").completions.create(
+        model=MODEL, prompt=PROMPTS, max_tokens=16, temperature=0)
+    assert [c.text for c in response.choices] == [o.outputs[0].text for o in expected]
+    wait_idle(server)
 
 
 # ---- pieces, in process -----------------------------------------------------------------------

@@ -34,7 +34,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.checkpoints import make_checkpoint
-from tests.test_server import REPO, ServerProcess, sse_events
+from tests.servers import REPO, ServerProcess, async_wait_for, metric_sum, wait_for
+from tests.test_server import sse_events
 from tests.text_checkpoint import add_tokenizer
 
 API_KEY = "sk-hardening"
@@ -49,19 +50,6 @@ GOOD_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "m
 
 
 # ---- processes --------------------------------------------------------------------------------
-def _group_members(pgid: int) -> list[int]:
-    """Live processes (zombies included) whose process group is `pgid`."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ...
-                    members.append(int(entry))
-    return members
-
-
 def _state(pid: int) -> str | None:
     """The /proc state letter of `pid` ("Z": a zombie), None once it is gone (reaped)."""
     try:
@@ -79,29 +67,6 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def _assert_nothing_left(server: ServerProcess, timeout_s: float = 10.0) -> None:
-    """The server has exited and no process of its group remains (zombies are reaped by init
-    once their parent is gone, so allow a moment)."""
-    assert server.proc.poll() is not None, "the server is still running"
-    deadline = time.monotonic() + timeout_s
-    while _group_members(server.proc.pid):
-        assert time.monotonic() < deadline, \
-            f"left behind: {_group_members(server.proc.pid)}\n{server.log()}"
-        time.sleep(0.1)
-
-
-def _stop_and_check(server: ServerProcess) -> None:
-    """Stop the server by pid (SIGTERM), then check nothing of it remains."""
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.proc.wait(30)
-    try:
-        _assert_nothing_left(server)
-    finally:
-        server.stop()  # kills whatever is left, so a failure leaks nothing
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("hardening-model")
@@ -114,7 +79,7 @@ def server(model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     proc = ServerProcess(model_dir, log, "--api-key", API_KEY, "--protect-metrics",
                          "--max-model-len", str(MAX_MODEL_LEN), "--disable-uvicorn-access-log")
     yield proc
-    _stop_and_check(proc)
+    proc.stop_and_check()
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +98,13 @@ def _metrics(http: httpx.Client) -> dict[str, float]:
 
 
 def _wait_idle(http: httpx.Client, timeout_s: float = 20.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def idle() -> dict[str, float] | None:
         m = _metrics(http)
-        if m["ppengine:num_requests_running"] == 0 and \
-                m["ppengine:num_free_kv_blocks"] == m["ppengine:num_kv_blocks"]:
-            return m
-        assert time.monotonic() < deadline, f"the engine did not go idle: {m}"
-        time.sleep(0.1)
+        return m if m["ppengine:num_requests_running"] == 0 and \
+            m["ppengine:num_free_kv_blocks"] == m["ppengine:num_kv_blocks"] else None
+
+    return wait_for(idle, timeout_s, "the engine to go idle", lambda: str(_metrics(http)),
+                    interval_s=0.1)
 
 
 def _greedy_text(http: httpx.Client) -> str:
@@ -196,13 +160,18 @@ class HealthProbe:
 
     def __enter__(self) -> HealthProbe:
         self._thread.start()
-        time.sleep(0.1)
+        self._wait_for_probes(1)  # probing before the block starts
         return self
 
     def __exit__(self, *exc: object) -> None:
-        time.sleep(0.1)
+        self._wait_for_probes(len(self.latencies) + 2)  # one begun after the block, answered
         self._stop.set()
         self._thread.join(TIMEOUT)
+
+    def _wait_for_probes(self, count: int) -> None:
+        wait_for(lambda: len(self.latencies) >= count or not self._thread.is_alive(), TIMEOUT,
+                 f"{count} /health probes")
+        assert self._thread.is_alive(), "the /health probe failed (see its traceback)"
 
     @property
     def max_latency(self) -> float:
@@ -519,7 +488,7 @@ def test_engine_death_exits_nonzero_and_leaves_nothing(model_dir, tmp_path):
         assert server.proc.wait(30) == 1, server.log()
         assert time.monotonic() - start < 20
         assert "the engine core died" in server.log()
-        _assert_nothing_left(server)
+        server.assert_nothing_left()
     finally:
         server.stop()
 
@@ -535,7 +504,12 @@ def test_restart_engine(model_dir, tmp_path):
                 async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as aclient:
                     task = asyncio.create_task(aclient.post(COMPLETIONS, json={
                         **GOOD, "max_tokens": 1000, "ignore_eos": True}))
-                    await asyncio.sleep(0.5)
+
+                    async def running() -> bool:  # the engine has the request: kill it now
+                        text = (await aclient.get("/metrics")).text
+                        return metric_sum(text, "ppengine:num_requests_running") >= 1
+
+                    await async_wait_for(running, TIMEOUT, "the request to run")
                     os.kill(old, signal.SIGKILL)
                     return await task
 
@@ -543,23 +517,23 @@ def test_restart_engine(model_dir, tmp_path):
             assert response.status_code == 500, response.text
             assert response.json()["error"]["code"] == "engine_dead"
             assert client.get("/health").status_code == 503  # restarting
-            deadline = time.monotonic() + 60
-            while True:
-                with contextlib.suppress(httpx.HTTPError, RuntimeError):
-                    if client.get("/health").status_code == 200 and server.engine_pid() != old:
-                        break
-                assert time.monotonic() < deadline, f"no restart:\n{server.log()}"
+
+            def restarted() -> bool:
                 assert server.proc.poll() is None, server.log()
-                time.sleep(0.2)
+                with contextlib.suppress(httpx.HTTPError, RuntimeError):
+                    return client.get("/health").status_code == 200 and \
+                        server.engine_pid() != old
+                return False
+
+            wait_for(restarted, 60, "a restarted engine", server.log, interval_s=0.2)
             assert _state(old) is None, "the old engine process was not reaped"
             assert all(_state(c) != "Z" for c in _children(server.proc.pid))
             assert _greedy_text(client) == expected
-            with open(server.log_path, errors="replace") as f:  # all of it: a slow restart
-                assert "restarting it (restart #1)" in f.read()  # logs many /health polls
+            assert "restarting it (restart #1)" in server.log(full=True)
             text = client.get("/metrics").text
             assert 'ppengine:engine_restarts{model_name="tiny-llama"} 1.0' in text
     finally:
-        _stop_and_check(server)
+        server.stop_and_check()
 
 
 # ---- in process: per-request engine errors, the tokenizer's character bound -------------------
@@ -588,7 +562,7 @@ class _FakeLLM:
         prompt_ids, params = request.prompt.token_ids, request.params
         boom = "boom" in self.tokenizer.decode(prompt_ids)
         for step in (1, 2):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # paces the fake engine's outputs
             finish = ("error" if boom else "length") if step == 2 else None
             outputs = [CompletionOutput(i, "ok"[:step], [5] * step, finish_reason=finish,
                                         error="CUDA error: out of memory" if boom else None)

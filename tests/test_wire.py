@@ -30,6 +30,7 @@ from engine_core.messages import (
     EngineCoreRequest,
 )
 from engine_core.transport import WarningLimiter
+from tests.servers import connect_and_handshake
 from tests.text_checkpoint import add_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,9 +227,9 @@ def test_rogue_reader_on_the_input_socket_gets_nothing(text_model, zmq_ctx):
             rogue = zmq_ctx.socket(zmq.DEALER)
             if identity is not None:
                 rogue.setsockopt(zmq.ROUTING_ID, identity)
-            rogue.connect(core.input_address)
+            # attached before any request goes out
+            assert connect_and_handshake(rogue, core.input_address)
             rogues.append(rogue)
-        time.sleep(0.3)  # let them attach before any request goes out
         for _ in range(3):
             _generate(llm)
         assert all(rogue.poll(500) == 0 for rogue in rogues)
@@ -380,7 +381,7 @@ def test_tcp_keys_must_exist(text_model, tmp_path):
 def test_serve_over_tcp_needs_keys_and_works_with_them(text_model, tmp_path):
     import httpx
 
-    from tests.test_server import ServerProcess
+    from tests.servers import ServerProcess
 
     base = [sys.executable, "-m", "engine_core", "serve", text_model, "--port", "0",
             "--dtype", "float32", "--engine-transport", "tcp"]

@@ -26,8 +26,8 @@ from engine_core.entrypoints.http.discovery_wire import Register
 from engine_core.entrypoints.http.instance_wire import ProxyRequest
 from engine_core.kv_transfer.kv_wire import PullKV, PushOffer, PushReply
 from engine_core.transport import create_keys, load_client_keys, secure_client
+from tests.servers import ServerProcess, connect_and_handshake
 from tests.test_disagg_e2e import MAX_TOKENS, MODEL, WORDS, _complete, model_dir  # noqa: F401
-from tests.test_server import ServerProcess
 from tests.xpyd_cluster import BLOCK, MAX_MODEL_LEN, XPyDCluster, xpyd_cluster
 
 PROMPTS = [(WORDS * 20)[:n] for n in (3, 24, 70, 160, 330, 520, 800, 1200)]
@@ -96,18 +96,22 @@ async def many_streams(c: XPyDCluster, count: int) -> list[tuple[str, tuple[str,
 
 
 def _replied(ctx: zmq.Context, messages: list[tuple[str, list[bytes], object]]) -> list[str]:
-    """Send each (address, frames, client keys or None) from a fresh DEALER at once; the
-    addresses that answered anything within 1.5 s."""
+    """Send each (address, frames, client keys or None) from a fresh DEALER; the addresses
+    that answered. Each connection's CURVE handshake is waited for first: with the keys it must
+    succeed (the frames reach the peer, which then has 1.5 s to answer: nothing marks a dropped
+    frame at every kind of socket), without them it must fail (nothing can be read)."""
     sockets = []
     try:
         for address, frames, keys in messages:
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             secure_client(sock, keys)
-            sock.connect(address)
-            sock.send_multipart(frames)
             sockets.append((address, sock))
-        time.sleep(1.5)
+            attached = connect_and_handshake(sock, address)
+            assert attached == (keys is not None), (address, keys is not None)
+            if attached:
+                sock.send_multipart(frames)
+        time.sleep(1.5)  # the window to answer, opened by each handshake above
         return [address for address, sock in sockets if sock.poll(0)]
     finally:
         for _, sock in sockets:

@@ -18,6 +18,7 @@ import time
 
 import openai
 
+from tests.servers import async_wait_for
 from tests.test_disagg_e2e import MAX_TOKENS, model_dir  # noqa: F401
 from tests.test_xpyd_e2e import PROMPTS, Progress, reference, stream  # noqa: F401
 from tests.xpyd_cluster import xpyd_cluster
@@ -58,9 +59,11 @@ def test_a_decode_instance_added_under_load_takes_requests_at_once(model_dir, re
 
         async def scenario() -> tuple[list, float, float]:
             client = proxy.async_client(timeout_s=120)
-            running = [asyncio.ensure_future(stream(client, short[i % 4], 600))
+            progress = Progress()
+            running = [asyncio.ensure_future(stream(client, short[i % 4], 600,
+                                                    progress.track(i)))
                        for i in range(64)]
-            await asyncio.sleep(1.0)  # the 64 streams are going
+            await progress.until_streaming(64, min_tokens=1)  # the 64 streams are going
             c.add("kv_consumer")
             joined_at = picked_at = 0.0
             extra = []
@@ -77,7 +80,7 @@ def test_a_decode_instance_added_under_load_takes_requests_at_once(model_dir, re
                         f'ppengine:proxy_requests_total{{instance="{new_id}",role="decode"}}')
                     if counted > 0:
                         picked_at = time.monotonic()
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # paces the new requests (a load generator's sleep)
             extra_results = await asyncio.gather(*extra)
             for job in running:  # 64 clients walk away at once: everything must come back
                 job.cancel()
@@ -146,7 +149,10 @@ def test_a_killed_prefill_instance_is_routed_around(model_dir, reference,  # noq
             client = proxy.async_client(timeout_s=120)
             in_flight = [asyncio.ensure_future(_timed(stream(client, PROMPTS[i % 8])))
                          for i in range(16)]
-            await asyncio.sleep(0.3)
+            # killed once it has taken some of them (the proxy spreads them over both Ps)
+            await async_wait_for(
+                lambda: doomed.metric("ppengine:prompt_tokens_computed_total") > 0, 60,
+                "the doomed prefill instance to take requests", c.logs)
             doomed.proc.kill()
             results = await asyncio.gather(*in_flight)
             after = await asyncio.gather(*(stream(client, PROMPTS[i % 8]) for i in range(8)))

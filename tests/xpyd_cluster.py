@@ -12,21 +12,13 @@ import contextlib
 import json
 import os
 import re
-import time
 from dataclasses import dataclass
 
 import httpx
 import openai
 
-from tests.test_disagg_e2e import (
-    MAX_MODEL_LEN,
-    MODEL,
-    Proc,
-    _metric,
-    stop_processes,
-    wait_idle,
-)
-from tests.test_server import _free_port
+from tests.servers import CliProcess, free_port, metric_sum, stop_processes, wait_for
+from tests.test_disagg_e2e import MAX_MODEL_LEN, MODEL, wait_idle
 
 BLOCK = 16
 TIMEOUT = 60.0
@@ -34,7 +26,7 @@ TIMEOUT = 60.0
 
 @dataclass
 class Instance:
-    proc: Proc
+    proc: CliProcess
     role: str
     url: str  # its own HTTP server
     kv_endpoint: str
@@ -43,12 +35,12 @@ class Instance:
         return httpx.get(self.url + "/metrics", timeout=5).text
 
     def metric(self, name: str) -> float:
-        return _metric(self.metrics(), name)
+        return metric_sum(self.metrics(), name)
 
 
 @dataclass
 class Proxy:
-    proc: Proc
+    proc: CliProcess
     url: str
     discovery: str  # host:port
 
@@ -56,7 +48,7 @@ class Proxy:
         return httpx.get(self.url + "/metrics", timeout=5).text
 
     def metric(self, name: str) -> float:
-        return _metric(self.metrics(), name)
+        return metric_sum(self.metrics(), name)
 
     def client(self, timeout_s: float = TIMEOUT) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
@@ -80,25 +72,25 @@ class XPyDCluster:
                  keys_dir: str | None = None, heartbeat_timeout_s: float = 3.0) -> None:
         self.model_dir, self.tmp = model_dir, tmp
         self.security = ["--zmq-keys", keys_dir] if keys_dir else []
-        self.procs: list[Proc] = []
+        self.procs: list[CliProcess] = []
         self.proxies: list[Proxy] = []
         self.instances: list[Instance] = []
         for i in range(num_proxies):
-            port, discovery = _free_port(), _free_port()
+            port, discovery = free_port(), free_port()
             proc = self._start(["proxy", "--port", str(port), "--discovery-port", str(discovery),
                                 "--heartbeat-timeout-s", str(heartbeat_timeout_s),
                                 "--request-timeout-s", "60", *self.security], f"proxy-{i}")
             self.proxies.append(Proxy(proc, f"http://127.0.0.1:{port}",
                                       f"127.0.0.1:{discovery}"))
 
-    def _start(self, args: list[str], name: str) -> Proc:
-        proc = Proc(args, os.path.join(self.tmp, f"{name}.log"))
+    def _start(self, args: list[str], name: str) -> CliProcess:
+        proc = CliProcess(args, os.path.join(self.tmp, f"{name}.log"))
         self.procs.append(proc)
         return proc
 
     def add(self, role: str, send_type: str = "PUT_ASYNC", **kv_config) -> Instance:
         """Start an instance of `role` registering with every proxy (it is not waited for)."""
-        kv_port, http_port = _free_port(), _free_port()
+        kv_port, http_port = free_port(), free_port()
         config = {"kv_role": role, "kv_port": kv_port, "send_type": send_type,
                   "proxy_address": ",".join(p.discovery for p in self.proxies), **kv_config}
         name = f"{role}-{len(self.instances)}"
@@ -122,18 +114,17 @@ class XPyDCluster:
 
     def wait_registered(self, timeout_s: float = 120.0) -> None:
         """Until every live proxy counts every live instance of each role."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def registered() -> bool:
             self.check_alive()
             want: dict[str, int] = {}
             for inst in self.live_instances():
                 want[inst.role] = want.get(inst.role, 0) + 1
             with contextlib.suppress(httpx.HTTPError):
-                if all(p.metric(f'ppengine:proxy_instances{{role="{role}"}}') == count
-                       for p in self.live_proxies() for role, count in want.items()):
-                    return
-            time.sleep(0.25)
-        raise TimeoutError(f"instances did not register in {timeout_s} s:\n{self.logs()}")
+                return all(p.metric(f'ppengine:proxy_instances{{role="{role}"}}') == count
+                           for p in self.live_proxies() for role, count in want.items())
+            return False
+
+        wait_for(registered, timeout_s, "the instances to register", self.logs, interval_s=0.25)
 
     def live_instances(self) -> list[Instance]:
         return [i for i in self.instances if i.proc.alive()]
