@@ -16,7 +16,7 @@ import pytest
 
 from engine_core.entrypoints import cli
 from engine_core.entrypoints.arg_utils import finite_float, int_in
-from tests.test_server import REPO
+from tests.servers import REPO
 
 BAD_NUMBERS = ["nan", "inf", "-inf", "1e400", "-1e400", "abc", "", "0x10", "1" * 5000]
 BAD_INTS = [*BAD_NUMBERS, "99999999999999999999999", "-99999999999999999999", "1.5", "1e3"]
