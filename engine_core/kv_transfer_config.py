@@ -73,15 +73,15 @@ class KVTransferConfig:
         if self.kv_ip in ("0.0.0.0", "::"):
             raise ValueError("kv_ip must be an address peers can reach (it is advertised to "
                              f"them), not the wildcard {self.kv_ip!r}")
-        ttl = self.lease_ttl_s
-        if (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl)
-                or ttl <= 0):
-            raise ValueError(f"lease_ttl_s must be a positive number of seconds, got {ttl!r}")
-        for name in ("kv_buffer_size", "kv_overflow_size"):
-            size = getattr(self, name)
-            if (isinstance(size, bool) or not isinstance(size, (int, float))
-                    or not math.isfinite(size) or size <= 0):
-                raise ValueError(f"{name} must be a positive number of bytes, got {size!r}")
+        for name, unit in (("lease_ttl_s", "seconds"), ("kv_buffer_size", "bytes"),
+                           ("kv_overflow_size", "bytes")):
+            value = getattr(self, name)
+            number = _finite_float(value)
+            if number is None or number <= 0:
+                raise ValueError(f"{name} must be a positive number of {unit}, got {value!r}")
+            # stored as the float it is declared: an int from JSON and the float the engine
+            # process decodes must agree (the config hash, and a P/D pair's checks)
+            object.__setattr__(self, name, number)
 
     @property
     def is_producer(self) -> bool:
@@ -117,3 +117,14 @@ class KVTransferConfig:
             return cls(**data)
         except ValueError as exc:
             raise ValueError(f"--kv-transfer-config: {exc}") from None
+
+
+def _finite_float(value: object) -> float | None:
+    """`value` as a finite float, or None if it is no number (a bool is none) or not finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond a double
+        return None
+    return number if math.isfinite(number) else None

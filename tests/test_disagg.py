@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -57,10 +58,23 @@ def test_kv_transfer_config_parses_and_is_frozen():
     ({"proxy_address": "127.0.0.1:30001,127.0.0.1:30001"}, "proxy_address"),
     ({"kv_buffer_size": -1}, "kv_buffer_size"),
     ({"kv_buffer_size": True}, "kv_buffer_size"),
+    ({"kv_overflow_size": 10**400}, "kv_overflow_size"),
+    ({"lease_ttl_s": 0}, "lease_ttl_s"),
 ])
 def test_bad_kv_transfer_config_names_the_key(change, key):
     with pytest.raises(ValueError, match=key):
         KVTransferConfig.from_json(json.dumps({**GOOD, **change}))
+
+
+def test_integer_sizes_survive_the_engine_process_handshake_unchanged():
+    """The front-end sends its config to each engine core as msgpack and refuses an engine
+    whose config differs: `"kv_buffer_size": 1` (an int in the JSON) must not come back as 1.0
+    and be refused as a mismatch."""
+    config = KVTransferConfig.from_json(json.dumps(
+        {**GOOD, "kv_buffer_size": 1, "kv_overflow_size": 2, "lease_ttl_s": 3}))
+    decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(config), type=KVTransferConfig)
+    assert decoded == config
+    assert json.dumps(dataclasses.asdict(decoded)) == json.dumps(dataclasses.asdict(config))
 
 
 def test_missing_key_and_bad_json():
