@@ -26,7 +26,12 @@ from engine_core.entrypoints.input_processor import InputProcessor, ProcessedReq
 from engine_core.entrypoints.openai.api_server import build_app
 from engine_core.entrypoints.openai.proxied import KVTransferRequest
 from engine_core.entrypoints.openai.serving import OpenAIServing
-from engine_core.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+from engine_core.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    SchedulerStats,
+)
 from engine_core.sampling_params import WIRE_INT_MAX, WIRE_INT_MIN, SamplingParams
 from engine_core.transfer_params import KVTransferParams
 
@@ -218,6 +223,9 @@ class StandInEngine:
 
     def engine_states(self) -> list:
         return []
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats()
 
     def is_alive(self) -> bool:
         return True
