@@ -9,8 +9,8 @@ folder and imported from there through PYTHONPATH (laid out as the package insta
 tree runs from its editable install. Each round runs the baseline, then this tree, each script
 with its own copy of the benchmark, from its own folder, on the same checkpoints (`bench/out/`).
 
-At the end, every output line that both sides printed with the same words (numbers aside) is
-shown once with the mean of its first figure on each side and the ratio this tree / baseline.
+At the end, every figure of the output lines that both sides printed with the same words
+(numbers aside) is shown with its mean on each side and the ratio this tree / baseline.
 Figures that do not depend on the engine (transformers' tok/s in `bench/throughput.py`) show the
 session's noise.
 """
@@ -27,7 +27,7 @@ import tempfile
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?")  # "float32" is a word
 
 
 def baseline_path(checkout: str) -> str:
@@ -56,14 +56,37 @@ def run(script: list[str], cwd: str, pythonpath: str | None) -> list[str]:
     return result.stdout.splitlines()
 
 
-def figures(lines: list[str]) -> dict[str, float]:
-    """{the line with its numbers blanked: its first number} for lines that hold one."""
-    found = {}
+def figures(lines: list[str]) -> dict[str, list[float]]:
+    """{the line with its numbers blanked: its numbers} for lines that hold any (a number
+    inside a word, as in "float32", is part of the line's words; progress bars are skipped; a
+    line printed again with other numbers gets its ordinal: "[2]")."""
+    found: dict[str, list[float]] = {}
     for line in lines:
         numbers = NUMBER.findall(line)
-        if numbers and not line.startswith(("threads=", "dtype=")):
-            found[NUMBER.sub("#", line.strip())] = float(numbers[0])
+        if numbers and "it/s" not in line and not line.startswith(("threads=", "dtype=")):
+            key = NUMBER.sub("#", line.strip())
+            repeat = sum(k == key or k.startswith(key + " [") for k in found)
+            found[f"{key} [{repeat + 1}]" if repeat else key] = [float(n) for n in numbers]
     return found
+
+
+def summary(results: dict[str, dict[str, list[list[float]]]]) -> list[str]:
+    """One line per figure that both sides printed: the mean of each side, this tree / baseline.
+    A line's numbers that never change (a batch size) are not figures."""
+    lines = []
+    for key, before in results["baseline"].items():
+        after = results["this tree"].get(key)
+        if not after or len({len(v) for v in before + after}) != 1:
+            continue
+        for position in range(len(before[0])):
+            values = [run[position] for run in before + after]
+            if len(set(values)) == 1:
+                continue
+            b = statistics.mean(run[position] for run in before)
+            a = statistics.mean(run[position] for run in after)
+            ratio = f"{a / b:.3f}x" if b else "n/a"
+            lines.append(f"{b:10.2f} -> {a:10.2f}  {ratio:>8}  #{position + 1} of: {key}")
+    return lines
 
 
 def main() -> None:
@@ -77,8 +100,8 @@ def main() -> None:
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
     if not script:
         parser.error("name the benchmark script after --")
-    results: dict[str, dict[str, list[float]]] = {"baseline": defaultdict(list),
-                                                  "this tree": defaultdict(list)}
+    results: dict[str, dict[str, list[list[float]]]] = {"baseline": defaultdict(list),
+                                                        "this tree": defaultdict(list)}
     with tempfile.TemporaryDirectory(prefix="pp-engine-baseline-") as tmp:
         checkout = os.path.join(tmp, "tree")
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-q", checkout,
@@ -95,19 +118,13 @@ def main() -> None:
                                               ("this tree", ROOT, None)):
                     print(f"==== round {round_index + 1}: {side} "
                           f"({args.rev if side == 'baseline' else 'working tree'})", flush=True)
-                    for key, value in figures(run(script, cwd, pythonpath)).items():
-                        results[side][key].append(value)
+                    for key, values in figures(run(script, cwd, pythonpath)).items():
+                        results[side][key].append(values)
         finally:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", checkout],
                            check=False)
     print(f"==== {' '.join(script)}: mean of {args.rounds} round(s), this tree vs {args.rev}")
-    for key, before in results["baseline"].items():
-        after = results["this tree"].get(key)
-        if after:
-            b, a = statistics.mean(before), statistics.mean(after)
-            ratio = f"{a / b:.3f}x" if b else "n/a"
-            print(f"{b:10.2f} -> {a:10.2f}  {ratio:>8}  {key}")
-
+    print("\n".join(summary(results)))
 
 if __name__ == "__main__":
     main()
