@@ -6,8 +6,10 @@ The machine is noisy and absolute figures drift, so a change is judged against i
 measured in the same run. The baseline revision is checked out with `git worktree` in a temporary
 folder and imported from there through PYTHONPATH (laid out as the package installs, with its own
 `scripts/stage_package.py`, where it has one; older revisions had top-level packages), while this
-tree runs from its editable install. Each round runs the baseline, then this tree, each script
-with its own copy of the benchmark, from its own folder, on the same checkpoints (`bench/out/`).
+tree runs from its editable install. Each round runs both, the baseline first in odd rounds and
+this tree first in even ones (so a drifting machine favours neither; use an even --rounds), each
+script with its own copy of the benchmark, from its own folder, on the same checkpoints
+(`bench/out/`).
 
 At the end, every figure of the output lines that both sides printed with the same words
 (numbers aside) is shown with its mean on each side and the ratio this tree / baseline.
@@ -27,6 +29,7 @@ import tempfile
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:")  # a library's log line (Ray's), no figure
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?")  # "float32" is a word
 
 
@@ -57,13 +60,14 @@ def run(script: list[str], cwd: str, pythonpath: str | None) -> list[str]:
 
 
 def figures(lines: list[str]) -> dict[str, list[float]]:
-    """{the line with its numbers blanked: its numbers} for lines that hold any (a number
-    inside a word, as in "float32", is part of the line's words; progress bars are skipped; a
-    line printed again with other numbers gets its ordinal: "[2]")."""
+    """{the line with its numbers blanked: its numbers} for lines that hold any. A number inside
+    a word ("float32") is part of the line's words; progress bars and log lines are skipped; a
+    line printed again with other numbers gets its ordinal ("[2]")."""
     found: dict[str, list[float]] = {}
     for line in lines:
         numbers = NUMBER.findall(line)
-        if numbers and "it/s" not in line and not line.startswith(("threads=", "dtype=")):
+        if (numbers and "it/s" not in line and not LOG_LINE.match(line)
+                and not line.startswith(("threads=", "dtype="))):
             key = NUMBER.sub("#", line.strip())
             repeat = sum(k == key or k.startswith(key + " [") for k in found)
             found[f"{key} [{repeat + 1}]" if repeat else key] = [float(n) for n in numbers]
@@ -113,9 +117,11 @@ def main() -> None:
                 os.symlink(os.path.join(ROOT, "bench", "out"),
                            os.path.join(checkout, "bench", "out"))
             path = baseline_path(checkout)
+            sides = [("baseline", checkout, path), ("this tree", ROOT, None)]
             for round_index in range(args.rounds):
-                for side, cwd, pythonpath in (("baseline", checkout, path),
-                                              ("this tree", ROOT, None)):
+                # ABBA: the order flips each round, so a machine that drifts slower (or faster)
+                # through the session favours neither side
+                for side, cwd, pythonpath in sides if round_index % 2 == 0 else sides[::-1]:
                     print(f"==== round {round_index + 1}: {side} "
                           f"({args.rev if side == 'baseline' else 'working tree'})", flush=True)
                     for key, values in figures(run(script, cwd, pythonpath)).items():
