@@ -57,7 +57,7 @@ def test_a_decode_instance_added_under_load_takes_requests_at_once(model_dir, re
         before = _instance_ids(proxy)
         short = PROMPTS[:4]
 
-        async def scenario() -> tuple[list, float, float]:
+        async def scenario() -> tuple[tuple[str, list[int]], float]:
             client = proxy.async_client(timeout_s=120)
             progress = Progress()
             running = [asyncio.ensure_future(stream(client, short[i % 4], 600,
@@ -65,32 +65,27 @@ def test_a_decode_instance_added_under_load_takes_requests_at_once(model_dir, re
                        for i in range(64)]
             await progress.until_streaming(64, min_tokens=1)  # the 64 streams are going
             c.add("kv_consumer")
-            joined_at = picked_at = 0.0
-            extra = []
             deadline = time.monotonic() + 120
-            while not picked_at:
+            while not (new := _instance_ids(proxy) - before):
                 assert time.monotonic() < deadline, c.logs()
                 assert not any(job.done() for job in running), "a stream ended early"
-                if not joined_at and (new := _instance_ids(proxy) - before):
-                    (new_id,) = new
-                    joined_at = time.monotonic()
-                if joined_at:  # new requests keep coming; one must land on the newcomer
-                    extra.append(asyncio.ensure_future(stream(client, short[0])))
-                    counted = proxy.metric(
-                        f'ppengine:proxy_requests_total{{instance="{new_id}",role="decode"}}')
-                    if counted > 0:
-                        picked_at = time.monotonic()
-                await asyncio.sleep(0.1)  # paces the new requests (a load generator's sleep)
-            extra_results = await asyncio.gather(*extra)
+                await asyncio.sleep(0.1)  # polls the proxy's registry
+            (new_id,) = new
+            # the very next request goes to the newcomer: the old decoder holds 64 streams
+            # (counted, not timed: the prefill leg before it takes seconds on a busy host)
+            extra = await stream(client, short[0])
+            assert not any(job.done() for job in running), "a stream ended early"
+            counted = proxy.metric(
+                f'ppengine:proxy_requests_total{{instance="{new_id}",role="decode"}}')
             for job in running:  # 64 clients walk away at once: everything must come back
                 job.cancel()
             await asyncio.gather(*running, return_exceptions=True)
             await client.close()
-            return extra_results, joined_at, picked_at
+            return extra, counted
 
-        extra_results, joined_at, picked_at = asyncio.run(scenario())
-        assert picked_at - joined_at < 2.0
-        assert all(result == reference[short[0]] for result in extra_results)
+        extra, counted = asyncio.run(scenario())
+        assert counted == 1, "the request after the join did not go to the new decode instance"
+        assert extra == reference[short[0]]
         c.wait_blocks_free()
 
 
