@@ -20,6 +20,8 @@ MAX_THREADS_PER_STAGE = 1024  # far more than any host's cores; torch crashes on
 _INT64_MAX = (1 << 63) - 1
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.manual_seed takes
 SCHEDULING_POLICIES = ("fcfs", "priority")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+MAX_CUDA_GRAPH_SIZE = 512  # the largest decode batch captured by default (vLLM's cap)
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,15 @@ class CacheConfig:
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
+    # On a GPU, when neither num_kv_blocks nor kv_cache_memory is set: the share of the GPU's
+    # memory the engine may use in all (weights, activations at the largest step, KV cache).
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
         _require_positive(self, "block_size")
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {u!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2 (block 0 is reserved), "
                              f"got {self.num_kv_blocks}")
@@ -92,6 +100,25 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class ExecutionConfig:
+    """How a stage runs its steps on the device (resolved from `EngineArgs`)."""
+
+    attention_backend: str = "torch"  # "torch" (any device) | "triton" (CUDA; CPU: interpreter)
+    # Decode batch sizes captured as CUDA graphs, ascending; empty: every step runs eagerly.
+    cudagraph_capture_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ("torch", "triton"):
+            raise ValueError(f"attention_backend must be 'torch' or 'triton' once resolved, "
+                             f"got {self.attention_backend!r}")
+        sizes = self.cudagraph_capture_sizes
+        if list(sizes) != sorted(set(sizes)) or any(
+                not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
+            raise ValueError(f"cudagraph_capture_sizes must be distinct ints >= 1 in ascending "
+                             f"order, got {sizes!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine core and its stages need; identical on every process."""
 
@@ -104,6 +131,7 @@ class EngineConfig:
     cache: CacheConfig
     parallel: ParallelConfig
     kv_transfer: KVTransferConfig | None = None  # a disaggregated prefill/decode instance
+    execution: ExecutionConfig = ExecutionConfig()
 
     def config_hash(self) -> str:
         """Stable digest: two processes agree on the config iff the hashes match."""
@@ -212,6 +240,10 @@ class EngineArgs:
     kv_transfer_config: KVTransferConfig | None = None  # disaggregated prefill/decode
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority": by (priority, arrival)
     fair_share: bool = True  # False: admission over sequences alone (one request may starve)
+    attention_backend: str = "auto"  # "auto" (triton on CUDA, else torch) | "torch" | "triton"
+    enforce_eager: bool = False  # True: no CUDA graphs
+    cudagraph_capture_sizes: tuple[int, ...] | None = None  # None: 1, 2, 4, 8, 16, ... (vLLM's)
+    gpu_memory_utilization: float = 0.9
 
     def resolve(self) -> EngineConfig:
         """Read the model directory and produce the validated `EngineConfig`."""
@@ -248,6 +280,7 @@ class EngineArgs:
             num_kv_blocks=self.num_kv_blocks,
             kv_cache_memory=self.kv_cache_memory,
             enable_prefix_caching=self.enable_prefix_caching,
+            gpu_memory_utilization=self.gpu_memory_utilization,
         )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
@@ -258,8 +291,34 @@ class EngineArgs:
         return EngineConfig(
             model_dir=os.path.abspath(self.model), model=model, dtype=dtype, device=self.device,
             seed=self.seed, scheduler=scheduler, cache=cache, parallel=parallel,
-            kv_transfer=self.kv_transfer_config,
+            kv_transfer=self.kv_transfer_config, execution=self._execution(scheduler),
         )
+
+    def _execution(self, scheduler: SchedulerConfig) -> ExecutionConfig:
+        """The attention backend and the CUDA graph sizes for this device."""
+        backend = self.attention_backend
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {backend!r}")
+        on_cuda = self.device.startswith("cuda")
+        if backend == "auto":
+            backend = "triton" if on_cuda else "torch"
+        if backend == "triton":
+            _check_triton(self.device)
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        sizes = self.cudagraph_capture_sizes
+        if sizes is not None:
+            sizes = _capture_sizes(sizes)
+        if not on_cuda or backend != "triton" or self.enforce_eager:
+            # graphs need CUDA, and a decode step whose shapes do not change with the context:
+            # the Triton kernel reads the block table, the torch path gathers [B, L] contexts
+            return ExecutionConfig(attention_backend=backend)
+        if sizes is None:
+            sizes = default_capture_sizes(scheduler.max_num_seqs)
+        return ExecutionConfig(attention_backend=backend,
+                               cudagraph_capture_sizes=tuple(s for s in sizes
+                                                             if s <= scheduler.max_num_seqs))
 
     def _max_model_len(self, model: ModelConfig) -> int:
         limit = model.max_position_embeddings
@@ -340,6 +399,42 @@ def _check_device(device: object) -> None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (parsed.index or 0) >= count:
             raise ValueError(f"device {device!r}: this host has {count} CUDA device(s)")
+
+
+def default_capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """vLLM's default decode batch sizes for CUDA graphs: 1, 2, 4, then every multiple of 8, up
+    to max_num_seqs (at most MAX_CUDA_GRAPH_SIZE); the largest is max_num_seqs itself when it is
+    below the cap and no multiple of 8, so every decode batch has a graph."""
+    top = min(max_num_seqs, MAX_CUDA_GRAPH_SIZE)
+    sizes = [s for s in (1, 2, 4) if s <= top] + list(range(8, top + 1, 8))
+    if sizes[-1] != top:
+        sizes.append(top)
+    return tuple(sizes)
+
+
+def _capture_sizes(sizes: object) -> tuple[int, ...]:
+    """User-given capture sizes, deduplicated and sorted; ValueError naming the field."""
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise ValueError(f"cudagraph_capture_sizes must be a list of ints >= 1, got {sizes!r}")
+    values = list(sizes)  # type: ignore[call-overload]
+    if not values or any(not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= _INT64_MAX
+                         for s in values):
+        raise ValueError(f"cudagraph_capture_sizes must be a non-empty list of ints >= 1, "
+                         f"got {sizes!r}")
+    return tuple(sorted(set(values)))
+
+
+def _check_triton(device: str) -> None:
+    """ValueError unless the Triton backend can run here: Triton installed, and on a CPU only
+    under its interpreter (TRITON_INTERPRET=1: how the tests run the kernels without a GPU)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("attention_backend='triton' needs the triton package (it comes with "
+                         "CUDA builds of torch); use attention_backend='torch'")
+    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention_backend='triton' runs on CUDA; on device {device!r} only "
+                         f"under the Triton interpreter (TRITON_INTERPRET=1, slow: for tests)")
 
 
 def lm_head_cost_in_layers(model: ModelConfig) -> float:

@@ -22,7 +22,8 @@ import torch
 from engine_core.executors.host_memory import keep_freed_memory
 from engine_core.executors.kv_memory import allocate_resident
 from engine_core.executors.sampler import Sampler, SamplingRow
-from engine_core.models import AttentionMetadata, load_model
+from engine_core.executors.step_inputs import build_step_inputs
+from engine_core.models import load_model
 from engine_core.models.linear import warm_up_linears
 
 from engine_core.config import EngineConfig
@@ -183,22 +184,28 @@ class StageWorker:
         states = [self.requests[rid] for rid, _, _ in scheduled]
         query_lens = [n for _, _, n in scheduled]
         computed = [c for _, c, _ in scheduled]
-        meta = AttentionMetadata.build(query_lens, computed, [s.block_ids for s in states],
-                                       self.config.cache.block_size, self.device)
-        input_ids = None
+        sampled_rows = [i for i, (s, c, n) in enumerate(zip(states, computed, query_lens))
+                        if c + n >= len(s.token_ids)]  # a prefill chunk short of the end: none
+        token_ids = None
         if self.is_first:
-            ids = [t for s, c, n in zip(states, computed, query_lens) for t in s.token_ids[c:c + n]]
-            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [num_tokens]
+            token_ids = [t for s, c, n in zip(states, computed, query_lens)
+                         for t in s.token_ids[c:c + n]]
         elif hidden_states is None or hidden_states.shape != (sum(query_lens),
                                                              self.config.model.hidden_size):
             # the stages disagree on the batch: a broken pipeline, not one request's fault
             shape = None if hidden_states is None else list(hidden_states.shape)
             raise ValueError(f"stage {self.stage_index} got hidden states {shape} for "
                              f"{sum(query_lens)} tokens of step {batch.step_id}")
-        hidden = self.model(input_ids, hidden_states, self.kv_caches, meta)
+        ends = list(itertools.accumulate(query_lens))
+        inputs = build_step_inputs(
+            self.config.execution.attention_backend, token_ids, query_lens, computed,
+            [s.block_ids for s in states], self.config.cache.block_size,
+            [ends[i] - 1 for i in sampled_rows] if self.is_last else [], self.device)
+        hidden = self.model(inputs.input_ids, hidden_states, self.kv_caches, inputs.attention)
         if not self.is_last:
             return hidden
-        output = self._sample(batch.step_id, scheduled, states, hidden, meta)
+        output = self._sample(batch.step_id, [scheduled[i] for i in sampled_rows],
+                              [states[i] for i in sampled_rows], hidden, inputs.logits_indices)
         output.request_ids.extend(dropped.request_ids)
         output.sampled.extend(dropped.sampled)
         return output
@@ -244,33 +251,25 @@ class StageWorker:
 
     def _sample(self, step_id: int, scheduled: list[tuple[str, int, int]],
                 states: list[_RequestState], hidden: torch.Tensor,
-                meta: AttentionMetadata) -> StepOutput:
-        """The last stage's output: a token for each scheduled request whose step reaches the
-        end of its tokens, sampled from the final hidden states."""
+                logits_indices: torch.Tensor) -> StepOutput:
+        """The last stage's output: a token for each of `scheduled` (the requests whose step
+        reaches the end of their tokens), sampled from the final hidden states at
+        `logits_indices` [len(scheduled)]."""
         sampler = self.sampler
         if sampler is None:
             raise RuntimeError(f"stage {self.stage_index} is not the last: it has no sampler")
-        rows, row_ids, last_token_index = [], [], []
-        for i, ((request_id, computed, num_new), state) in enumerate(zip(scheduled, states)):
-            if computed + num_new < len(state.token_ids):
-                continue  # a prefill chunk short of the prompt's end samples nothing
-            row_ids.append(request_id)
-            last_token_index.append(meta.query_start_loc[i + 1] - 1)
-            rows.append(SamplingRow(
-                params=state.sampling_params,
-                prompt_token_ids=state.prompt_token_ids,
-                output_token_ids=state.output_token_ids,
-                stop_ids=state.stop_ids,
-            ))
-        if not rows:
+        if not scheduled:
             return StepOutput(step_id, [], [])
-        index = torch.tensor(last_token_index, device=hidden.device)
-        logits = self.model.compute_logits(hidden[index])  # [num_rows, vocab]
+        rows = [SamplingRow(params=state.sampling_params,
+                            prompt_token_ids=state.prompt_token_ids,
+                            output_token_ids=state.output_token_ids,
+                            stop_ids=state.stop_ids) for state in states]
+        logits = self.model.compute_logits(hidden[logits_indices])  # [num_rows, vocab]
         try:
             sampled = sampler(logits, rows)
         except Exception:  # find the rows at fault; the others are sampled as usual
             sampled = [_sample_row(sampler, logits[i:i + 1], row) for i, row in enumerate(rows)]
-        return StepOutput(step_id, row_ids, sampled)
+        return StepOutput(step_id, [request_id for request_id, _, _ in scheduled], sampled)
 
 
 def _sample_row(sampler: Sampler, logits: torch.Tensor, row: SamplingRow) -> SampledToken:

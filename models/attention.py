@@ -82,6 +82,11 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return self.query_start_loc[-1]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """`paged_attention` over this step (the `AttentionBatch` interface)."""
+        return paged_attention(q, k, v, k_cache, v_cache, self, scale)
+
     @classmethod
     def build(
         cls,

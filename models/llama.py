@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from engine_core.models.attention import AttentionMetadata, paged_attention
+from engine_core.models.attention_batch import AttentionBatch
 from engine_core.models.config import ModelConfig
 from engine_core.models.linear import Linear, can_pack, linear, pack_linear_weights
 from engine_core.models.rope import RotaryEmbedding, apply_rotary
@@ -67,7 +67,7 @@ class LlamaAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache,
-        meta: AttentionMetadata,
+        meta: AttentionBatch,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
@@ -82,7 +82,7 @@ class LlamaAttention(nn.Module):
             qk = apply_rotary(qk.view(num_tokens, -1, self.head_dim), cos, sin)
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         # q: [num_tokens, H, D], k: [num_tokens, Hkv, D]
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = meta.attend(q, k, v, kv_cache[0], kv_cache[1], self.scale)
         return self.o_proj(out)  # [num_tokens, hidden]
 
 
@@ -114,7 +114,7 @@ class LlamaDecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache,
-        meta: AttentionMetadata,
+        meta: AttentionBatch,
     ) -> torch.Tensor:
         # Residual adds stay inside the layer: only `h` crosses layers and stages.
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
@@ -167,7 +167,7 @@ class LlamaModel(nn.Module):
         input_ids: torch.Tensor | None,
         hidden_states: torch.Tensor | None,
         kv_caches: list[KVCache],
-        meta: AttentionMetadata,
+        meta: AttentionBatch,
     ) -> torch.Tensor:
         """Run this stage's layers over one step's tokens.
 

@@ -108,6 +108,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
                    help="fcfs: by arrival; priority: by each request's `priority` (lower "
                         "first), then arrival (default: %(default)s)")
+    g.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="paged attention kernels: triton (CUDA), torch (any device); auto: "
+                        "triton on CUDA, else torch (default: %(default)s)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly: no CUDA graphs for decode steps")
+    g.add_argument("--cudagraph-capture-sizes", type=int_in(1), nargs="+", default=None,
+                   help="decode batch sizes to capture as CUDA graphs (default: 1 2 4 8 16 "
+                        "... up to --max-num-seqs, at most 512)")
+    g.add_argument("--gpu-memory-utilization", type=finite_float(0, 1, low_open=True),
+                   default=0.9,
+                   help="share of the GPU's memory for the engine (weights, activations, KV "
+                        "cache) when neither --num-kv-blocks nor --kv-cache-memory is given "
+                        "(default: %(default)s)")
     g.add_argument("--no-fair-share", dest="fair_share", action="store_false",
                    help="admit sequences in policy order alone, so one request with many "
                         "prompts or a large n may hold every slot while others wait")
@@ -118,8 +131,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
              "num_kv_blocks", "kv_cache_memory", "enable_prefix_caching", "seed", "device",
              "pipeline_parallel_size", "pp_layer_partition", "max_concurrent_batches",
              "threads_per_stage", "distributed_executor_backend", "ray_compiled_graph",
-             "pipelined_chunked_prefill", "scheduling_policy", "fair_share"]
-    return {name: getattr(args, name) for name in names}
+             "pipelined_chunked_prefill", "scheduling_policy", "fair_share",
+             "attention_backend", "enforce_eager", "cudagraph_capture_sizes",
+             "gpu_memory_utilization"]
+    kwargs = {name: getattr(args, name) for name in names}
+    if kwargs["cudagraph_capture_sizes"] is not None:  # a frozen config holds tuples
+        kwargs["cudagraph_capture_sizes"] = tuple(kwargs["cudagraph_capture_sizes"])
+    return kwargs
 
 
 def add_data_parallel_args(parser: argparse.ArgumentParser) -> None:
