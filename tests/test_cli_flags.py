@@ -96,6 +96,11 @@ def test_bad_numbers_are_refused_naming_the_flag(command, flag, action, capsys):
     (["serve", "-dpl", "-1"], "argument --data-parallel-size-local"),
     (["serve", "--max-request-bytes", "0"], "argument --max-request-bytes"),
     (["serve", "--dtype", "float64"], "argument --dtype: invalid choice"),
+    (["serve", "--gpu-memory-utilization", "0"], "argument --gpu-memory-utilization: must be in "
+                                                 "(0, 1]"),
+    (["serve", "--gpu-memory-utilization", "1.01"], "argument --gpu-memory-utilization"),
+    (["serve", "--cudagraph-capture-sizes", "8", "0"], "argument --cudagraph-capture-sizes"),
+    (["serve", "--attention-backend", "flash"], "argument --attention-backend: invalid choice"),
     (["generate", "x", "--temperature", "nan"], "argument --temperature"),
     (["generate", "x", "--top-p", "0"], "argument --top-p: must be in (0.0, 1.0]"),
     (["generate", "x", "--top-k", "-2"], "argument --top-k"),
@@ -134,6 +139,13 @@ def test_conflicting_values_end_in_one_line_naming_the_flag(argv, message, capsy
     code, err = _run(argv, capsys)
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_triton_backend_on_a_cpu_names_the_flag(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, err = _run(["serve", "--attention-backend", "triton"], capsys)
+    assert code == 2 and "argument --attention-backend: attention_backend='triton' runs on CUDA" \
+        in err, err
 
 
 def test_the_command_line_exits_2_without_a_traceback():
