@@ -414,9 +414,9 @@ def default_capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
 
 def _capture_sizes(sizes: object) -> tuple[int, ...]:
     """User-given capture sizes, deduplicated and sorted; ValueError naming the field."""
-    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+    if not isinstance(sizes, (list, tuple)):
         raise ValueError(f"cudagraph_capture_sizes must be a list of ints >= 1, got {sizes!r}")
-    values = list(sizes)  # type: ignore[call-overload]
+    values = list(sizes)
     if not values or any(not isinstance(s, int) or isinstance(s, bool) or not 1 <= s <= _INT64_MAX
                          for s in values):
         raise ValueError(f"cudagraph_capture_sizes must be a non-empty list of ints >= 1, "

@@ -37,6 +37,7 @@ def build_step_inputs(backend: str, token_ids: list[int] | None, query_lens: lis
     """Lay out one step of `len(query_lens)` sequences for `backend` ("torch" | "triton").
     `token_ids`: the step's new token ids in batch order (the first stage), else None."""
     max_query_len = max(query_lens)
+    attention: AttentionBatch
     if backend == "torch":
         attention = AttentionMetadata.build(query_lens, num_computed_tokens, block_tables,
                                             block_size, device)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from engine_core import LLM, SamplingParams
 from engine_core.config import EngineArgs, default_capture_sizes
-
 from tests.test_generate_parity import hf_greedy, make_prompts
 
 MAX_TOKENS = 10
