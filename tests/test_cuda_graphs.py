@@ -6,14 +6,11 @@ region again on replay, over the same buffers, so everything the runner does aro
 falling back to eager) is checked on CPU, with the Triton backend under its interpreter. That
 the captured region itself could be recorded as a graph (no `.item()`, no `nonzero`, nothing
 copied from the host) is checked by running it on `device="meta"` under a dispatch mode that
-records those. Real capture and replay are checked on a GPU when there is one.
+records those. Real capture and replay are checked on a GPU when there is one. (Without a GPU
+tests/conftest.py sets TRITON_INTERPRET=1.)
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import dataclasses
 import random
