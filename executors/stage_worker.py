@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from engine_core.executors.cuda_graphs import CudaGraphFactory, DecodeGraphRunner, GraphFactory
 from engine_core.executors.host_memory import keep_freed_memory
 from engine_core.executors.kv_memory import allocate_resident
 from engine_core.executors.sampler import Sampler, SamplingRow
@@ -51,9 +52,14 @@ class _RequestState:
 
 
 class StageWorker:
-    """Holds layers [start, end) of the model; executes steps in submission order."""
+    """Holds layers [start, end) of the model; executes steps in submission order.
 
-    def __init__(self, config: EngineConfig, stage_index: int) -> None:
+    With `config.execution.cudagraph_capture_sizes` set, on CUDA (or with any `graph_factory`,
+    which tests pass on CPU), `init_kv_cache` captures the decode steps as graphs
+    (`cuda_graphs.DecodeGraphRunner`) and `execute` replays them for the steps they serve."""
+
+    def __init__(self, config: EngineConfig, stage_index: int,
+                 graph_factory: GraphFactory | None = None) -> None:
         self.config = config
         self.stage_index = stage_index
         ranges = config.parallel.layer_ranges(config.model.num_layers)
@@ -77,6 +83,8 @@ class StageWorker:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_kv_blocks = 0
         self.requests: dict[str, _RequestState] = {}
+        self._graph_factory = graph_factory
+        self.graphs: DecodeGraphRunner | None = None  # set by init_kv_cache when graphs are on
 
     # ---- KV cache -----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -107,6 +115,22 @@ class StageWorker:
                                     self._kv_setting(num_blocks))
         self.kv_caches = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(num_layers)]
         self.num_kv_blocks = num_blocks
+        self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """Capture the decode graphs over the KV cache just allocated, if they are on."""
+        sizes = self.config.execution.cudagraph_capture_sizes
+        if not sizes or (self.device.type != "cuda" and self._graph_factory is None):
+            return
+        if self.config.execution.attention_backend != "triton":
+            raise ValueError("cudagraph_capture_sizes needs attention_backend='triton', got "
+                             f"{self.config.execution.attention_backend!r}")
+        max_model_len = self.config.scheduler.max_model_len
+        self.model.rotary.build_table(max_model_len, self.device)  # never rebuilt in a graph
+        factory = self._graph_factory or CudaGraphFactory()
+        self.graphs = DecodeGraphRunner(self.model, self.kv_caches, sizes, max_model_len,
+                                        self.config.cache.block_size, factory)
+        self.graphs.capture()
 
     def _kv_setting(self, num_blocks: int) -> str:
         """Which option sized the cache, for an error message."""
@@ -201,7 +225,13 @@ class StageWorker:
             self.config.execution.attention_backend, token_ids, query_lens, computed,
             [s.block_ids for s in states], self.config.cache.block_size,
             [ends[i] - 1 for i in sampled_rows] if self.is_last else [], self.device)
-        hidden = self.model(inputs.input_ids, hidden_states, self.kv_caches, inputs.attention)
+        if self.graphs is not None and self.graphs.graph_size(inputs) is not None:
+            hidden = self.graphs.run(inputs, hidden_states)  # a view of the graphs' output
+            if not self.is_last:
+                hidden = hidden.clone()  # the next stage may read it after our next replay
+        else:
+            hidden = self.model(inputs.input_ids, hidden_states, self.kv_caches,
+                                inputs.attention)
         if not self.is_last:
             return hidden
         output = self._sample(batch.step_id, [scheduled[i] for i in sampled_rows],

@@ -43,7 +43,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 class RotaryEmbedding:
     """Holds a float32 cos/sin table per position, built once on first use (on the device of
-    the positions) and grown when a position exceeds it.
+    the positions) and grown when a position exceeds it, unless `build_table` fixed it
+    beforehand (what a CUDA graph needs: a table built or rebuilt inside a capture would be
+    captured, or forbidden).
 
     Not an nn.Module on purpose: the table must stay float32 when the model is cast.
     """
@@ -63,6 +65,16 @@ class RotaryEmbedding:
             self.inv_freq = compute_inv_freq(head_dim, theta, scaling)  # [head_dim // 2]
         # (cos, signed sin), each [num_positions, head_dim] float32, built on first use.
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fixed = False  # set by `build_table`: `cos_sin` never rebuilds the table then
+
+    def build_table(self, num_positions: int, device: torch.device | str) -> None:
+        """Build the table for positions [0, num_positions) on `device` now, once and for all:
+        from then on `cos_sin` only reads it, and raises ValueError for positions beyond it or
+        on another device instead of rebuilding it. Call it before capturing a CUDA graph."""
+        if num_positions < 1:
+            raise ValueError(f"num_positions must be >= 1, got {num_positions}")
+        self._table = self._build(num_positions, torch.device(device))
+        self._fixed = True
 
     def _build(self, num_positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.device("cpu"):  # computed on CPU so every device gets the same table
@@ -83,6 +95,10 @@ class RotaryEmbedding:
         """
         table = self._table
         if table is None or table[0].device != positions.device or len(table[0]) < max_position:
+            if self._fixed and table is not None:
+                raise ValueError(
+                    f"max_position={max_position} on {positions.device} is outside the table "
+                    f"fixed by build_table ({len(table[0])} positions on {table[0].device})")
             size = self.max_position
             if max_position > size:  # grow geometrically beyond the configured maximum
                 size = 1 << (max_position - 1).bit_length()
