@@ -3,8 +3,9 @@ once, at its end (the sampled ids, with the logprobs packed in), and builds noth
 device straight from host data (every per-row input goes through `step_inputs.to_device`).
 
 On CPU the reads are counted: `.item()`, `bool()`, `int()` of a tensor dispatch
-`aten._local_scalar_dense` (under inference mode `aten.item` / `aten.is_nonzero`), and `nonzero`, `masked_select` and `repeat_interleave` without
-`output_size` wait for the device on CUDA; `.tolist()` does not dispatch, so it is patched.
+`aten._local_scalar_dense` (under inference mode `aten.item` / `aten.is_nonzero`), and
+`nonzero`, `masked_select` and `repeat_interleave` without `output_size` wait for the device on
+CUDA; `.tolist()` does not dispatch, so it is patched.
 Tensors built by `torch.tensor(..., device=...)` (a synchronous copy from pageable memory on
 CUDA) are counted apart. Not counted: the host's own arrays built before the step's one
 transfer (`TritonAttentionMetadata.host_arrays`), and the attention kernel (on CPU its
