@@ -15,10 +15,6 @@ checks the same (skipped without one).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend's path, on CPU tensors
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -122,6 +118,7 @@ MIXED = [GREEDY, SamplingParams(temperature=0.7, seed=3, logprobs=2), PENALTIES]
 
 @pytest.fixture(scope="module")
 def worker(checkpoint_factory) -> StageWorker:
+    """The Triton backend's path (on CPU under the interpreter, which conftest.py turns on)."""
     config = EngineArgs(model=checkpoint_factory("llama"), dtype="float32", max_model_len=64,
                         num_kv_blocks=32, attention_backend="triton").resolve()
     stage = StageWorker(config, 0)
