@@ -2,13 +2,16 @@
 
 With one stage this is the plain single-process engine. With several it executes the same layer
 split as the Ray executor, synchronously, which makes pipeline-split correctness cheap to test.
+All stages run on `config.device`; on a GPU they share one gpu_memory_utilization budget.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future
 
-from engine_core.executors.stage_worker import StageWorker
+import torch
+from engine_core.executors.gpu_memory import StartupMemory, sized_by_gpu_budget
+from engine_core.executors.stage_worker import StageWorker, kv_blocks_that_fit
 
 from engine_core.config import EngineConfig
 from engine_core.executor import Executor, KVStage
@@ -18,8 +21,11 @@ from engine_core.messages import StepBatch, StepOutput
 class InProcessExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         num_stages = config.parallel.pipeline_parallel_size
+        # every stage is on config.device: on a GPU they share its gpu_memory_utilization
+        start = (StartupMemory.take(torch.device(config.device))
+                 if sized_by_gpu_budget(config) else None)
         self.stages = [StageWorker(config, i) for i in range(num_stages)]
-        self.num_kv_blocks = min(stage.num_kv_blocks_that_fit() for stage in self.stages)
+        self.num_kv_blocks = kv_blocks_that_fit(self.stages, start)
         for stage in self.stages:
             stage.init_kv_cache(self.num_kv_blocks)
 

@@ -6,6 +6,9 @@
 - `ray_compiled_graph=True`: the same chain compiled once into a Ray Compiled Graph (shared-memory
   channels, lower latency; its idle actors busy-poll, so it suits many-core or GPU nodes).
 
+On CUDA each stage actor holds one GPU of its own (`num_gpus=1` in its placement-group bundle)
+and sizes its KV cache by gpu_memory_utilization on it; the engine takes the least block count.
+
 Only the last stage returns to the driver: the sampled tokens as msgspec bytes. What crosses Ray is
 msgspec bytes (the config, every `StepBatch`, every `StepOutput`) and hidden states as numpy arrays;
 no object of ours is pickled.
@@ -49,15 +52,20 @@ class StageActor:
     """Ray actor body around a `StageWorker`. Inputs and outputs are bytes and numpy arrays."""
 
     def __init__(self, config_bytes: bytes, stage_index: int) -> None:
+        from engine_core.executors.gpu_memory import StartupMemory, sized_by_gpu_budget
         from engine_core.executors.stage_worker import StageWorker
 
         config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
+        # on a GPU (the one Ray gave this actor), its memory before the weights are loaded
+        self._memory_at_start = (StartupMemory.take(torch.device(config.device))
+                                 if sized_by_gpu_budget(config) else None)
         self.worker = StageWorker(config, stage_index)
         self._batch_decoder = msgspec.msgpack.Decoder(StepBatch)
         self._encoder = msgspec.msgpack.Encoder()
 
     def num_kv_blocks_that_fit(self) -> int:
-        return self.worker.num_kv_blocks_that_fit()
+        """On a GPU sized by gpu_memory_utilization: this stage's share of its own GPU."""
+        return self.worker.num_kv_blocks_that_fit(self._memory_at_start)
 
     def init_kv_cache(self, num_blocks: int) -> bool:
         self.worker.init_kv_cache(num_blocks)
@@ -213,20 +221,37 @@ class RayExecutor(Executor):
         self._encoder = msgspec.msgpack.Encoder()
         self._dag = None
         self._closed = False
-        self.pg = placement_group([{"CPU": self.threads_per_stage}] * num_stages, strategy="PACK")
+        # on CUDA every stage actor gets a GPU of its own (Ray sets its CUDA_VISIBLE_DEVICES,
+        # so the actor's "cuda" is that GPU) and sizes its KV cache there
+        on_cuda = torch.device(config.device).type == "cuda"
+        num_gpus = 1 if on_cuda else 0
+        if on_cuda and int(ray.cluster_resources().get("GPU", 0)) < num_stages:
+            if self._started_ray:
+                ray.shutdown()
+            raise ValueError(
+                f"pipeline_parallel_size={num_stages} on CUDA with the Ray executor needs "
+                f"{num_stages} GPUs (one per stage), but the Ray cluster has "
+                f"{int(ray.cluster_resources().get('GPU', 0))}; lower pipeline_parallel_size or "
+                f"use distributed_executor_backend='inprocess' (the stages then share one GPU)")
+        bundle = {"CPU": self.threads_per_stage, **({"GPU": num_gpus} if on_cuda else {})}
+        self.pg = placement_group([bundle] * num_stages, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=60)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
+            gpus = " and 1 GPU" if on_cuda else ""
             raise ValueError(
                 f"the Ray cluster cannot reserve {num_stages} stages x {self.threads_per_stage} "
-                f"CPUs; lower threads_per_stage or pipeline_parallel_size") from None
+                f"CPUs{gpus}; lower threads_per_stage or pipeline_parallel_size") from None
         actor_cls = ray.remote(StageActor)
         parallel = dataclasses.replace(config.parallel, threads_per_stage=self.threads_per_stage)
-        config_bytes = self._encoder.encode(dataclasses.replace(config, parallel=parallel))
+        device = "cuda" if on_cuda else config.device  # an actor sees its own GPU alone
+        config_bytes = self._encoder.encode(dataclasses.replace(config, parallel=parallel,
+                                                                device=device))
         self.stages: list[StageHandle] = [
             cast(StageHandle, actor_cls.options(
                 num_cpus=self.threads_per_stage,
+                num_gpus=num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=i),
             ).remote(config_bytes, i))

@@ -21,16 +21,25 @@ Invariants, whatever the logits and parameters (NaN, infinities, denormal or hug
 - logprobs are finite: -inf and NaN become -9999.0, vLLM's floor (JSON has no infinities).
 
 Each step is skipped when no row needs it and the work is vectorised over rows; the only
-per-row Python is building small index lists and re-seeding the generator of seeded rows.
+per-row Python is building the host arrays below and re-seeding the generator of seeded rows.
+
+Host traffic, so that a step never waits on the device before its end: every per-row input
+(parameters, row indices, stop ids, token-count keys) is built on the host as one int64 and
+one float32 array and moved with one pinned, non-blocking copy each (`step_inputs.to_device`);
+the result comes back in ONE device-to-host read: the sampled ids (-1 for a row that needs a
+second look) and, when asked for, the logprobs, packed in one tensor. Only a row whose plain
+argmax is not valid (a NaN in its logits, or no logit above -inf) costs more reads, after that
+one: its NaN-ignoring argmax, and its logprobs again.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from engine_core.executors.step_inputs import to_device
 
 from engine_core.messages import SampledToken, TokenLogprobs
 from engine_core.sampling_params import SamplingParams
@@ -50,6 +59,7 @@ _MASK_64 = (1 << 64) - 1
 _FLOAT32 = torch.finfo(torch.float32)
 LOGPROB_FLOOR = -9999.0  # what -inf and NaN logprobs become (vLLM's value; JSON has no -inf)
 _NO_FINITE_LOGIT = "sampling failed: the model's logits for this row are NaN or -inf everywhere"
+_NEG_INF = float("-inf")
 
 
 @dataclass(slots=True)
@@ -72,6 +82,37 @@ class SamplingRow:
         return (
             p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
         )
+
+
+@dataclass
+class _HostArrays:
+    """A step's per-row sampling inputs, built on the host: moved to the device with one copy
+    for the int64 arrays and one for the float32 ones (`step_inputs.to_device`)."""
+
+    ints: dict[str, torch.Tensor] = field(default_factory=dict)
+    floats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add_ints(self, name: str, values: Sequence[int] | torch.Tensor) -> None:
+        self.ints[name] = torch.as_tensor(values, dtype=torch.int64)
+
+    def add_floats(self, name: str, values: Sequence[float]) -> None:
+        # float32, as the parameters have always been: values past its range become its limits
+        # (or inf, clamped where that matters)
+        self.floats[name] = torch.tensor(values, dtype=torch.float32)
+
+    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {**to_device(self.ints, device), **to_device(self.floats, device)}
+
+
+@dataclass(frozen=True)
+class _RandomFilters:
+    """What the host knows about the random rows' filters (so the device is never asked)."""
+
+    min_p: bool
+    top_k: bool
+    top_p: bool
+    max_top_k: int  # the largest k among the rows (vocab for rows without top-k)
+    partly_seeded: bool  # some rows seeded, some not: "unseeded_rows" indexes the latter
 
 
 class Sampler:
@@ -99,94 +140,148 @@ class Sampler:
             raise ValueError(f"logits must be [{len(rows)}, vocab], got {list(logits.shape)}")
         if not rows:
             return []
+        num_rows, vocab = logits.shape
+        device = logits.device
         masked = [i for i, row in enumerate(rows) if row.masks_stop_ids]
-        penalised = any(row.has_penalties for row in rows)
-        greedy = [row.params.greedy for row in rows]
-        wants_logprobs = any(row.params.logprobs is not None for row in rows)
+        penalised = [i for i, row in enumerate(rows) if row.has_penalties]
+        random_idx = [i for i, row in enumerate(rows) if not row.params.greedy]
+        logprob_idx = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        max_k = min(max((rows[i].params.logprobs or 0 for i in logprob_idx), default=0), vocab)
 
-        if all(greedy) and not (masked or penalised or wants_logprobs):
-            token_ids, ok = _argmax_finite(logits)
-            return _sampled(token_ids, ok, [None] * len(rows))
-
-        # Steps 2-3 edit in place, so they get their own copy of the logits.
-        work = logits.to(torch.float32, copy=bool(masked) or penalised)  # [num_rows, vocab]
+        # Every per-row input, on the host, then on the device in (at most) two copies.
+        host = _HostArrays()
         if masked:
-            _mask_stop_ids(work, rows, masked)
+            host.add_ints("stop_rows", [i for i in masked for _ in rows[i].stop_ids])
+            host.add_ints("stop_tokens", [t for i in masked for t in rows[i].stop_ids])
         if penalised:
-            apply_penalties(work, rows)
+            _penalty_arrays(host, penalised, rows, vocab)
+        random_rows = [rows[i] for i in random_idx]
+        filters = _random_arrays(host, random_rows, vocab) if random_idx else None
+        if random_idx and len(random_idx) < num_rows:
+            host.add_ints("random_rows", random_idx)
+        if logprob_idx:
+            host.add_ints("logprob_rows", logprob_idx)
+        t = host.to(device)
 
-        device = work.device
-        if all(greedy):
-            token_ids, ok = _argmax_finite(work)  # [num_rows] each
-        elif not any(greedy):
-            token_ids, ok = self._sample_random(work, rows)
+        if not (masked or penalised or random_idx):  # all greedy, nothing to edit: no copy
+            work = logits
+            token_ids, ok = _argmax(logits)  # [num_rows] each
         else:
-            greedy_idx = [i for i, g in enumerate(greedy) if g]
-            random_idx = [i for i, g in enumerate(greedy) if not g]
-            greedy_t = torch.tensor(greedy_idx, device=device)
-            random_t = torch.tensor(random_idx, device=device)
-            token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
-            ok = torch.empty(len(rows), dtype=torch.bool, device=device)
-            token_ids[greedy_t], ok[greedy_t] = _argmax_finite(work[greedy_t])
-            token_ids[random_t], ok[random_t] = self._sample_random(
-                work[random_t], [rows[i] for i in random_idx])
+            # Steps 2-3 edit in place, so they get their own copy of the logits.
+            work = logits.to(torch.float32, copy=bool(masked or penalised))  # [num_rows, vocab]
+            if masked:
+                work.index_put_((t["stop_rows"], t["stop_tokens"]),
+                                torch.full((), _NEG_INF, device=device))
+            if penalised:
+                _apply_penalties(work, t, any(rows[i].params.repetition_penalty != 1.0
+                                              for i in penalised))
+            if not random_idx:
+                token_ids, ok = _argmax(work)
+            elif len(random_idx) == num_rows:
+                assert filters is not None
+                token_ids, ok = self._sample_random(work, random_rows, t, filters)
+            else:
+                assert filters is not None
+                token_ids, ok = _argmax(work)  # every row; the random ones are replaced
+                random_t = t["random_rows"]
+                drawn, drawn_ok = self._sample_random(work.index_select(0, random_t),
+                                                      random_rows, t, filters)
+                token_ids.index_copy_(0, random_t, drawn)
+                ok.index_copy_(0, random_t, drawn_ok)
 
-        logprobs = _logprobs(logits, token_ids, rows) if wants_logprobs else [None] * len(rows)
-        return _sampled(token_ids, ok, logprobs)
+        # The one device-to-host read: ids (-1: look again) and the logprobs asked for.
+        packed = torch.where(ok, token_ids, -1)  # [num_rows]
+        if logprob_idx:
+            index = t["logprob_rows"]
+            logprob_tensors = _logprob_tensors(logits.index_select(0, index),
+                                               token_ids.index_select(0, index), max_k)
+            packed = torch.cat([packed.double(), *(x.reshape(-1).double()
+                                                  for x in logprob_tensors)])
+        values = _read(packed)
+        ids = [int(x) for x in values[:num_rows]]
+        logprobs: dict[int, TokenLogprobs] = {}
+        if logprob_idx:
+            logprobs = _unpack_logprobs(values[num_rows:], logprob_idx, ids, rows, max_k)
 
-    def _sample_random(self, logits: torch.Tensor,
-                       rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw one token per row from logits [num_rows, vocab] (float32, not modified).
-        Returns (token ids [num_rows], ok [num_rows] bool); a row whose distribution is not
-        finite takes its argmax instead, and is not ok only if it has no logit above -inf."""
-        device, vocab = logits.device, logits.shape[1]
-        params = [row.params for row in rows]
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        temperature.clamp_(max=_FLOAT32.max)  # 1e308 is inf in float32, and -inf / inf NaN
+        bad = [i for i, token_id in enumerate(ids) if token_id < 0]
+        if bad:  # rare: NaN in the row, or nothing above -inf
+            self._repair(bad, ids, logprobs, logits, work, rows, max_k)
+        return [SampledToken(token_id, logprobs.get(i)) if token_id >= 0
+                else SampledToken(-1, error=_NO_FINITE_LOGIT)
+                for i, token_id in enumerate(ids)]
+
+    def _repair(self, bad: list[int], ids: list[int], logprobs: dict[int, TokenLogprobs],
+                logits: torch.Tensor, work: torch.Tensor, rows: list[SamplingRow],
+                max_k: int) -> None:
+        """Rows `bad` had no valid plain argmax (over `work`, the logits after steps 2-3, or as
+        the fallback of a draw that failed): give them their argmax with NaN ignored, in
+        `ids` (still -1 if nothing is above -inf), and their logprobs again. Reads the device
+        once or twice more."""
+        device = logits.device
+        bad_t = torch.tensor(bad, dtype=torch.int64).to(device)
+        fixed = _read(_argmax_ignoring_nan(work.index_select(0, bad_t)))
+        for i, token_id in zip(bad, fixed):
+            ids[i] = int(token_id)
+        again = [i for i in bad if ids[i] >= 0 and rows[i].params.logprobs is not None]
+        if not again:
+            return
+        again_t = torch.tensor(again, dtype=torch.int64).to(device)
+        again_ids = torch.tensor([ids[i] for i in again], dtype=torch.int64).to(device)
+        tensors = _logprob_tensors(logits.index_select(0, again_t), again_ids, max_k)
+        values = _read(torch.cat([x.reshape(-1).double() for x in tensors]))
+        logprobs.update(_unpack_logprobs(values, again, ids, rows, max_k))
+
+    def _sample_random(self, logits: torch.Tensor, rows: list[SamplingRow],
+                       t: dict[str, torch.Tensor],
+                       filters: _RandomFilters) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one token per row from logits [num_rows, vocab] (float32, not modified); `t`
+        holds the rows' parameters on the device (see `_random_arrays`). Returns (token ids
+        [num_rows], ok [num_rows] bool): a row whose distribution is not finite takes its plain
+        argmax instead, and is not ok if that is not valid either (a NaN, or nothing above
+        -inf: the caller looks again)."""
+        vocab = logits.shape[1]
+        temperature = t["temperature"].clamp(max=_FLOAT32.max)  # 1e308 is inf in float32
         penalised = logits
         logits = logits / temperature.unsqueeze(1)  # [num_rows, vocab], a fresh tensor
 
-        if any(p.min_p > 0 for p in params):
-            apply_min_p(logits, torch.tensor([p.min_p for p in params], device=device))
-        use_top_k = any(0 < p.top_k < vocab for p in params)
-        use_top_p = any(p.top_p < 1 for p in params)
-        if use_top_k or use_top_p:
-            top_k = top_p = None
-            if use_top_k:
-                k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-                top_k = torch.tensor(k, device=device)
-            if use_top_p:
-                top_p = torch.tensor([p.top_p for p in params], device=device)
-            apply_top_k_top_p(logits, top_k, top_p)
+        if filters.min_p:
+            apply_min_p(logits, t["min_p"])
+        if filters.top_k or filters.top_p:
+            apply_top_k_top_p(logits, t["top_k"] if filters.top_k else None,
+                              t["top_p"] if filters.top_p else None, filters.max_top_k)
 
         # Inverse CDF: one uniform per row instead of a noise value per vocabulary entry (the
         # exponential race costs 15x more here: [64, 32000] noise vs 64 numbers).
         cdf = logits.softmax(dim=-1).to(torch.float64).cumsum_(dim=-1)  # [num_rows, vocab]
         total = cdf[:, -1:]  # [num_rows, 1], 1 up to rounding
-        u = self._uniforms(rows, device).unsqueeze(1) * total  # [num_rows, 1] in [0, total)
+        uniforms = self._uniforms(rows, logits.device,
+                                  t["unseeded_rows"] if filters.partly_seeded else None)
+        u = uniforms.unsqueeze(1) * total  # [num_rows, 1] in [0, total)
         u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
         # right=True: the first token whose cumulative probability exceeds u, so a token of
         # probability 0 (an empty interval) is never drawn
-        token_ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=vocab - 1)
+        drawn_ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=vocab - 1)
         drawn = torch.isfinite(total).squeeze(1) & (total.squeeze(1) > 0)  # [num_rows]
-        ok = torch.ones_like(drawn)
-        if not bool(drawn.all()):  # NaN or overflow somewhere in the row: take its argmax
-            failed = (~drawn).nonzero().squeeze(1)
-            token_ids[failed], ok[failed] = _argmax_finite(penalised[failed])
-        return token_ids, ok  # [num_rows] each
+        # NaN or overflow somewhere in the row: its argmax, chosen on the device
+        fallback_ids, fallback_ok = _argmax(penalised)
+        return torch.where(drawn, drawn_ids, fallback_ids), drawn | fallback_ok
 
-    def _uniforms(self, rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+    def _uniforms(self, rows: list[SamplingRow], device: torch.device,
+                  unseeded_t: torch.Tensor | None) -> torch.Tensor:
         """Uniform [0, 1) float64, one per row: a seeded row's from its own seed and output
-        position, the others from the sampler's generator. Returns [num_rows]."""
+        position, the others from the sampler's generator. `unseeded_t`: the unseeded rows'
+        indices on the device when some rows are seeded and some not. Returns [num_rows]."""
         seeds = [row.params.seed for row in rows]
-        unseeded = [i for i, seed in enumerate(seeds) if seed is None]
+        num_unseeded = sum(seed is None for seed in seeds)
         uniforms = torch.empty(len(rows), dtype=torch.float64, device=device)
-        if len(unseeded) == len(rows):
+        if num_unseeded == len(rows):
             return uniforms.uniform_(generator=self._generator(device))
-        if unseeded:
-            drawn = torch.empty(len(unseeded), dtype=torch.float64, device=device)
+        if num_unseeded:
+            if unseeded_t is None:
+                raise ValueError("the unseeded rows' indices are missing")
+            drawn = torch.empty(num_unseeded, dtype=torch.float64, device=device)
             drawn.uniform_(generator=self._generator(device))
-            uniforms[torch.tensor(unseeded, device=device)] = drawn
+            uniforms.index_copy_(0, unseeded_t, drawn)
         row_generator = self._row_generator(device)
         for i, (seed, row) in enumerate(zip(seeds, rows)):
             if seed is not None:
@@ -209,6 +304,47 @@ class Sampler:
         return generator
 
 
+def _random_arrays(host: _HostArrays, rows: Sequence[SamplingRow], vocab: int) -> _RandomFilters:
+    """Add the random rows' parameters to `host`: "temperature", and where a row uses them
+    "min_p", "top_k", "top_p" and "unseeded_rows" (indices among these rows)."""
+    params = [row.params for row in rows]
+    host.add_floats("temperature", [p.temperature for p in params])
+    use_min_p = any(p.min_p > 0 for p in params)
+    if use_min_p:
+        host.add_floats("min_p", [p.min_p for p in params])
+    use_top_k = any(0 < p.top_k < vocab for p in params)
+    k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if use_top_k:
+        host.add_ints("top_k", k)
+    use_top_p = any(p.top_p < 1 for p in params)
+    if use_top_p:
+        host.add_floats("top_p", [p.top_p for p in params])
+    unseeded = [i for i, p in enumerate(params) if p.seed is None]
+    partly_seeded = 0 < len(unseeded) < len(params)
+    if partly_seeded:
+        host.add_ints("unseeded_rows", unseeded)
+    return _RandomFilters(min_p=use_min_p, top_k=use_top_k, top_p=use_top_p,
+                          max_top_k=max(k), partly_seeded=partly_seeded)
+
+
+def _penalty_arrays(host: _HostArrays, idx: list[int], rows: Sequence[SamplingRow],
+                    vocab: int) -> None:
+    """Add to `host` what `_apply_penalties` needs for rows `idx` (those with penalties):
+    "penalty_rows", the three penalties, and the token-count keys of their outputs and (for
+    the repetition penalty) prompts."""
+    penalised = [rows[i] for i in idx]
+    host.add_ints("penalty_rows", idx)
+    repetition = [row.params.repetition_penalty for row in penalised]
+    host.add_floats("repetition", repetition)
+    host.add_floats("frequency", [row.params.frequency_penalty for row in penalised])
+    host.add_floats("presence", [row.params.presence_penalty for row in penalised])
+    host.add_ints("output_keys", _count_keys([row.output_token_ids for row in penalised], vocab))
+    if any(r != 1.0 for r in repetition):
+        # Prompt tokens matter to the repetition penalty only.
+        prompts = [row.prompt_token_ids if r != 1 else () for row, r in zip(penalised, repetition)]
+        host.add_ints("prompt_keys", _count_keys(prompts, vocab))
+
+
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Apply each row's repetition, frequency and presence penalties to `logits` in place.
 
@@ -220,30 +356,33 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     idx = [i for i, row in enumerate(rows) if row.has_penalties]
     if not idx:
         return logits
-    device, vocab = logits.device, logits.shape[1]
-    penalised = [rows[i] for i in idx]
-    idx_t = torch.tensor(idx, device=device)
-    sub = logits[idx_t]  # [num_penalised, vocab]
+    host = _HostArrays()
+    _penalty_arrays(host, idx, rows, logits.shape[1])
+    repetition = any(rows[i].params.repetition_penalty != 1.0 for i in idx)
+    return _apply_penalties(logits, host.to(logits.device), repetition)
 
-    output_counts = _token_counts([row.output_token_ids for row in penalised], vocab, device)
+
+def _apply_penalties(logits: torch.Tensor, t: dict[str, torch.Tensor],
+                     repetition: bool) -> torch.Tensor:
+    """`apply_penalties` with its inputs on the device (`_penalty_arrays`); `repetition`: some
+    row has a repetition penalty. Returns `logits`, edited in place."""
+    vocab = logits.shape[1]
+    idx_t = t["penalty_rows"]
+    num_penalised = idx_t.shape[0]
+    sub = logits.index_select(0, idx_t)  # [num_penalised, vocab]
+
+    output_counts = _token_counts(t["output_keys"], num_penalised, vocab)
     output_seen = output_counts > 0  # [num_penalised, vocab]
-
-    repetition = [row.params.repetition_penalty for row in penalised]
-    if any(r != 1.0 for r in repetition):
-        # Prompt tokens matter to the repetition penalty only.
-        prompts = [row.prompt_token_ids if r != 1 else () for row, r in zip(penalised, repetition)]
-        seen = output_seen | (_token_counts(prompts, vocab, device) > 0)
-        penalty = torch.tensor(repetition, device=device).unsqueeze(1)  # [num_penalised, 1]
-        penalty.clamp_(_FLOAT32.tiny, _FLOAT32.max)  # float32 0 would divide, inf * 0 be NaN
+    if repetition:
+        seen = output_seen | (_token_counts(t["prompt_keys"], num_penalised, vocab) > 0)
+        # float32 0 would divide, inf * 0 be NaN
+        penalty = t["repetition"].clamp(_FLOAT32.tiny, _FLOAT32.max).unsqueeze(1)  # [P, 1]
         penalty = torch.where(seen, penalty, 1.0)  # [num_penalised, vocab]
         sub = torch.where(sub > 0, sub / penalty, sub * penalty)
 
-    frequency = torch.tensor([row.params.frequency_penalty for row in penalised], device=device)
-    presence = torch.tensor([row.params.presence_penalty for row in penalised], device=device)
-    sub -= frequency.unsqueeze(1) * output_counts
-    sub -= presence.unsqueeze(1) * output_seen
-    logits[idx_t] = sub
-    return logits
+    sub -= t["frequency"].unsqueeze(1) * output_counts
+    sub -= t["presence"].unsqueeze(1) * output_seen
+    return logits.index_copy_(0, idx_t, sub)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -253,11 +392,12 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """
     probs = logits.softmax(dim=-1)  # [num_rows, vocab]
     threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)  # [num_rows, 1]
-    return logits.masked_fill_(probs < threshold, float("-inf"))
+    return logits.masked_fill_(probs < threshold, _NEG_INF)
 
 
 def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+    max_top_k: int | None = None,
 ) -> torch.Tensor:
     """Mask, in place, tokens outside each row's top-k, then outside its top-p nucleus.
 
@@ -265,126 +405,110 @@ def apply_top_k_top_p(
     tied with the k-th logit are kept. top_p: [num_rows] floats in (0, 1] (1: off); keeps the
     smallest set of most likely tokens whose probability, renormalised after top-k, sums to at
     least top_p, and always the top token. Either may be None (off for every row).
+    `max_top_k`: the largest of top_k if the caller knows it (else it is read from the device).
     """
-    neg_inf = float("-inf")
     if top_p is None:
         if top_k is None:
             return logits
         # Top-k alone needs only the k-th largest logit of each row, not a full sort.
-        top_values = logits.topk(int(top_k.max()), dim=-1).values  # [num_rows, max_k]
+        largest_k = int(top_k.max()) if max_top_k is None else max_top_k
+        top_values = logits.topk(largest_k, dim=-1).values  # [num_rows, max_k]
         kth = top_values.gather(1, (top_k - 1).unsqueeze(1))  # [num_rows, 1]
-        return logits.masked_fill_(logits < kth, neg_inf)
+        return logits.masked_fill_(logits < kth, _NEG_INF)
 
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)  # [num_rows, vocab]
     if top_k is not None:
         kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))  # [num_rows, 1]
-        sorted_logits.masked_fill_(sorted_logits < kth, neg_inf)
+        sorted_logits.masked_fill_(sorted_logits < kth, _NEG_INF)
     probs = sorted_logits.softmax(dim=-1)  # [num_rows, vocab]
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
     # Rows with top_p = 1 keep everything, whatever rounding does to the cumulative sum.
     top_p = torch.where(top_p >= 1, float("inf"), top_p).unsqueeze(1)  # [num_rows, 1]
     outside = mass_before >= top_p  # [num_rows, vocab]
     outside[:, 0] = False  # the top token, even if top_p is 0 in float32 (a denormal)
-    sorted_logits.masked_fill_(outside, neg_inf)
+    sorted_logits.masked_fill_(outside, _NEG_INF)
     return logits.scatter_(1, sorted_idx, sorted_logits)
 
 
-def _mask_stop_ids(logits: torch.Tensor, rows: Sequence[SamplingRow], masked: list[int]) -> None:
-    """Set logits[i, stop_ids of row i] to -inf for each row index i in `masked`, in place."""
-    device = logits.device
-    row_idx = torch.tensor([i for i in masked for _ in rows[i].stop_ids], device=device)
-    token_idx = torch.tensor([t for i in masked for t in rows[i].stop_ids], device=device)
-    logits[row_idx, token_idx] = float("-inf")
+def _count_keys(sequences: Sequence[Sequence[int]], vocab: int) -> torch.Tensor:
+    """The host side of `_token_counts`: one `row * (vocab + 1) + token` key per token of each
+    sequence, [total_tokens] int64 on the CPU. Ids >= vocab (no logit to penalise) map to a
+    spare column."""
+    lengths = [len(s) for s in sequences]
+    tokens = torch.tensor(list(itertools.chain.from_iterable(sequences)),
+                          dtype=torch.int64)  # [total_tokens]
+    rows = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor(lengths),
+                                   output_size=sum(lengths))  # [total_tokens]
+    return rows * (vocab + 1) + tokens.clamp_(max=vocab)
 
 
-def _token_counts(
-    sequences: Sequence[Sequence[int]], vocab: int, device: torch.device
-) -> torch.Tensor:
-    """How often each token id occurs in each sequence: [num_sequences, vocab] float32.
-
-    The sequences are flattened into one tensor of `row * (vocab + 1) + token` keys and counted
-    with one scatter_add: no padding, one host-to-device copy, no device sync. Ids >= vocab (no
-    logit to penalise) land in a spare column that is dropped.
-    """
-    num_seqs, lengths = len(sequences), [len(s) for s in sequences]
-    tokens = torch.tensor(
-        list(itertools.chain.from_iterable(sequences)), dtype=torch.long, device=device
-    )  # [total_tokens]
-    rows = torch.repeat_interleave(
-        torch.arange(num_seqs, device=device),
-        torch.tensor(lengths, device=device),
-        output_size=sum(lengths),
-    )  # [total_tokens]
-    keys = rows * (vocab + 1) + tokens.clamp_(max=vocab)  # [total_tokens]
-    counts = torch.zeros(num_seqs * (vocab + 1), device=device)
+def _token_counts(keys: torch.Tensor, num_seqs: int, vocab: int) -> torch.Tensor:
+    """How often each token id occurs in each sequence, from `_count_keys`' keys on the device:
+    [num_seqs, vocab] float32, counted with one scatter_add (no padding, no device sync)."""
+    counts = torch.zeros(num_seqs * (vocab + 1), device=keys.device)
     counts.scatter_add_(0, keys, torch.ones_like(keys, dtype=counts.dtype))
     return counts.view(num_seqs, vocab + 1)[:, :vocab]
 
 
-def _logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
-) -> list[TokenLogprobs | None]:
-    """Logprobs of the sampled tokens and of each row's top-k, from the raw logits.
-
-    logits: [num_rows, vocab], unmodified; token_ids: [num_rows], the sampled tokens. A row gets
-    None unless params.logprobs is set; k = params.logprobs.
-    """
-    idx = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
-    idx_t = torch.tensor(idx, device=logits.device)
-    logprobs = logits[idx_t].float().log_softmax(dim=-1)  # [num_logprob_rows, vocab]
-    sampled = token_ids[idx_t].unsqueeze(1)  # [num_logprob_rows, 1]
+def _logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor,
+                     max_k: int) -> list[torch.Tensor]:
+    """Logprobs of the sampled tokens and of each row's top `max_k`, from the raw logits
+    [num_logprob_rows, vocab] (not modified) and the sampled ids [num_logprob_rows]. Returns
+    on the device: sampled logprob [n], its rank [n], top ids [n, max_k], top logprobs
+    [n, max_k]; every logprob finite (see `_unpack_logprobs` for the layout read back)."""
+    logprobs = logits.float().log_softmax(dim=-1)  # [num_logprob_rows, vocab]
+    sampled = token_ids.unsqueeze(1)  # [num_logprob_rows, 1]
     sampled_logprob = logprobs.gather(1, sampled)  # [num_logprob_rows, 1]
     sampled_rank = (logprobs > sampled_logprob).sum(dim=-1) + 1  # [num_logprob_rows]
-
-    # A model with fewer tokens than asked for returns them all.
-    max_k = min(max(rows[i].params.logprobs or 0 for i in idx), logprobs.shape[1])
     top_logprobs, top_ids = logprobs.topk(max_k, dim=-1)  # [num_logprob_rows, max_k]
-
     # Finite values only: a -inf logit (or a NaN row) would be -inf (NaN) here.
     for values in (sampled_logprob, top_logprobs):
         values.nan_to_num_(nan=LOGPROB_FLOOR, posinf=0.0, neginf=LOGPROB_FLOOR)
         values.clamp_(min=LOGPROB_FLOOR)
-    # One device-to-host transfer per tensor, then plain lists.
-    out: list[TokenLogprobs | None] = [None] * len(rows)
-    columns = zip(
-        idx,
-        sampled.squeeze(1).tolist(),
-        sampled_logprob.squeeze(1).tolist(),
-        sampled_rank.tolist(),
-        top_ids.tolist(),
-        top_logprobs.tolist(),
-    )
-    for i, token_id, logprob, rank, ids, values in columns:
+    return [sampled_logprob.squeeze(1), sampled_rank, top_ids, top_logprobs]
+
+
+def _unpack_logprobs(values: list, idx: list[int], ids: list[int], rows: Sequence[SamplingRow],
+                     max_k: int) -> dict[int, TokenLogprobs]:
+    """`_logprob_tensors` of rows `idx`, read back flat (sampled logprobs, ranks, top ids, top
+    logprobs), as row index -> TokenLogprobs; `ids[i]`: row i's sampled id. A model with fewer
+    tokens than asked for returns them all; k = params.logprobs."""
+    n = len(idx)
+    sampled_logprob = values[:n]
+    ranks = values[n:2 * n]
+    top_ids = values[2 * n:2 * n + n * max_k]
+    top_logprobs = values[2 * n + n * max_k:2 * n + 2 * n * max_k]
+    out = {}
+    for j, i in enumerate(idx):
         k = min(rows[i].params.logprobs or 0, max_k)
+        top = top_ids[j * max_k:j * max_k + k]
         out[i] = TokenLogprobs(
-            token_ids=[token_id, *ids[:k]],
-            logprobs=[logprob, *values[:k]],
-            ranks=[rank, *range(1, k + 1)],
+            token_ids=[ids[i], *(int(x) for x in top)],
+            logprobs=[float(sampled_logprob[j]), *(float(x) for x in
+                                                   top_logprobs[j * max_k:j * max_k + k])],
+            ranks=[int(ranks[j]), *range(1, k + 1)],
         )
     return out
 
 
-def _argmax_finite(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's argmax with NaN ignored (+inf wins). logits: [num_rows, vocab].
-
-    Returns (token ids [num_rows], ok [num_rows] bool); ok is False for a row with no logit
-    above -inf, whose id is then 0 (in range, but nothing to pick: the caller fails it)."""
+def _argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax, on the device. logits: [num_rows, vocab]. Returns (token ids
+    [num_rows], ok [num_rows] bool); ok is False for a row with a NaN (its max is NaN) or no
+    logit above -inf, whose id the caller must not take (`_argmax_ignoring_nan`)."""
     values, token_ids = logits.max(dim=-1)  # a NaN anywhere in a row makes its max NaN
-    ok = values > float("-inf")  # False for NaN and for a row of -inf
-    if not bool(ok.all()):
-        bad = (~ok).nonzero().squeeze(1)
-        bad_rows = logits[bad]  # [num_bad, vocab], a copy
-        bad_values, bad_ids = bad_rows.masked_fill_(bad_rows.isnan(), float("-inf")).max(dim=-1)
-        token_ids[bad] = torch.where(bad_values > float("-inf"), bad_ids, 0)
-        ok[bad] = bad_values > float("-inf")
-    return token_ids, ok
+    return token_ids, values > _NEG_INF
 
 
-def _sampled(token_ids: torch.Tensor, ok: torch.Tensor,
-             logprobs: Sequence[TokenLogprobs | None]) -> list[SampledToken]:
-    """One SampledToken per row; a row that is not ok carries an error, for its request alone."""
-    return [SampledToken(t, lp) if good else SampledToken(-1, error=_NO_FINITE_LOGIT)
-            for t, good, lp in zip(token_ids.tolist(), ok.tolist(), logprobs)]
+def _argmax_ignoring_nan(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax with NaN ignored (+inf wins; among several, the lowest id), -1 for a
+    row with no logit above -inf. logits: [num_rows, vocab] -> [num_rows] int64."""
+    values, token_ids = logits.masked_fill(logits.isnan(), _NEG_INF).max(dim=-1)
+    return torch.where(values > _NEG_INF, token_ids, -1)
+
+
+def _read(t: torch.Tensor) -> list:
+    """Copy `t` to the host as a list: the one point where a step waits for the device."""
+    return t.tolist()
 
 
 def _mix_seed(seed: int, step: int) -> int:

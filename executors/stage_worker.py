@@ -16,10 +16,18 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from engine_core.executors.cuda_graphs import CudaGraphFactory, DecodeGraphRunner, GraphFactory
+from engine_core.executors.gpu_memory import (
+    StartupMemory,
+    log_plan,
+    measure,
+    plan_kv_cache,
+    sized_by_gpu_budget,
+)
 from engine_core.executors.host_memory import keep_freed_memory
 from engine_core.executors.kv_memory import allocate_resident
 from engine_core.executors.sampler import Sampler, SamplingRow
@@ -38,6 +46,10 @@ from engine_core.messages import (
 from engine_core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# KV cache bytes per stage when neither num_kv_blocks nor kv_cache_memory is set and
+# gpu_memory_utilization does not apply (not a GPU)
+DEFAULT_KV_CACHE_MEMORY = 2 << 30
 
 
 @dataclass
@@ -93,15 +105,61 @@ class StageWorker:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * num_layers * self.config.cache.block_size * m.num_kv_heads * m.head_dim * elem
 
-    def num_kv_blocks_that_fit(self) -> int:
+    def num_kv_blocks_that_fit(self, start: StartupMemory | None = None) -> int:
         """Blocks this stage can hold (including the null block), capped at what the scheduler
-        could ever use: max_num_seqs full-length requests."""
+        could ever use: max_num_seqs full-length requests. `start`: on a GPU sized by
+        gpu_memory_utilization, the device's reading taken before the weights were loaded
+        (see `kv_blocks_that_fit`)."""
+        return kv_blocks_that_fit([self], start)
+
+    def _kv_blocks_from_settings(self) -> int:
+        """num_kv_blocks, else kv_cache_memory (default 2 GiB) in blocks, capped as above."""
         cache, sched = self.config.cache, self.config.scheduler
         needed = sched.max_num_seqs * math.ceil(sched.max_model_len / cache.block_size) + 1
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
-        memory = cache.kv_cache_memory or _default_kv_cache_memory(self.device)
+        memory = cache.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
         return min(needed, memory // self.kv_bytes_per_block())
+
+    @torch.inference_mode()
+    def profile_run(self, hidden_states: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One forward (and on the last stage the logits and the sampler) at the largest step
+        the scheduler can build: max_num_batched_tokens tokens (at most max_model_len per
+        sequence) over as many sequences as max_num_seqs allows, each a prefill without cached
+        context, on a one-block scratch cache (every block id is the null block 0). For the
+        GPU memory profile (`gpu_memory.measure`): the stage's KV cache, its requests and its
+        sampler's generators are left untouched. `hidden_states`: the previous stage's output
+        (zeros if None); returns this stage's output, or None on the last stage."""
+        sched, m = self.config.scheduler, self.config.model
+        block_size = self.config.cache.block_size
+        num_tokens = min(sched.max_num_batched_tokens, sched.max_num_seqs * sched.max_model_len)
+        num_seqs = min(sched.max_num_seqs, num_tokens)
+        base, extra = divmod(num_tokens, num_seqs)
+        query_lens = [base + (i < extra) for i in range(num_seqs)]
+        ends = list(itertools.accumulate(query_lens))
+        num_layers = self.layer_range[1] - self.layer_range[0]
+        shape = (1, block_size, m.num_kv_heads, m.head_dim)  # [1 block, block_size, Hkv, D]
+        scratch = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.dtype, device=self.device))
+                   for _ in range(num_layers)]
+        inputs = build_step_inputs(
+            self.config.execution.attention_backend, [0] * num_tokens if self.is_first else None,
+            query_lens, [0] * num_seqs, [[0] * -(-q // block_size) for q in query_lens],
+            block_size, [end - 1 for end in ends] if self.is_last else [], self.device)
+        if not self.is_first and hidden_states is None:
+            hidden_states = torch.zeros(num_tokens, m.hidden_size, dtype=self.dtype,
+                                        device=self.device)  # [num_tokens, hidden]
+        hidden = self.model(inputs.input_ids, hidden_states, scratch, inputs.attention)
+        if not self.is_last:
+            return hidden
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_seqs, vocab]
+        # the sampler's costliest path: penalties, every filter, logprobs; a scratch sampler,
+        # so the stage's own random stream is not advanced
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05,
+                                repetition_penalty=1.1, frequency_penalty=0.1, logprobs=5)
+        rows = [SamplingRow(params, [0], [0], ()) for _ in range(num_seqs)]
+        Sampler(self.config.seed)(logits, rows)
+        return None
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate the cache, every page resident before the first request. KVMemoryError (a
@@ -137,6 +195,9 @@ class StageWorker:
         cache, sched = self.config.cache, self.config.scheduler
         if cache.num_kv_blocks is not None:
             return f"num_kv_blocks={cache.num_kv_blocks}"
+        if sized_by_gpu_budget(self.config):
+            return (f"{num_blocks} blocks of {self.kv_bytes_per_block()} bytes from "
+                    f"gpu_memory_utilization={cache.gpu_memory_utilization}")
         which = (f"kv_cache_memory={cache.kv_cache_memory}" if cache.kv_cache_memory
                  else "the default kv_cache_memory")
         return (f"{num_blocks} blocks of {self.kv_bytes_per_block()} bytes from {which}, capped "
@@ -346,10 +407,32 @@ def _new_state(new: NewRequest) -> _RequestState:
     )
 
 
-def _default_kv_cache_memory(device: torch.device) -> int:
-    """Bytes of KV cache per stage when the user sets neither num_kv_blocks nor kv_cache_memory:
-    2 GiB on CPU; on an accelerator, 90% of free memory after the weights are loaded."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.9)
-    return 2 << 30
+def kv_blocks_that_fit(stages: Sequence[StageWorker], start: StartupMemory | None) -> int:
+    """Blocks each of `stages` (of one engine, on one device) allocates, the null block
+    included. By the settings (num_kv_blocks, kv_cache_memory, 2 GiB by default), the least
+    that every stage can hold. On a GPU without either setting, by gpu_memory_utilization
+    (`gpu_memory.py`): the stages share the device's budget, so they are profiled together
+    (one forward through all of them, as a step runs); `start` is the device's reading taken
+    before the first of them loaded its weights. ValueError when the model does not fit."""
+    config = stages[0].config
+    if not sized_by_gpu_budget(config):
+        return min(stage._kv_blocks_from_settings() for stage in stages)
+    if start is None:
+        raise RuntimeError("sizing the KV cache by gpu_memory_utilization needs the GPU's "
+                           "memory as read before the weights were loaded (StartupMemory)")
+
+    def profile() -> None:
+        hidden = None
+        for stage in stages:
+            hidden = stage.profile_run(hidden)
+
+    device = stages[0].device
+    measured = measure(device, start, profile)
+    cache, sched = config.cache, config.scheduler
+    bytes_per_block = sum(stage.kv_bytes_per_block() for stage in stages)
+    plan = plan_kv_cache(measured, cache.gpu_memory_utilization, bytes_per_block,
+                         cache.block_size, sched.max_model_len, sched.max_num_seqs)
+    names = ", ".join(str(stage.stage_index) for stage in stages)
+    log_plan(device, f"stage {names}", measured, cache.gpu_memory_utilization, plan,
+             bytes_per_block)
+    return plan.num_blocks

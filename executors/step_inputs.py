@@ -59,11 +59,16 @@ def build_step_inputs(backend: str, token_ids: list[int] | None, query_lens: lis
 
 
 def to_device(arrays: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Move int64 host `arrays` to `device` in one copy (pinned and non-blocking on CUDA): the
-    result holds views of one device buffer, each of its array's shape."""
-    if device.type == "cpu":
+    """Move host `arrays`, all of one dtype (int64 inputs, float32 sampling parameters, ...), to
+    `device` in one copy (pinned and non-blocking on CUDA): the result holds views of one device
+    buffer, each of its array's shape. On the CPU the arrays themselves. ValueError if the
+    dtypes differ."""
+    if device.type == "cpu" or not arrays:
         return arrays
-    flat = torch.cat([a.reshape(-1) for a in arrays.values()])  # [total] int64
+    dtypes = {a.dtype for a in arrays.values()}
+    if len(dtypes) > 1:
+        raise ValueError(f"to_device moves arrays of one dtype, got {sorted(map(str, dtypes))}")
+    flat = torch.cat([a.reshape(-1) for a in arrays.values()])  # [total]
     if device.type == "cuda":
         flat = flat.pin_memory()
     flat = flat.to(device, non_blocking=True)
