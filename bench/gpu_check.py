@@ -57,6 +57,7 @@ say what ran). `tests/test_gpu_script.py` runs it.
 from __future__ import annotations
 
 import argparse
+import atexit
 import faulthandler
 import gc
 import glob
@@ -65,6 +66,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -249,6 +251,7 @@ def prepare_imports(wheels: str | None, report: Report) -> None:
             raise SystemExit(f"--wheels {wheels}: no .whl files there "
                              f"(bash scripts/gpu_wheels.sh downloads them)")
         site = tempfile.mkdtemp(prefix="gpu-check-site-")
+        atexit.register(shutil.rmtree, site, ignore_errors=True)
         for path in files:
             with zipfile.ZipFile(path) as wheel:
                 wheel.extractall(site)
@@ -261,6 +264,7 @@ def prepare_imports(wheels: str | None, report: Report) -> None:
     stager = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stager)
     staged = tempfile.mkdtemp(prefix="gpu-check-pkg-")
+    atexit.register(shutil.rmtree, staged, ignore_errors=True)
     stager.stage(staged)
     sys.path.insert(0, staged)
     import engine_core
