@@ -141,8 +141,9 @@ def kernel_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if not (q.dtype == k_cache.dtype == v_cache.dtype == out.dtype):
         raise ValueError(f"q, k_cache, v_cache and out must share a dtype, got {q.dtype}, "
                          f"{k_cache.dtype}, {v_cache.dtype}, {out.dtype}")
-    if out.shape != q.shape or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous {tuple(q.shape)}, got {tuple(out.shape)}")
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} with stride(2) == 1, got shape "
+                         f"{tuple(out.shape)} strides {out.stride()}")
     num_seqs = seq_lens.shape[0]
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
         raise ValueError(f"block_tables must be [num_seqs={num_seqs}, max_blocks], got "
@@ -180,7 +181,7 @@ def triton_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     int64 token offsets (sequence i's new tokens are q[query_start_loc[i]:query_start_loc[i+1]],
     the last of its seq_lens[i] positions; a sequence with none is skipped); max_query_len: a
     host int >= every query length (1 launches the decode configuration). out: [num_tokens, H,
-    D] contiguous. Nothing is read back to the host, and the grid depends on num_seqs and
+    D] with stride(2) == 1. Nothing is read back to the host, and the grid depends on num_seqs and
     max_query_len alone (a decode step can be captured in a CUDA graph)."""
     launch = kernel_launch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                            max_query_len, scale, out)
