@@ -92,10 +92,10 @@ def kernel_configs(num_heads: int, num_kv_heads: int, head_dim: int, block_size:
     # Decode: one token's query heads are the rows; memory-bound, so 4 warps and a 3-deep
     # pipeline of K/V loads.
     decode = config("decode", 1, num_warps=4, num_stages=3)
-    # Prefill: about 128 rows a tile in 16-bit (tensor cores), 32 in float32 (the "ieee" dot is
-    # FMA-based: large tiles only spill), 64 for head dims above 128 (registers).
+    # Prefill: about 128 rows a tile in 16-bit (tensor cores), 64 for head dims above 128
+    # (registers); 32 in float32, whose "ieee" dot runs on FMA units (8 warps: 4 spill on sm90).
     if fp32:
-        target_rows, warps, stages = 32, 4, 2
+        target_rows, warps, stages = 32, 8, 2
     elif block_d > 128:
         target_rows, warps, stages = 64, 8, 2
     else:
