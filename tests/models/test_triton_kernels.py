@@ -19,6 +19,9 @@ import torch
 from engine_core.models.attention import AttentionMetadata, paged_attention
 from engine_core.models.triton_attention import TritonAttentionMetadata, reference_paged_attention
 from engine_core.models.triton_paged_attention import (
+    MAX_SPLITS,
+    KernelConfig,
+    decode_splits,
     kernel_configs,
     kernel_launch,
     triton_paged_attention,
@@ -103,11 +106,13 @@ def make_case(steps: list[tuple[int, int]], num_heads: int, num_kv_heads: int, h
                 computed=computed, meta=meta, block_size=block_size)
 
 
-def run_kernel(case: Case, scale: float, max_query_len: int | None = None) -> torch.Tensor:
+def run_kernel(case: Case, scale: float, max_query_len: int | None = None,
+               num_splits: int | None = 1) -> torch.Tensor:
     out = torch.full(case.q.shape, float("nan"), dtype=case.q.dtype, device=case.q.device)
     m = case.meta
     triton_paged_attention(case.q, case.k_cache, case.v_cache, m.block_tables, m.seq_lens,
-                           m.query_start_loc, max_query_len or m.max_query_len, scale, out)
+                           m.query_start_loc, max_query_len or m.max_query_len, scale, out,
+                           num_splits=num_splits)
     return out  # [num_tokens, H, D]
 
 
@@ -154,19 +159,54 @@ MIXED_STEPS = [(0, 37), (9, 1), (21, 6), (0, 1), (66, 19), (5, 2)]
 
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim", "block_size", "dtype"),
                          SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("steps", [DECODE_STEPS, MIXED_STEPS], ids=["decode", "mixed"])
-def test_kernel_matches_torch_backend(steps, num_heads, num_kv_heads, head_dim, block_size,
-                                      dtype):
+@pytest.mark.parametrize(("steps", "num_splits"),
+                         [(DECODE_STEPS, 1), (DECODE_STEPS, 4), (MIXED_STEPS, 1)],
+                         ids=["decode", "decode_split", "mixed"])
+def test_kernel_matches_torch_backend(steps, num_splits, num_heads, num_kv_heads, head_dim,
+                                      block_size, dtype):
     case = make_case(steps, num_heads, num_kv_heads, head_dim, block_size, dtype)
     scale = head_dim**-0.5
-    launch = kernel_launch(case.q, case.k_cache, case.v_cache, case.meta.block_tables,
-                           case.meta.seq_lens, case.meta.query_start_loc,
-                           case.meta.max_query_len, scale, case.q)
-    expected_kind = "decode" if steps is DECODE_STEPS else "prefill"
-    assert launch.config.kind == expected_kind
-    # The 37-token prefill spans several query tiles in all but the 16-bit G <= 2 shapes.
-    assert launch.grid[1] == -(-case.meta.max_query_len // launch.config.block_q)
-    check_against_oracles(case, run_kernel(case, scale), scale)
+    launches = kernel_launch(case.q, case.k_cache, case.v_cache, case.meta.block_tables,
+                             case.meta.seq_lens, case.meta.query_start_loc,
+                             case.meta.max_query_len, scale, case.q, num_splits)
+    kinds = [launch.config.kind for launch in launches]
+    if num_splits > 1:
+        # 4 ranges of whole key tiles: the 139-token context fills 3 (BLOCK_N 64) or 4, the
+        # others leave some empty
+        assert kinds == ["decode_split", "combine"]
+        assert launches[0].grid == (len(steps), num_splits, num_kv_heads)
+    else:
+        assert kinds == ["decode" if steps is DECODE_STEPS else "prefill"]
+        # The 37-token prefill spans several query tiles in all but the 16-bit G <= 2 shapes.
+        config = launches[0].config
+        assert isinstance(config, KernelConfig)
+        assert launches[0].grid[1] == -(-case.meta.max_query_len // config.block_q)
+    check_against_oracles(case, run_kernel(case, scale, num_splits=num_splits), scale)
+
+
+def test_split_decode_over_any_number_of_ranges():
+    # 1 range, more ranges than key tiles, a count that is no power of two, the most allowed:
+    # the same rows up to float32 rounding.
+    case = make_case([(139, 1), (4, 1), (60, 1)], 3, 1, 16, 5, torch.float32, seed=4)
+    whole = run_kernel(case, 0.3)
+    check_against_oracles(case, whole, 0.3)
+    for num_splits in (3, MAX_SPLITS):
+        torch.testing.assert_close(run_kernel(case, 0.3, num_splits=num_splits), whole,
+                                   atol=2e-6, rtol=2e-6)
+
+
+def test_decode_splits_depend_on_the_batch_alone():
+    # An H100 has 132 SMs: one sequence of 4 KV heads gets 32 ranges, a batch that fills half
+    # the SMs or more gets none; never more than MAX_SPLITS, nor more programs than ~an SM each.
+    assert decode_splits(1, 4, 132) == 32
+    assert decode_splits(8, 4, 132) == 4
+    assert decode_splits(17, 4, 132) == 1
+    assert decode_splits(256, 4, 132) == 1
+    for num_seqs in range(1, 80):
+        for num_kv_heads in (1, 2, 8):
+            splits = decode_splits(num_seqs, num_kv_heads, 132)
+            assert 1 <= splits <= MAX_SPLITS and splits & (splits - 1) == 0
+            assert splits == 1 or num_seqs * num_kv_heads * splits <= 132
 
 
 def test_contiguous_q_and_prefill_config_for_a_decode_batch():
@@ -210,23 +250,31 @@ def test_attend_stores_then_attends_like_the_torch_backend():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kernel_configs_fit_their_shape(num_heads, num_kv_heads, head_dim, block_size, dtype):
     configs = kernel_configs(num_heads, num_kv_heads, head_dim, block_size, dtype)
-    assert [c.kind for c in configs] == ["decode", "prefill"]
+    assert [c.kind for c in configs] == ["decode", "decode_split", "combine", "prefill"]
     group = num_heads // num_kv_heads
-    for c in configs:
+    attention = [c for c in configs if isinstance(c, KernelConfig)]
+    assert len(attention) == 3
+    for c in attention:
         assert c.group == group and c.block_size == block_size and c.head_dim == head_dim
         # tl.dot needs every dimension a power of two and >= 16 (K, the reduced one, strictly)
         for size in (c.block_m, c.block_n, c.block_d):
             assert size >= 16 and size & (size - 1) == 0
         assert c.block_d >= head_dim and c.block_m >= c.block_q * group
         assert c.dot_precision == ("ieee" if dtype == torch.float32 else "tf32")
-    assert configs[0].block_q == 1
-    assert configs[1].block_q >= 1
+        assert c.split_kv == (c.kind == "decode_split")
+    decode, split, combine, prefill = configs
+    assert decode.block_q == 1 and split.block_q == 1 and prefill.block_q >= 1
+    assert combine.block_d == decode.block_d and combine.block_s == MAX_SPLITS
 
 
 def test_bad_arguments_are_rejected():
     case = make_case([(3, 2)], 4, 2, 16, 4, torch.float32)
     m = case.meta
     args = (case.k_cache, case.v_cache, m.block_tables, m.seq_lens, m.query_start_loc, 2, 0.25)
+    with pytest.raises(ValueError, match="num_splits"):
+        triton_paged_attention(case.q, case.k_cache, case.v_cache, m.block_tables, m.seq_lens,
+                               m.query_start_loc, 1, 0.25, torch.empty_like(case.q),
+                               num_splits=MAX_SPLITS + 1)
     with pytest.raises(ValueError, match="stride"):
         triton_paged_attention(case.q.transpose(1, 2), *args, torch.empty_like(case.q))
     with pytest.raises(ValueError, match="share a dtype"):
@@ -265,7 +313,8 @@ def test_interpreter_harness_catches_out_of_range_reads_and_asserts():
 def test_model_sized_batch_on_cuda(dtype):
     # A 1.1B-Llama-shaped layer (32 heads, 4 KV heads, head_dim 64, blocks of 16): decodes over
     # long contexts and a mixed batch, compiled for the GPU at hand.
-    for steps in ([(c, 1) for c in (1, 100, 511, 1000, 2047, 300, 64, 17)],
-                  [(0, 300), (200, 1), (700, 130), (0, 1), (1500, 64)]):
+    decodes = [(c, 1) for c in (1, 100, 511, 1000, 2047, 300, 64, 17)]
+    for steps, num_splits in ((decodes, 1), (decodes, None), (decodes, 16),
+                              ([(0, 300), (200, 1), (700, 130), (0, 1), (1500, 64)], None)):
         case = make_case(steps, 32, 4, 64, 16, dtype, seed=7)
-        check_against_oracles(case, run_kernel(case, 0.125), 0.125)
+        check_against_oracles(case, run_kernel(case, 0.125, num_splits=num_splits), 0.125)

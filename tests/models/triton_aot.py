@@ -11,6 +11,7 @@ Triton's own library functions are interpreted and cannot be compiled):
 request: {"shapes": [[num_heads, num_kv_heads, head_dim, block_size, dtype], ...],
 "capabilities": [80, 90], "negative": true}. A result: shape, kind, capability, ok, error,
 ptx_bytes, cubin_bytes, shared, registers, spill_bytes, uses (instruction families in the PTX).
+Shapes list each of `kernel_configs`' kinds: decode, decode_split, combine, prefill.
 "negative" adds one compile expected to fail: the decode launch with BLOCK_N = 8, a `tl.dot`
 whose reduced dimension is below 16 (the interpreter runs it; a GPU cannot).
 """
@@ -40,8 +41,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def representative_launch(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                           dtype: torch.dtype, kind: str) -> tpa.KernelLaunch:
-    """The launcher's plan for a step of this model: q a view of the fused q/k projection, the
-    caches the two halves of one layer's KV tensor, index arrays views into one step buffer."""
+    """The launcher's plan for a step of this model that launches `kind`: q a view of the
+    fused q/k projection, the caches the two halves of one layer's KV tensor, index arrays
+    views into one step buffer."""
     num_tokens = 3
     qk = torch.empty(num_tokens, num_heads + num_kv_heads, head_dim, dtype=dtype)
     q = qk[:, :num_heads]  # [num_tokens, H, D]
@@ -51,18 +53,18 @@ def representative_launch(num_heads: int, num_kv_heads: int, head_dim: int, bloc
     query_start_loc = step[3:6]
     block_tables = step[6:16].view(2, 5)
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=dtype)
-    max_query_len = 1 if kind == "decode" else 2
-    launch = tpa.kernel_launch(q, kv[0], kv[1], block_tables, seq_lens, query_start_loc,
-                               max_query_len, head_dim**-0.5, out)
-    if launch.config.kind != kind:
-        raise AssertionError(f"max_query_len {max_query_len} launched {launch.config.kind}")
+    max_query_len = 2 if kind == "prefill" else 1
+    num_splits = 4 if kind in ("decode_split", "combine") else 1
+    launches = tpa.kernel_launch(q, kv[0], kv[1], block_tables, seq_lens, query_start_loc,
+                                 max_query_len, head_dim**-0.5, out, num_splits)
+    (launch,) = [launch for launch in launches if launch.config.kind == kind]
     return launch
 
 
-def compile_source(config: tpa.KernelConfig,
+def compile_source(config: tpa.KernelConfig | tpa.CombineConfig,
                    args: tuple[Any, ...]) -> tuple[ASTSource, dict[str, int]]:
     """The kernel, its arguments specialised like the JIT's, as an ASTSource + options."""
-    kernel = tpa._paged_attention_kernel
+    kernel = getattr(tpa, config.kernel)
     # Under the interpreter `triton.jit` returns an InterpretedFunction wrapping the function.
     fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
     constexprs: dict[str, Any] = dict(config.constexprs())
