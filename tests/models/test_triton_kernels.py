@@ -27,7 +27,7 @@ from engine_core.models.triton_paged_attention import (
     triton_paged_attention,
 )
 
-from tests.models.triton_interpreter import OutOfBounds, interpreter_checks
+from tests.models.triton_interpreter import interpreter_checks
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -305,7 +305,6 @@ def test_interpreter_harness_catches_out_of_range_reads_and_asserts():
     with pytest.raises(Exception, match="more new tokens than its seq_len"):
         triton_paged_attention(case.q, case.k_cache, case.v_cache, m.block_tables, bad_lens,
                                m.query_start_loc, 1, 0.25, out)
-    assert issubclass(OutOfBounds, AssertionError)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
