@@ -236,12 +236,10 @@ class Sampler:
                        filters: _RandomFilters) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw one token per row from logits [num_rows, vocab] (float32, not modified); `t`
         holds the rows' parameters on the device (see `_random_arrays`). Returns (token ids
-        [num_rows], ok [num_rows] bool): a row whose distribution is not finite takes its plain
-        argmax instead, and is not ok if that is not valid either (a NaN, or nothing above
-        -inf: the caller looks again)."""
+        [num_rows], ok [num_rows] bool): a row whose distribution is not finite is not ok (the
+        caller gives it its argmax over `logits`)."""
         vocab = logits.shape[1]
         temperature = t["temperature"].clamp(max=_FLOAT32.max)  # 1e308 is inf in float32
-        penalised = logits
         logits = logits / temperature.unsqueeze(1)  # [num_rows, vocab], a fresh tensor
 
         if filters.min_p:
@@ -262,9 +260,10 @@ class Sampler:
         # probability 0 (an empty interval) is never drawn
         drawn_ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=vocab - 1)
         drawn = torch.isfinite(total).squeeze(1) & (total.squeeze(1) > 0)  # [num_rows]
-        # NaN or overflow somewhere in the row: its argmax, chosen on the device
-        fallback_ids, fallback_ok = _argmax(penalised)
-        return torch.where(drawn, drawn_ids, fallback_ids), drawn | fallback_ok
+        # A row with NaN or overflow somewhere is not ok: after the step's one read, the caller
+        # gives it its argmax over the penalised logits (`_repair`), so the common case pays
+        # for no second pass over the vocabulary.
+        return drawn_ids, drawn
 
     def _uniforms(self, rows: list[SamplingRow], device: torch.device,
                   unseeded_t: torch.Tensor | None) -> torch.Tensor:
