@@ -28,20 +28,30 @@ import sys
 import tempfile
 from collections import defaultdict
 
+import tomllib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:")  # a library's log line (Ray's), no figure
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?")  # "float32" is a word
 
 
 def baseline_path(checkout: str) -> str:
-    """The folder to put first on PYTHONPATH so that `engine_core` imports from `checkout`."""
-    stager = os.path.join(checkout, "scripts", "stage_package.py")
-    if not os.path.exists(stager):
-        return checkout  # top-level engine_core/, models/, executors/
-    staged = os.path.join(checkout, ".staged")
-    subprocess.run([sys.executable, stager, staged], check=True)
-    return staged
+    """The folder to put first on PYTHONPATH so that `engine_core` imports from `checkout`.
 
+    Revisions whose `models/` and `executors/` install as `engine_core.models` and
+    `engine_core.executors` get those two as symlinks inside their own `engine_core/`: a
+    benchmark script puts its checkout first on sys.path, and an `engine_core` found there
+    without them would fall back to this tree's editable install for the subpackages."""
+    pyproject = os.path.join(checkout, "pyproject.toml")
+    with open(pyproject, "rb") as f:
+        package_dir = tomllib.load(f).get("tool", {}).get("setuptools", {}).get("package-dir", {})
+    for name, folder in package_dir.items():
+        parent, _, leaf = name.rpartition(".")
+        if parent == "engine_core":
+            link = os.path.join(checkout, "engine_core", leaf)
+            if not os.path.exists(link):
+                os.symlink(os.path.join(checkout, folder), link)
+    return checkout
 
 def run(script: list[str], cwd: str, pythonpath: str | None) -> list[str]:
     env = dict(os.environ)
