@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -41,11 +42,31 @@ LOG_TAIL_CHARS = 4000
 T = TypeVar("T")
 
 
+# Ports handed to test processes come from below the kernel's ephemeral range (32768-60999
+# here), which supplies every port bound to 0 and the source port of every outgoing connection:
+# a port the OS picked for us could be taken by one of those before our process binds it (a CI
+# run lost a KV endpoint that way). Above Ray's worker ports (10002-19999). Each xdist worker
+# draws from its own slice, so two workers never hand out the same port.
+_TEST_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1, free a moment ago, outside the range the OS hands out and
+    within this pytest worker's own slice of `_TEST_PORTS`."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker) if worker.isdigit() else 0
+    size = len(_TEST_PORTS) // max(count, 1)
+    first = _TEST_PORTS.start + (index % max(count, 1)) * size
+    for _ in range(200):
+        port = random.randrange(first, first + size)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{first}, {first + size})")
 
 
 # ---- waiting on a condition -------------------------------------------------------------------
