@@ -76,29 +76,33 @@ class Cluster:
         self.url = f"http://127.0.0.1:{self.port}"
         security = ["--zmq-keys", keys_dir] if keys_dir else ["--insecure-tcp"]
         self.procs: list[CliProcess] = []
-        self.proxy = self._start(
-            ["proxy", "--port", str(self.port), "--discovery-port", str(self.discovery_port),
-             "--heartbeat-timeout-s", str(heartbeat_timeout_s), *security], "proxy")
-        self.prefill: list[tuple[CliProcess, str]] = []
-        self.decode: list[tuple[CliProcess, str]] = []
-        self.kv_endpoints: list[str] = []
-        roles = ["kv_producer"] * num_prefill + ["kv_consumer"] * num_decode
-        for i, role in enumerate(roles):
-            http_port = free_port()
-            config = {"kv_role": role, "kv_port": free_port(), "send_type": send_type,
-                      "proxy_address": f"127.0.0.1:{self.discovery_port}",
-                      "lease_ttl_s": lease_ttl_s}
-            proc = self._start(
-                ["serve", model_dir, "--port", str(http_port), "--dtype", "float32",
-                 "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
-                 "--block-size", str(BLOCK), "--kv-transfer-config", json.dumps(config),
-                 *security], f"{role}-{i}")
-            self.kv_endpoints.append(f"tcp://127.0.0.1:{config['kv_port']}")
-            group = self.prefill if role == "kv_producer" else self.decode
-            group.append((proc, f"http://127.0.0.1:{http_port}"))
-        self.wait_registered(num_prefill, num_decode)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused",
-                                    max_retries=0, timeout=TIMEOUT)
+        try:  # a start that fails stops what it started, then raises
+            self.proxy = self._start(
+                ["proxy", "--port", str(self.port), "--discovery-port", str(self.discovery_port),
+                 "--heartbeat-timeout-s", str(heartbeat_timeout_s), *security], "proxy")
+            self.prefill: list[tuple[CliProcess, str]] = []
+            self.decode: list[tuple[CliProcess, str]] = []
+            self.kv_endpoints: list[str] = []
+            roles = ["kv_producer"] * num_prefill + ["kv_consumer"] * num_decode
+            for i, role in enumerate(roles):
+                http_port = free_port()
+                config = {"kv_role": role, "kv_port": free_port(), "send_type": send_type,
+                          "proxy_address": f"127.0.0.1:{self.discovery_port}",
+                          "lease_ttl_s": lease_ttl_s}
+                proc = self._start(
+                    ["serve", model_dir, "--port", str(http_port), "--dtype", "float32",
+                     "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
+                     "--block-size", str(BLOCK), "--kv-transfer-config", json.dumps(config),
+                     *security], f"{role}-{i}")
+                self.kv_endpoints.append(f"tcp://127.0.0.1:{config['kv_port']}")
+                group = self.prefill if role == "kv_producer" else self.decode
+                group.append((proc, f"http://127.0.0.1:{http_port}"))
+            self.wait_registered(num_prefill, num_decode)
+            self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused",
+                                        max_retries=0, timeout=TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self, args: list[str], name: str) -> CliProcess:
         proc = CliProcess(args, os.path.join(self.tmp, f"{name}.log"))
