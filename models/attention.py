@@ -99,35 +99,11 @@ class AttentionMetadata:
         """Lay out one step: sequence i contributes `query_lens[i]` new tokens at positions
         `num_computed_tokens[i]...`, whose K/V go to the blocks `block_tables[i]` (which must
         cover the whole context)."""
-        num_seqs = len(query_lens)
-        if not (len(num_computed_tokens) == len(block_tables) == num_seqs):
-            raise ValueError(
-                "query_lens, num_computed_tokens and block_tables must have one entry per "
-                f"sequence, got {num_seqs}, {len(num_computed_tokens)}, {len(block_tables)}"
-            )
-        if num_seqs == 0 or min(query_lens) < 1:
-            raise ValueError(f"every sequence needs at least one new token, got {query_lens}")
+        arrays = step_layout(query_lens, num_computed_tokens, block_tables, block_size)
+        table, positions = arrays["block_tables"], arrays["positions"]
+        slot_mapping = arrays["slot_mapping"]
         seq_lens = [c + q for c, q in zip(num_computed_tokens, query_lens)]
-        for i, (seq_len, seq_blocks) in enumerate(zip(seq_lens, block_tables)):
-            if len(seq_blocks) * block_size < seq_len:
-                raise ValueError(
-                    f"sequence {i} has {seq_len} tokens but its block table holds only "
-                    f"{len(seq_blocks)} blocks of {block_size}"
-                )
         query_start_loc = [0, *accumulate(query_lens)]
-        num_tokens = query_start_loc[-1]
-
-        # Index arithmetic on CPU, moved to the device once at the end.
-        max_blocks = max(len(t) for t in block_tables)
-        table = torch.tensor(
-            [t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int64
-        )  # [num_seqs, max_blocks]
-        q_lens = torch.tensor(query_lens)
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [num_tokens]
-        first_position = torch.tensor(num_computed_tokens) - torch.tensor(query_start_loc[:-1])
-        positions = torch.arange(num_tokens) + first_position.repeat_interleave(q_lens)
-        blocks = table[seq_of_token, positions // block_size]  # [num_tokens]
-        slot_mapping = blocks * block_size + positions % block_size
 
         decode_ids = [i for i, q in enumerate(query_lens) if q == 1]
         decode = (
@@ -159,6 +135,45 @@ class AttentionMetadata:
             decode=decode,
             prefills=prefills,
         )
+
+
+def step_layout(query_lens: list[int], num_computed_tokens: list[int],
+                block_tables: list[list[int]], block_size: int,
+                max_blocks: int | None = None) -> dict[str, torch.Tensor]:
+    """One step's layout as CPU int64 tensors, shared by both backends: "positions" and
+    "slot_mapping" [num_tokens], "seq_lens" [num_seqs], "query_start_loc" [num_seqs + 1] and
+    "block_tables" [num_seqs, width] padded with the null block 0 (width: the longest table, or
+    `max_blocks`). Sequence i contributes `query_lens[i]` new tokens at positions
+    `num_computed_tokens[i]...` in the blocks `block_tables[i]`, which must cover its context;
+    ValueError otherwise."""
+    num_seqs = len(query_lens)
+    if not (len(num_computed_tokens) == len(block_tables) == num_seqs):
+        raise ValueError(
+            "query_lens, num_computed_tokens and block_tables must have one entry per "
+            f"sequence, got {num_seqs}, {len(num_computed_tokens)}, {len(block_tables)}")
+    if num_seqs == 0 or min(query_lens) < 1:
+        raise ValueError(f"every sequence needs at least one new token, got {query_lens}")
+    seq_lens = [c + q for c, q in zip(num_computed_tokens, query_lens)]
+    for i, (seq_len, seq_blocks) in enumerate(zip(seq_lens, block_tables)):
+        if len(seq_blocks) * block_size < seq_len:
+            raise ValueError(f"sequence {i} has {seq_len} tokens but its block table holds only "
+                             f"{len(seq_blocks)} blocks of {block_size}")
+    width = max(len(t) for t in block_tables) if max_blocks is None else max_blocks
+    table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
+                         dtype=torch.int64)  # [num_seqs, width]
+    query_start_loc = [0, *accumulate(query_lens)]
+    q_lens = torch.tensor(query_lens)
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [num_tokens]
+    first_position = torch.tensor(num_computed_tokens) - torch.tensor(query_start_loc[:-1])
+    positions = torch.arange(query_start_loc[-1]) + first_position.repeat_interleave(q_lens)
+    blocks = table[seq_of_token, positions // block_size]  # [num_tokens]
+    return {
+        "positions": positions,
+        "slot_mapping": blocks * block_size + positions % block_size,
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int64),
+        "query_start_loc": torch.tensor(query_start_loc, dtype=torch.int64),
+        "block_tables": table,
+    }
 
 
 def _build_decode(

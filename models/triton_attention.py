@@ -18,9 +18,9 @@ region can be checked for host traffic without a GPU (`tests/test_cuda_graphs.py
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
+from engine_core.models.attention import step_layout
 
 # Names of the arrays a step's attention needs (see `host_arrays`).
 ATTENTION_ARRAYS = ("positions", "slot_mapping", "seq_lens", "query_start_loc", "block_tables")
@@ -47,35 +47,8 @@ class TritonAttentionMetadata:
         `query_lens[i]` new tokens at positions `num_computed_tokens[i]...`, whose K/V go to the
         blocks `block_tables[i]` (which must cover the whole context). `max_blocks` widens the
         block table (a CUDA graph's fixed width); default: the longest table."""
-        num_seqs = len(query_lens)
-        if not (len(num_computed_tokens) == len(block_tables) == num_seqs):
-            raise ValueError(
-                "query_lens, num_computed_tokens and block_tables must have one entry per "
-                f"sequence, got {num_seqs}, {len(num_computed_tokens)}, {len(block_tables)}")
-        if num_seqs == 0 or min(query_lens) < 1:
-            raise ValueError(f"every sequence needs at least one new token, got {query_lens}")
-        seq_lens = [c + q for c, q in zip(num_computed_tokens, query_lens)]
-        for i, (seq_len, seq_blocks) in enumerate(zip(seq_lens, block_tables)):
-            if len(seq_blocks) * block_size < seq_len:
-                raise ValueError(f"sequence {i} has {seq_len} tokens but its block table holds "
-                                 f"only {len(seq_blocks)} blocks of {block_size}")
-        width = max(len(t) for t in block_tables) if max_blocks is None else max_blocks
-        table = torch.zeros(num_seqs, width, dtype=torch.int64)  # [num_seqs, width]
-        for i, seq_blocks in enumerate(block_tables):
-            table[i, :len(seq_blocks)] = torch.tensor(seq_blocks, dtype=torch.int64)
-        query_start_loc = [0, *accumulate(query_lens)]
-        q_lens = torch.tensor(query_lens)
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [num_tokens]
-        first_position = torch.tensor(num_computed_tokens) - torch.tensor(query_start_loc[:-1])
-        positions = torch.arange(query_start_loc[-1]) + first_position.repeat_interleave(q_lens)
-        blocks = table[seq_of_token, positions // block_size]  # [num_tokens]
-        return {
-            "positions": positions,
-            "slot_mapping": blocks * block_size + positions % block_size,
-            "seq_lens": torch.tensor(seq_lens, dtype=torch.int64),
-            "query_start_loc": torch.tensor(query_start_loc, dtype=torch.int64),
-            "block_tables": table,
-        }
+        return step_layout(query_lens, num_computed_tokens, block_tables, block_size,
+                           max_blocks)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, torch.Tensor], max_query_len: int,
