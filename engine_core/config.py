@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from engine_core.kv_transfer_config import KVTransferConfig
 from engine_core.models import ModelConfig, load_model_config
+from engine_core.speculative_config import SpeculativeConfig
 
 MAX_THREADS_PER_STAGE = 1024  # far more than any host's cores; torch crashes on absurd counts
 _INT64_MAX = (1 << 63) - 1
@@ -132,6 +133,7 @@ class EngineConfig:
     parallel: ParallelConfig
     kv_transfer: KVTransferConfig | None = None  # a disaggregated prefill/decode instance
     execution: ExecutionConfig = ExecutionConfig()
+    speculative: SpeculativeConfig | None = None  # speculative decoding; None: off
 
     def config_hash(self) -> str:
         """Stable digest: two processes agree on the config iff the hashes match."""
@@ -244,6 +246,13 @@ class EngineArgs:
     enforce_eager: bool = False  # True: no CUDA graphs
     cudagraph_capture_sizes: tuple[int, ...] | None = None  # None: 1, 2, 4, 8, 16, ... (vLLM's)
     gpu_memory_utilization: float = 0.9
+    # Speculative decoding (vLLM's keys, `speculative_config.py`): a dict or its JSON is taken
+    # too and turned into a SpeculativeConfig here.
+    speculative_config: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative_config",
+                           SpeculativeConfig.from_value(self.speculative_config))
 
     def resolve(self) -> EngineConfig:
         """Read the model directory and produce the validated `EngineConfig`."""
@@ -292,7 +301,25 @@ class EngineArgs:
             model_dir=os.path.abspath(self.model), model=model, dtype=dtype, device=self.device,
             seed=self.seed, scheduler=scheduler, cache=cache, parallel=parallel,
             kv_transfer=self.kv_transfer_config, execution=self._execution(scheduler),
+            speculative=self._speculative(model),
         )
+
+    def _speculative(self, model: ModelConfig) -> SpeculativeConfig | None:
+        """The speculative config, its draft model checked against the target."""
+        spec = self.speculative_config
+        if spec is None or spec.method != "draft_model":
+            return spec
+        assert spec.model is not None
+        try:
+            draft = load_model_config(spec.model)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"speculative_config: model {spec.model!r} cannot be used as a "
+                             f"draft model: {exc}") from None
+        if draft.vocab_size != model.vocab_size:
+            raise ValueError(f"speculative_config: the draft model's vocabulary "
+                             f"({draft.vocab_size} tokens) differs from the target's "
+                             f"({model.vocab_size}); a draft model needs the same tokenizer")
+        return spec
 
     def _execution(self, scheduler: SchedulerConfig) -> ExecutionConfig:
         """The attention backend and the CUDA graph sizes for this device."""

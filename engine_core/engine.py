@@ -27,11 +27,21 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import EngineConfig
 from engine_core.executor import Executor, StepFuture
 from engine_core.invariants import checked_step_output
-from engine_core.messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats, StepBatch
+from engine_core.messages import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    SchedulerStats,
+    SpecDecodingStats,
+    StepBatch,
+)
+from engine_core.ngram_proposer import NgramProposer
+from engine_core.proposer import Proposer
 from engine_core.request import Request
 from engine_core.scheduler import Scheduler
 from engine_core.validation import validate_core_request, validate_kv_transfer
@@ -70,17 +80,32 @@ class LoopStats:
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor,
                  step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
-                 kv_connector: KVConnectorBase | None = None) -> None:
+                 kv_connector: KVConnectorBase | None = None,
+                 proposer: Proposer | None = None) -> None:
         """Drive `executor` (built for `config`, e.g. by `executors.make_executor`); the engine
         owns it from here on and shuts it down, also when this constructor raises.
-        `kv_connector`: disaggregated prefill/decode (`engine_core.kv_connector`); None: off."""
+        `kv_connector`: disaggregated prefill/decode (`engine_core.kv_connector`); None: off.
+        `proposer`: speculative decoding's drafts when `config.speculative` is set; None builds
+        the n-gram proposer (a draft model's comes from `executors.make_proposer`, for this
+        executor's KV blocks). The engine owns and shuts it down too."""
         self.config = config
         self.executor = executor
         self.kv_connector = kv_connector
+        spec = config.speculative
+        if spec is not None and proposer is None:
+            if spec.method != "ngram":
+                executor.shutdown()
+                raise ValueError(f"speculative_config method {spec.method!r} needs its "
+                                 f"proposer (executors.make_proposer)")
+            assert spec.prompt_lookup_min is not None and spec.prompt_lookup_max is not None
+            proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        self.proposer = proposer if spec is not None else None
         cache, sched = config.cache, config.scheduler
         blocks_per_max_request = math.ceil(sched.max_model_len / cache.block_size)
         if self.executor.num_kv_blocks - 1 < blocks_per_max_request:
             self.executor.shutdown()
+            if self.proposer is not None:
+                self.proposer.shutdown()
             raise ValueError(
                 f"the KV cache holds {self.executor.num_kv_blocks - 1} blocks of "
                 f"{cache.block_size} tokens, too few for one request of "
@@ -89,7 +114,7 @@ class EngineCore:
                 f"lower max_model_len")
         self.block_manager = KVBlockManager(self.executor.num_kv_blocks, cache.block_size,
                                             cache.enable_prefix_caching)
-        self.scheduler = Scheduler(sched, self.block_manager)
+        self.scheduler = Scheduler(sched, self.block_manager, spec, self.proposer)
         if kv_connector is not None:  # it tells senders whether a pushed transfer fits
             kv_connector.set_free_blocks(self.block_manager.num_free_blocks)
         self.in_flight: deque[tuple[StepBatch, StepFuture]] = deque()
@@ -213,7 +238,8 @@ class EngineCore:
             num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
             num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_usable_blocks,
             num_preemptions=scheduler.num_preemptions,
-            num_prompt_tokens_computed=scheduler.num_prompt_tokens_computed)
+            num_prompt_tokens_computed=scheduler.num_prompt_tokens_computed,
+            spec_decode=SpecDecodingStats(**msgspec.structs.asdict(scheduler.spec_stats)))
         if self.kv_connector is not None:
             stats.kv_transfer = self.kv_connector.stats()
         return stats
@@ -223,5 +249,7 @@ class EngineCore:
         self.scheduler.drop_all()
         if self.kv_connector is not None:
             self.kv_connector.shutdown()
+        if self.proposer is not None:
+            self.proposer.shutdown()
         self.executor.shutdown()
 

@@ -5,7 +5,9 @@ tokens. That crosses a process (Ray actor) boundary, so the engine treats it as 
 breaks an invariant finishes *its* request with finish_reason "error" and never fails the step.
 
 - every row names a request of this batch, once; every request of the batch that reached the
-  end of its tokens has a row (else it would wait for a token that never comes);
+  end of its tokens has a row (else it would wait for a token that never comes); a request
+  whose step verified drafts may have up to `1 + len(drafts)` consecutive rows, all but the
+  last equal to its drafts in order (only the KV of accepted drafts is valid);
 - a token id is an int in [0, vocab), or the row carries an error;
 - logprobs, if any, are as long as each other, name ids in the vocabulary and are finite
   (they are sent as JSON, which has no NaN or infinities).
@@ -46,22 +48,30 @@ def checked_step_output(batch: StepBatch, output: StepOutput, requests: Mapping[
         raise RuntimeError(
             f"the last stage returned step {output.step_id} with {len(output.request_ids)} "
             f"request ids and {len(output.sampled)} tokens for step {batch.step_id}")
+    items = list(itertools.chain[NewRequest | CachedRequest](batch.new_requests,
+                                                             batch.cached_requests))
     scheduled = {item.request_id: item.num_computed_tokens + item.num_new_tokens
-                 for item in itertools.chain[NewRequest | CachedRequest](
-                         batch.new_requests, batch.cached_requests)}
+                 for item in items}
+    drafts = {item.request_id: item.draft_token_ids for item in items if item.draft_token_ids}
     request_ids: list[str] = []
     sampled: list[SampledToken] = []
-    for request_id, token in zip(output.request_ids, output.sampled):
+    for request_id, rows in output.rows_by_request():
         if request_id not in scheduled:
             logger.error("the last stage returned a token for %r, which is not in step %d "
                          "or twice in it; dropped", request_id[:100], batch.step_id)
             continue
-        del scheduled[request_id]  # a second row for it is dropped above
-        error = token.error or _token_error(token, vocab_size)
-        if error is not None and token.error is None:
-            logger.error("request %r: %s", request_id[:100], error)
-        request_ids.append(request_id)
-        sampled.append(token if error is None else SampledToken(-1, error=token.error or error))
+        del scheduled[request_id]  # a second group of rows for it is dropped above
+        error = next((token.error for token in rows if token.error is not None), None)
+        if error is None:
+            error = _rows_error(rows, drafts.get(request_id, []), vocab_size)
+            if error is not None:
+                logger.error("request %r: %s", request_id[:100], error)
+        if error is None:
+            request_ids.extend([request_id] * len(rows))
+            sampled.extend(rows)
+        else:
+            request_ids.append(request_id)
+            sampled.append(SampledToken(-1, error=error))
     for request_id, num_known in scheduled.items():
         request = requests.get(request_id)
         if (request is not None and request.status == RequestStatus.RUNNING
@@ -71,6 +81,21 @@ def checked_step_output(batch: StepBatch, output: StepOutput, requests: Mapping[
             request_ids.append(request_id)
             sampled.append(SampledToken(-1, error="the last stage returned no token for it"))
     return StepOutput(output.step_id, request_ids, sampled)
+
+
+def _rows_error(rows: list[SampledToken], drafts: list[int], vocab_size: int) -> str | None:
+    """Why a request's rows (without errors of their own) cannot be applied, or None."""
+    if len(rows) > 1 + len(drafts):
+        return (f"the last stage returned {len(rows)} tokens for a step with "
+                f"{len(drafts)} drafts")
+    accepted = [token.token_id for token in rows[:-1]]
+    if accepted != drafts[:len(accepted)]:
+        return "the last stage accepted tokens that are not the step's drafts"
+    for token in rows:
+        error = _token_error(token, vocab_size)
+        if error is not None:
+            return error
+    return None
 
 
 def _token_error(token: SampledToken, vocab_size: int) -> str | None:

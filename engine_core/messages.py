@@ -23,6 +23,7 @@ __all__ = [
     "EngineCoreRequest",
     "NewRequest",
     "SampledToken",
+    "SpecDecodingStats",
     "StepBatch",
     "StepOutput",
     "TokenLogprobs",
@@ -89,6 +90,9 @@ class NewRequest(msgspec.Struct, array_like=True):
     block_ids: list[int]
     num_computed_tokens: int
     num_new_tokens: int
+    # Speculative decoding: proposed tokens after the request's known ones, verified in this
+    # step (its last `len(draft_token_ids)` new tokens); never kept by the stages.
+    draft_token_ids: list[int] = []
 
 
 class CachedRequest(msgspec.Struct, array_like=True):
@@ -99,6 +103,7 @@ class CachedRequest(msgspec.Struct, array_like=True):
     new_block_ids: list[int]
     num_computed_tokens: int
     num_new_tokens: int
+    draft_token_ids: list[int] = []  # as in NewRequest
 
 
 class StepBatch(msgspec.Struct, array_like=True):
@@ -112,11 +117,23 @@ class StepBatch(msgspec.Struct, array_like=True):
 
 class StepOutput(msgspec.Struct, array_like=True):
     """What the last stage returns: one sampled token for each request whose step reached the end
-    of its known tokens (a mid-prompt prefill chunk samples nothing)."""
+    of its known tokens (a mid-prompt prefill chunk samples nothing). A request whose step
+    verified drafts has consecutive rows: the drafts it accepted, in order, then the target's
+    own next token (at most `1 + len(draft_token_ids)` rows)."""
 
     step_id: int
     request_ids: list[str]
     sampled: list[SampledToken]
+
+    def rows_by_request(self) -> list[tuple[str, list[SampledToken]]]:
+        """The rows grouped by request, in order: consecutive rows of one request together."""
+        grouped: list[tuple[str, list[SampledToken]]] = []
+        for request_id, token in zip(self.request_ids, self.sampled):
+            if grouped and grouped[-1][0] == request_id:
+                grouped[-1][1].append(token)
+            else:
+                grouped.append((request_id, [token]))
+        return grouped
 
 
 # ---- front-end <-> engine-core process --------------------------------------------------------
@@ -141,6 +158,26 @@ class KVTransferStats(msgspec.Struct, omit_defaults=True):
     overflow_bytes: int = 0  # consumer, now: bytes reserved in the overflow pool
 
 
+class SpecDecodingStats(msgspec.Struct, omit_defaults=True):
+    """Speculative decoding's counters since start (all zero without it): verification steps
+    of a request with drafts, the draft tokens they verified, and how many were accepted."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verification step emits on average: the accepted drafts plus the target's
+        own token (1.0 before any draft)."""
+        return 1.0 + self.num_accepted_tokens / max(self.num_drafts, 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of draft tokens accepted (0.0 before any draft)."""
+        return self.num_accepted_tokens / max(self.num_draft_tokens, 1)
+
+
 class SchedulerStats(msgspec.Struct, omit_defaults=True):
     """The engine core's figures (`EngineCore.stats()`), sent with every batch of outputs:
     gauges (now) and counters (since start). Every field is a number or a nested stats struct,
@@ -153,6 +190,7 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     num_preemptions: int = 0
     num_prompt_tokens_computed: int = 0  # prompt tokens run through the model
     kv_transfer: KVTransferStats = msgspec.field(default_factory=KVTransferStats)
+    spec_decode: SpecDecodingStats = msgspec.field(default_factory=SpecDecodingStats)
 
     @property
     def kv_usage(self) -> float:

@@ -6,6 +6,7 @@ import enum
 
 from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
+from engine_core.spec_policy import DraftHistory
 
 
 class RequestStatus(enum.IntEnum):
@@ -71,6 +72,10 @@ class Request:
         # KV of tokens at and after this position was never written (a cancelled step); their
         # blocks must not stay in the prefix cache when the request is released.
         self.num_valid_kv_tokens: int | None = None
+        # Speculative decoding: the drafts its step in flight verifies (not in all_token_ids,
+        # but counted in num_computed_tokens until the step returns), and its acceptance record.
+        self.draft_token_ids: list[int] = []
+        self.draft_history = DraftHistory()
 
     @property
     def num_tokens(self) -> int:

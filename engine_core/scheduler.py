@@ -31,6 +31,13 @@ blocks for its prompt (or stays there until blocks free up) and waits apart
 `remote_kv_ready` it goes back to the queue, its transferred tokens counted as computed. On a
 prefill instance a finished `do_remote_decode` request keeps its blocks (`kv_held`) until
 `free_held_kv`.
+
+Speculative decoding (`speculative_config.py`, `spec_policy.py`): a running request about to
+decode may get drafts from the proposer; its step then computes `1 + len(drafts)` tokens and
+counts them all as computed while in flight. When it returns, the accepted tokens are appended
+and the computed count rolls back to the KV that is valid: the drafts that were rejected are
+recomputed over (their blocks stay with the request) and were never hashed (hashes only cover
+`all_token_ids`), so the prefix cache never holds KV of a rejected token.
 """
 
 from __future__ import annotations
@@ -45,11 +52,15 @@ from engine_core.messages import (
     CachedRequest,
     EngineCoreOutput,
     NewRequest,
+    SpecDecodingStats,
     StepBatch,
     StepOutput,
+    TokenLogprobs,
 )
+from engine_core.proposer import DraftRequest, Proposer
 from engine_core.request import Request, RequestStatus
 from engine_core.request_queue import RequestQueue
+from engine_core.speculative_config import SpeculativeConfig
 from engine_core.validation import validate_priority
 
 
@@ -74,9 +85,21 @@ class _Step:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: KVBlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: KVBlockManager,
+                 speculative: SpeculativeConfig | None = None,
+                 proposer: Proposer | None = None) -> None:
+        """`speculative` and `proposer`: speculative decoding, both or neither."""
+        if (speculative is None) != (proposer is None):
+            raise ValueError("speculative decoding needs both a speculative config and a "
+                             "proposer")
         self.config = config
         self.block_manager = block_manager
+        self.speculative = speculative
+        self.proposer = proposer
+        self.spec_stats = SpecDecodingStats()
+        # requests of the step being picked that wait for a proposer with `needs_blocks`:
+        # (request, max drafts)
+        self._to_propose: list[tuple[Request, int]] = []
         self.requests: dict[str, Request] = {}
         self.waiting = RequestQueue(config.policy, config.fair_share)
         self.running: list[Request] = []
@@ -203,7 +226,29 @@ class Scheduler:
         self._schedule_running(step)
         if self.num_preemptions == preemptions_before:  # blocks are short: admit no more
             self._admit_waiting(step, make_room=False)
+        if self._to_propose:
+            self._propose_with_blocks(step)
         return self._build_batch(step.scheduled) if step.scheduled else None
+
+    def _propose_with_blocks(self, step: _Step) -> None:
+        """Drafts from a proposer that writes KV (a draft model), for the requests of `step`
+        that reserved room for them; a request that gets fewer drafts than it reserved computes
+        fewer tokens (its spare blocks stay with it)."""
+        assert self.proposer is not None
+        pending, self._to_propose = self._to_propose, []
+        pending = [(r, n) for r, n in pending if r.status == RequestStatus.RUNNING]
+        if not pending:
+            return
+        drafts = self.proposer.propose([
+            DraftRequest(r.request_id, r.all_token_ids, n, self.block_manager.block_ids(
+                r.request_id)) for r, n in pending])
+        reserved = {r.request_id: n for r, n in pending}
+        for (request, max_drafts), got in zip(pending, drafts):
+            request.draft_token_ids = list(got[:max_drafts])
+        for index, (request, num_new, is_new) in enumerate(step.scheduled):
+            if request.request_id in reserved:
+                unused = reserved[request.request_id] - len(request.draft_token_ids)
+                step.scheduled[index] = (request, num_new - unused, is_new)
 
     def _schedule_running(self, step: _Step) -> None:
         """Every running request's next tokens, in admission order, while the step has room."""
@@ -219,9 +264,33 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, step.token_budget)
             if num_new <= 0:
                 continue  # its step is in flight
-            if not self._allocate_or_preempt(request, num_new):
+            max_drafts = self._max_drafts(request, num_new, step)
+            drafts: list[int] = []
+            if max_drafts and self.proposer is not None and not self.proposer.needs_blocks:
+                drafts = self.proposer.propose([DraftRequest(
+                    request.request_id, request.all_token_ids, max_drafts, [])])[0][:max_drafts]
+                max_drafts = len(drafts)
+            if max_drafts and self._allocate(request, num_new + max_drafts) is None:
+                drafts, max_drafts = [], 0  # drafts never preempt anyone: go without
+            if not self._allocate_or_preempt(request, num_new + max_drafts):
                 continue  # waits for blocks (or was itself preempted)
-            step.add(request, num_new, is_new=False)  # the stages already hold it
+            request.draft_token_ids = drafts
+            if max_drafts and not drafts:  # the proposer runs once the step is picked
+                self._to_propose.append((request, max_drafts))
+            step.add(request, num_new + max_drafts, is_new=False)  # the stages already hold it
+
+    def _max_drafts(self, request: Request, num_new: int, step: _Step) -> int:
+        """How many drafts this decode step of `request` may verify (0: none): the adaptive
+        rule of `spec_policy.py`, within the step's budget and the request's limits."""
+        spec = self.speculative
+        if spec is None or num_new != 1 or len(self.running) >= spec.batch_size_limit:
+            return 0
+        room = min(step.token_budget - 1,  # the step's tokens
+                   request.max_tokens - request.num_output_tokens - 1,  # outputs after this one
+                   self.config.max_model_len - request.num_tokens)  # positions
+        if room < 1:
+            return 0
+        return min(room, request.draft_history.num_drafts(spec.num_speculative_tokens))
 
     def _admit_waiting(self, step: _Step, make_room: bool) -> None:
         """Admit waiting requests in the policy's order while the step has room; stop at the
@@ -343,6 +412,8 @@ class Scheduler:
         self.num_preemptions += 1
         request.num_computed_tokens = request.num_remote_kv_tokens = 0
         request.num_synced_tokens = request.num_synced_blocks = 0
+        if self.proposer is not None:
+            self.proposer.drop(request.request_id)
         self.waiting.add(request)
 
     def _build_batch(self, scheduled: list[tuple[Request, int, bool]]) -> StepBatch:
@@ -367,6 +438,7 @@ class Scheduler:
                     new_block_ids=block_ids[request.num_synced_blocks:],
                     num_computed_tokens=request.num_computed_tokens,
                     num_new_tokens=num_new,
+                    draft_token_ids=request.draft_token_ids,
                 ))
             prompt_end = min(request.num_prompt_tokens, request.num_computed_tokens + num_new)
             self.num_prompt_tokens_computed += max(0, prompt_end - request.num_computed_tokens)
@@ -387,12 +459,14 @@ class Scheduler:
             if request is not None:
                 request.num_inflight_steps -= 1
         outputs = []
-        for request_id, sampled in zip(output.request_ids, output.sampled):
+        for request_id, rows in output.rows_by_request():
             request = self.requests.get(request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
-            if sampled.error is not None:  # this request alone failed: finish it, go on
-                request.status, request.error = RequestStatus.FINISHED_ERROR, sampled.error
+            drafts, request.draft_token_ids = request.draft_token_ids, []
+            error = next((row.error for row in rows if row.error is not None), None)
+            if error is not None:  # this request alone failed: finish it, go on
+                request.status, request.error = RequestStatus.FINISHED_ERROR, error
                 # A stage may have dropped it before writing this step's KV: keep that KV out
                 # of the prefix cache.
                 valid = step_start.get(request_id, 0)
@@ -401,13 +475,25 @@ class Scheduler:
                 request.num_valid_kv_tokens = valid
                 self.running.remove(request)
                 outputs.append(EngineCoreOutput(request_id, [], finish_reason="error",
-                                                error=sampled.error))
+                                                error=error))
                 continue
-            request.append_token(sampled.token_id)
-            logprobs = None if sampled.logprobs is None else [sampled.logprobs]
+            if drafts:  # the KV of the rejected drafts is recomputed over
+                num_accepted = len(rows) - 1
+                request.num_computed_tokens -= len(drafts) - num_accepted
+                request.draft_history.record(len(drafts), num_accepted)
+                self._count_verification(len(drafts), num_accepted)
+            new_token_ids: list[int] = []
+            logprobs: list[TokenLogprobs] | None = None
+            for row in rows:
+                request.append_token(row.token_id)
+                new_token_ids.append(row.token_id)
+                if row.logprobs is not None:
+                    logprobs = (logprobs or []) + [row.logprobs]
+                if request.is_finished:
+                    break  # a stop token or max_tokens: what follows is dropped
             outputs.append(EngineCoreOutput(
                 request_id=request_id,
-                new_token_ids=[sampled.token_id],
+                new_token_ids=new_token_ids,
                 new_logprobs=logprobs,
                 finish_reason=request.status.finish_reason,
                 stop_reason=request.stop_reason,
@@ -421,6 +507,12 @@ class Scheduler:
             if request is not None and request.is_finished and request.num_inflight_steps == 0:
                 self._release(request)
         return outputs
+
+    def _count_verification(self, num_drafts: int, num_accepted: int) -> None:
+        stats = self.spec_stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += num_drafts
+        stats.num_accepted_tokens += num_accepted
 
     def cancel_step(self, batch: StepBatch) -> list[EngineCoreOutput]:
         """Undo a scheduled batch that never ran (its submission was interrupted): each of its
@@ -452,5 +544,8 @@ class Scheduler:
             self.kv_held[request.request_id] = request  # blocks kept until free_held_kv
         else:
             self.block_manager.free(request.request_id, request.num_valid_kv_tokens)
+        if self.proposer is not None:
+            self.proposer.drop(request.request_id)
         self._finished_ids.append(request.request_id)
         del self.requests[request.request_id]
+

@@ -63,6 +63,31 @@ class _RequestState:
     error: str | None = None  # set once its inputs broke an invariant: it never runs again
 
 
+@dataclass
+class _Scheduled:
+    """One request's part of a step, as this stage runs it."""
+
+    request_id: str
+    state: _RequestState
+    num_computed: int
+    num_new: int
+    drafts: list[int]  # verified by this step, after the request's known tokens
+
+    @property
+    def reaches_end(self) -> bool:
+        """Whether the step computes the request's last known token (and every draft): the
+        last stage samples for it."""
+        return self.num_computed + self.num_new >= len(self.state.token_ids) + len(self.drafts)
+
+    def input_token_ids(self) -> list[int]:
+        """The token ids this step computes: known tokens, then drafts."""
+        known = self.state.token_ids
+        end = self.num_computed + self.num_new
+        if end <= len(known):
+            return known[self.num_computed:end]
+        return known[self.num_computed:] + self.drafts[:end - len(known)]
+
+
 class StageWorker:
     """Holds layers [start, end) of the model; executes steps in submission order.
 
@@ -249,15 +274,17 @@ class StageWorker:
         """Run this stage's layers on the batch. Returns hidden states `[num_tokens, hidden]` to
         pass to the next stage, or, on the last stage, the sampled tokens."""
         self._apply_updates(batch)
-        scheduled = []  # (request id, num computed tokens, num new tokens) of what runs
+        scheduled: list[_Scheduled] = []  # what runs
         dropped = StepOutput(batch.step_id, [], [])  # error rows of the requests that don't
         for item in itertools.chain[NewRequest | CachedRequest](
                 batch.new_requests, batch.cached_requests):
             state = self.requests[item.request_id]
+            drafts = item.draft_token_ids
             error = state.error or self._step_error(state, item.num_computed_tokens,
-                                                    item.num_new_tokens)
+                                                    item.num_new_tokens, drafts)
             if error is None:
-                scheduled.append((item.request_id, item.num_computed_tokens, item.num_new_tokens))
+                scheduled.append(_Scheduled(item.request_id, state, item.num_computed_tokens,
+                                            item.num_new_tokens, drafts))
             else:
                 dropped.request_ids.append(item.request_id)
                 dropped.sampled.append(SampledToken(-1, error=f"invalid step input: {error}"))
@@ -266,15 +293,13 @@ class StageWorker:
                 return torch.empty(0, self.config.model.hidden_size, dtype=self.dtype,
                                    device=self.device)
             return dropped
-        states = [self.requests[rid] for rid, _, _ in scheduled]
-        query_lens = [n for _, _, n in scheduled]
-        computed = [c for _, c, _ in scheduled]
-        sampled_rows = [i for i, (s, c, n) in enumerate(zip(states, computed, query_lens))
-                        if c + n >= len(s.token_ids)]  # a prefill chunk short of the end: none
+        query_lens = [s.num_new for s in scheduled]
+        computed = [s.num_computed for s in scheduled]
+        # a prefill chunk short of the end samples nothing
+        sampled_rows = [i for i, s in enumerate(scheduled) if s.reaches_end]
         token_ids = None
         if self.is_first:
-            token_ids = [t for s, c, n in zip(states, computed, query_lens)
-                         for t in s.token_ids[c:c + n]]
+            token_ids = [t for s in scheduled for t in s.input_token_ids()]
         elif hidden_states is None or hidden_states.shape != (sum(query_lens),
                                                              self.config.model.hidden_size):
             # the stages disagree on the batch: a broken pipeline, not one request's fault
@@ -282,10 +307,13 @@ class StageWorker:
             raise ValueError(f"stage {self.stage_index} got hidden states {shape} for "
                              f"{sum(query_lens)} tokens of step {batch.step_id}")
         ends = list(itertools.accumulate(query_lens))
+        # the last token's logits, and a verification's also at each draft's position
+        logits_indices = [index for i in sampled_rows
+                          for index in range(ends[i] - 1 - len(scheduled[i].drafts), ends[i])]
         inputs = build_step_inputs(
             self.config.execution.attention_backend, token_ids, query_lens, computed,
-            [s.block_ids for s in states], self.config.cache.block_size,
-            [ends[i] - 1 for i in sampled_rows] if self.is_last else [], self.device)
+            [s.state.block_ids for s in scheduled], self.config.cache.block_size,
+            logits_indices if self.is_last else [], self.device)
         if self.graphs is not None and self.graphs.graph_size(inputs) is not None:
             hidden = self.graphs.run(inputs, hidden_states)  # a view of the graphs' output
             if not self.is_last:
@@ -295,8 +323,8 @@ class StageWorker:
                                 inputs.attention)
         if not self.is_last:
             return hidden
-        output = self._sample(batch.step_id, [scheduled[i] for i in sampled_rows],
-                              [states[i] for i in sampled_rows], hidden, inputs.logits_indices)
+        output = self._sample(batch.step_id, [scheduled[i] for i in sampled_rows], hidden,
+                              inputs.logits_indices)
         output.request_ids.extend(dropped.request_ids)
         output.sampled.extend(dropped.sampled)
         return output
@@ -324,43 +352,73 @@ class StageWorker:
                            or _ids_error("block", cached.new_block_ids, num_blocks))
             _log_error(cached.request_id, state.error)
 
-    def _step_error(self, state: _RequestState, num_computed: int, num_new: int) -> str | None:
-        """Why this step of a request cannot run here (its positions fall outside its tokens,
-        its block table or max_model_len), or None."""
+    def _step_error(self, state: _RequestState, num_computed: int, num_new: int,
+                    drafts: list[int]) -> str | None:
+        """Why this step of a request cannot run here (its positions fall outside its tokens
+        and drafts, its block table or max_model_len; drafts out of the vocabulary, or not all
+        verified by the step), or None."""
         end = num_computed + num_new
         block_size = self.config.cache.block_size
         max_model_len = self.config.scheduler.max_model_len
-        if num_computed < 0 or num_new < 1 or end > len(state.token_ids):
+        num_known = len(state.token_ids)
+        if num_computed < 0 or num_new < 1 or end > num_known + len(drafts):
             return (f"positions [{num_computed}, {end}) are not within its "
-                    f"{len(state.token_ids)} tokens")
+                    f"{num_known} tokens and {len(drafts)} drafts")
+        if drafts and (end != num_known + len(drafts) or num_computed >= num_known):
+            return (f"positions [{num_computed}, {end}) do not verify its {len(drafts)} "
+                    f"drafts after its {num_known} tokens")
         if end > max_model_len:
             return f"position {end - 1} is past max_model_len={max_model_len}"
         if end > len(state.block_ids) * block_size:
             return (f"{len(state.block_ids)} KV blocks of {block_size} cannot hold positions "
                     f"up to {end - 1}")
-        return None
+        return _ids_error("draft token", drafts, self.config.model.vocab_size)
 
-    def _sample(self, step_id: int, scheduled: list[tuple[str, int, int]],
-                states: list[_RequestState], hidden: torch.Tensor,
+    def _sample(self, step_id: int, scheduled: list[_Scheduled], hidden: torch.Tensor,
                 logits_indices: torch.Tensor) -> StepOutput:
-        """The last stage's output: a token for each of `scheduled` (the requests whose step
-        reaches the end of their tokens), sampled from the final hidden states at
-        `logits_indices` [len(scheduled)]."""
+        """The last stage's output for `scheduled` (the requests whose step reaches the end of
+        their tokens and drafts), from the final hidden states at `logits_indices` (one row
+        per request, `1 + len(drafts)` for a verification).
+
+        A verification samples the target's token at every draft position exactly as a step
+        without drafts would (the row after draft j sees drafts 1..j as outputs: penalties,
+        min_tokens and a seeded row's position), and keeps the drafts up to the first that
+        differs from the target's token, plus that token (or, all accepted, the one after
+        the last). For drafts that are single proposals (n-gram, a greedy draft model) this is
+        the rejection-sampling rule: draft x is accepted with probability p(x), and a rejection
+        draws from p without x, renormalised; greedy requests get the target's argmax chain."""
         sampler = self.sampler
         if sampler is None:
             raise RuntimeError(f"stage {self.stage_index} is not the last: it has no sampler")
         if not scheduled:
             return StepOutput(step_id, [], [])
-        rows = [SamplingRow(params=state.sampling_params,
-                            prompt_token_ids=state.prompt_token_ids,
-                            output_token_ids=state.output_token_ids,
-                            stop_ids=state.stop_ids) for state in states]
+        rows = []
+        for s in scheduled:
+            state = s.state
+            rows.append(SamplingRow(params=state.sampling_params,
+                                    prompt_token_ids=state.prompt_token_ids,
+                                    output_token_ids=state.output_token_ids,
+                                    stop_ids=state.stop_ids))
+            for j in range(1, len(s.drafts) + 1):  # as if drafts 1..j were outputs
+                rows.append(SamplingRow(params=state.sampling_params,
+                                        prompt_token_ids=state.prompt_token_ids,
+                                        output_token_ids=state.output_token_ids + s.drafts[:j],
+                                        stop_ids=state.stop_ids))
         logits = self.model.compute_logits(hidden[logits_indices])  # [num_rows, vocab]
         try:
             sampled = sampler(logits, rows)
         except Exception:  # find the rows at fault; the others are sampled as usual
             sampled = [_sample_row(sampler, logits[i:i + 1], row) for i, row in enumerate(rows)]
-        return StepOutput(step_id, [request_id for request_id, _, _ in scheduled], sampled)
+        output = StepOutput(step_id, [], [])
+        first = 0
+        for s in scheduled:
+            for j, token in enumerate(sampled[first:first + 1 + len(s.drafts)]):
+                output.request_ids.append(s.request_id)
+                output.sampled.append(token)
+                if token.error is not None or j == len(s.drafts) or token.token_id != s.drafts[j]:
+                    break
+            first += 1 + len(s.drafts)
+        return output
 
 
 def _sample_row(sampler: Sampler, logits: torch.Tensor, row: SamplingRow) -> SampledToken:
