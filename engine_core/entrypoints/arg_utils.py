@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine_core.config import MAX_THREADS_PER_STAGE, DataParallelConfig
+from engine_core.speculative_config import SpeculativeConfig
 
 __all__ = ["INT_MAX", "SEED_MAX", "SEED_MIN", "add_data_parallel_args", "add_engine_args",
            "data_parallel_config", "engine_kwargs", "finite_float", "int_in"]
@@ -121,9 +122,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="share of the GPU's memory for the engine (weights, activations, KV "
                         "cache) when neither --num-kv-blocks nor --kv-cache-memory is given "
                         "(default: %(default)s)")
+    g.add_argument("--speculative-config", type=_speculative_config, default=None,
+                   help="speculative decoding, as JSON with vLLM's keys, e.g. "
+                        "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                        "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1}' or "
+                        "'{\"method\": \"draft_model\", \"model\": \"DIR\", "
+                        "\"num_speculative_tokens\": 4}'")
     g.add_argument("--no-fair-share", dest="fair_share", action="store_false",
                    help="admit sequences in policy order alone, so one request with many "
                         "prompts or a large n may hold every slot while others wait")
+
+
+def _speculative_config(text: str) -> SpeculativeConfig | None:
+    try:
+        return SpeculativeConfig.from_value(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,7 +147,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
              "threads_per_stage", "distributed_executor_backend", "ray_compiled_graph",
              "pipelined_chunked_prefill", "scheduling_policy", "fair_share",
              "attention_backend", "enforce_eager", "cudagraph_capture_sizes",
-             "gpu_memory_utilization"]
+             "gpu_memory_utilization", "speculative_config"]
     kwargs = {name: getattr(args, name) for name in names}
     if kwargs["cudagraph_capture_sizes"] is not None:  # a frozen config holds tuples
         kwargs["cudagraph_capture_sizes"] = tuple(kwargs["cudagraph_capture_sizes"])

@@ -66,12 +66,21 @@ ENGINE_METRICS: tuple[EngineMetric, ...] = (
            "Bytes of pushed KV in the receive buffer now (decode instance)."),
     _gauge("kv_overflow_bytes", "kv_transfer.overflow_bytes",
            "Bytes of pushed KV in the host overflow pool now (decode instance)."),
+    _gauge("spec_decode_mean_accepted_length", "spec_decode.mean_accepted_length",
+           "Tokens a speculative verification step emits on average since start: accepted "
+           "drafts plus the target's own token (1 before any draft)."),
     # counters since start
     _counter("num_preemptions", "num_preemptions",
              "Requests preempted (their KV blocks freed) for lack of blocks."),
     _counter("prompt_tokens_computed", "num_prompt_tokens_computed",
              "Prompt tokens run through the model (not taken from the prefix cache or another "
              "instance)."),
+    _counter("spec_decode_num_drafts", "spec_decode.num_drafts",
+             "Speculative verification steps: a request's step that verified drafts."),
+    _counter("spec_decode_num_draft_tokens", "spec_decode.num_draft_tokens",
+             "Draft tokens proposed and verified."),
+    _counter("spec_decode_num_accepted_tokens", "spec_decode.num_accepted_tokens",
+             "Draft tokens accepted by the target model."),
     _counter("kv_transfer_sent_tokens", "kv_transfer.sent_tokens",
              "Tokens whose KV this instance sent."),
     _counter("kv_transfer_received_tokens", "kv_transfer.received_tokens",
