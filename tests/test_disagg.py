@@ -111,14 +111,15 @@ MAX_TOKENS = 8
 
 
 def _engine(model_dir, role=None, lease_ttl_s=30.0, send_type="GET", pipeline_parallel_size=1,
-            num_kv_blocks=64, max_model_len=128, **kv):
+            num_kv_blocks=64, max_model_len=128, speculative_config=None, **kv):
     """An engine in-process, or with `pipeline_parallel_size` > 1 on Ray (one thread a stage).
     `kv`: more KVTransferConfig fields (kv_buffer_size, kv_overflow_size)."""
     pp = {} if pipeline_parallel_size == 1 else {
         "pipeline_parallel_size": pipeline_parallel_size, "distributed_executor_backend": "ray",
         "threads_per_stage": 1}
     config = EngineArgs(model=model_dir, dtype="float32", block_size=BLOCK,
-                        num_kv_blocks=num_kv_blocks, max_model_len=max_model_len, **pp).resolve()
+                        num_kv_blocks=num_kv_blocks, max_model_len=max_model_len,
+                        speculative_config=speculative_config, **pp).resolve()
     executor = make_executor(config)
     connector = None
     try:
@@ -195,6 +196,42 @@ def test_prefill_then_decode_is_token_identical(model_and_prompts, send_type):
 
 
 NUM_TRANSFERS = sum((n - 1) // BLOCK > 0 for n in PROMPT_LENGTHS)  # prompts of 2+ blocks
+
+
+def test_a_speculating_decode_instance_is_token_identical(model_and_prompts):
+    """D decodes with n-gram speculation from P's KV (P does not speculate): the same tokens as
+    one engine without it, drafts verified on D, every block free afterwards."""
+    model_dir, _, _ = model_and_prompts
+    pattern = [5, 6, 7, 8, 9, 10]
+    prompts = [pattern * 4, [3] + pattern * 3, [11, 12] + pattern * 2]
+    single = _engine(model_dir)
+    try:
+        reference = _run(single, [_request(f"r{i}", pr, 24) for i, pr in enumerate(prompts)])
+    finally:
+        single.shutdown()
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1}
+    p = _engine(model_dir, "kv_producer")
+    try:
+        d = _engine(model_dir, "kv_consumer", speculative_config=spec)
+    except BaseException:
+        p.shutdown()
+        raise
+    try:
+        first = _run(p, [_request(f"r{i}", pr, 1, do_remote_decode=True)
+                         for i, pr in enumerate(prompts)])
+        decoded = _run(d, [_request(rid, prompts[int(rid[1:])], 24,
+                                    kv_transfer_params=out.kv_transfer_params)
+                           for rid, (_, out) in first.items()])
+        for rid, (tokens, _) in decoded.items():
+            assert tokens == reference[rid][0], rid
+        assert d.stats().kv_transfer.received_tokens > 0  # D decoded from P's KV
+        assert d.stats().spec_decode.num_draft_tokens > 0
+        assert p.stats().spec_decode.num_drafts == 0
+        assert _settle(p) and _settle(d)
+    finally:
+        p.shutdown()
+        d.shutdown()
 
 
 @pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
