@@ -39,7 +39,7 @@ import zmq
 
 from engine_core.config import EngineArgs, EngineConfig, config_mismatch
 from engine_core.engine import EngineCore
-from engine_core.executors.factory import make_executor
+from engine_core.executors.factory import make_executor, make_proposer
 from engine_core.messages import (
     AbortRequests,
     EngineCoreOutput,
@@ -151,8 +151,10 @@ def _error_type(exc: BaseException) -> str:
 
 
 def _make_engine(config: EngineConfig) -> EngineCore:
-    """The engine core, with a KV connector when it is a prefill/decode instance."""
+    """The engine core, with its draft proposer when it speculates with a draft model, and a
+    KV connector when it is a prefill/decode instance."""
     executor = make_executor(config)
+    proposer = make_proposer(config, executor)  # shuts the executor down if it raises
     connector = None
     if config.kv_transfer is not None:
         from engine_core.kv_transfer.connector import KVConnector
@@ -163,9 +165,11 @@ def _make_engine(config: EngineConfig) -> EngineCore:
                                     lease_ttl_s=config.kv_transfer.lease_ttl_s,
                                     zmq_keys=config.kv_transfer.zmq_keys)
         except BaseException:
+            if proposer is not None:
+                proposer.shutdown()
             executor.shutdown()
             raise
-    return EngineCore(config, executor, kv_connector=connector)
+    return EngineCore(config, executor, kv_connector=connector, proposer=proposer)
 
 
 class ConfigMismatchError(ValueError):

@@ -25,7 +25,7 @@ from engine_core.entrypoints.input_processor import (
 )
 from engine_core.entrypoints.interrupts import DeferredInterrupt
 from engine_core.entrypoints.output_processor import OutputProcessor
-from engine_core.executors.factory import make_executor
+from engine_core.executors.factory import make_executor, make_proposer
 from engine_core.models import load_tokenizer
 from engine_core.outputs import RequestOutput
 from engine_core.sampling_params import SamplingParams
@@ -79,7 +79,9 @@ class LLM:
                 self.engine_args, dp, transport=engine_transport, zmq_keys=zmq_keys,
                 insecure_tcp=insecure_tcp))
         else:
-            self.engine = EngineCore(self.config, make_executor(self.config))
+            executor = make_executor(self.config)
+            self.engine = EngineCore(self.config, executor,
+                                     proposer=make_proposer(self.config, executor))
         self.input_processor = InputProcessor(self.config, self.tokenizer)
         self._closed = False
         self.processor = OutputProcessor(self.tokenizer)
