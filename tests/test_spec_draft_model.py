@@ -129,6 +129,23 @@ def test_seeded_sampling_is_unchanged_by_the_draft(target, plain_case):
         assert (drafted > 0) == (spec is not None)
     assert got[True] == got[False]
 
+
+def test_triton_backend_matches(target, unrelated_draft):
+    """The draft runs on the target's attention backend (the GPU's layout; on a CPU the
+    kernels run under Triton's interpreter, so this stays small)."""
+    prompts = make_prompts(VOCAB, lengths=[3, 20])
+    expected = hf_greedy(target, prompts, 10)
+    for draft in (target, unrelated_draft):
+        llm = LLM(target, dtype="float32", device="cpu", attention_backend="triton",
+                  speculative_config=_spec(draft, k=3))
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                               SamplingParams(temperature=0.0, max_tokens=10), use_tqdm=False)
+        spec = llm.engine.stats().spec_decode
+        llm.shutdown()
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        assert spec.num_draft_tokens > 0
+        assert (spec.num_accepted_tokens == spec.num_draft_tokens) == (draft == target)
+
 # ---- the proposer on its own ------------------------------------------------------------------
 def _config(target: str, draft: str, **engine_kwargs) -> EngineConfig:
     return EngineArgs(model=target, dtype="float32", device="cpu",
