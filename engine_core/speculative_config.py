@@ -57,12 +57,15 @@ class SpeculativeConfig:
                 raise ValueError("speculative_config: model is for method 'draft_model'; "
                                  "'ngram' proposes from the request's own tokens")
             low, high = self.prompt_lookup_min, self.prompt_lookup_max
+            # checked as given, before one fills in for the other: the error names the key set
+            if low is not None:
+                _check_int("prompt_lookup_min", low, 1)
+            if high is not None:
+                _check_int("prompt_lookup_max", high, 1)
             if low is None and high is None:
                 low = high = 5  # vLLM's default
             low = high if low is None else low
             high = low if high is None else high
-            _check_int("prompt_lookup_min", low, 1)
-            _check_int("prompt_lookup_max", high, 1)
             if low > high:  # type: ignore[operator]
                 raise ValueError(f"speculative_config: prompt_lookup_min ({low}) must be <= "
                                  f"prompt_lookup_max ({high})")
