@@ -33,8 +33,9 @@ prefill instance a finished `do_remote_decode` request keeps its blocks (`kv_hel
 `free_held_kv`.
 
 Speculative decoding (`speculative_config.py`, `spec_policy.py`): a running request about to
-decode may get drafts from the proposer; its step then computes `1 + len(drafts)` tokens and
-counts them all as computed while in flight. When it returns, the accepted tokens are appended
+decode may get drafts from the proposer, once every running request has its next tokens, from
+the budget and free blocks left (drafts never preempt, nor delay another request); its step
+then computes `1 + len(drafts)` tokens and counts them all as computed while in flight. When it returns, the accepted tokens are appended
 and the computed count rolls back to the KV that is valid: the drafts that were rejected are
 recomputed over (their blocks stay with the request) and were never hashed (hashes only cover
 `all_token_ids`), so the prefix cache never holds KV of a rejected token.
@@ -251,7 +252,9 @@ class Scheduler:
                 step.scheduled[index] = (request, num_new - unused, is_new)
 
     def _schedule_running(self, step: _Step) -> None:
-        """Every running request's next tokens, in admission order, while the step has room."""
+        """Every running request's next tokens, in admission order, while the step has room;
+        then drafts for the decode steps among them, from what is left (`_add_drafts`)."""
+        decoding: list[int] = []  # indexes in step.scheduled of decode steps that may speculate
         for request in list(self.running):
             if not step.has_room():
                 break
@@ -264,28 +267,47 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, step.token_budget)
             if num_new <= 0:
                 continue  # its step is in flight
-            max_drafts = self._max_drafts(request, num_new, step)
-            drafts: list[int] = []
-            if max_drafts and self.proposer is not None and not self.proposer.needs_blocks:
-                drafts = self.proposer.propose([DraftRequest(
-                    request.request_id, request.all_token_ids, max_drafts, [])])[0][:max_drafts]
-                max_drafts = len(drafts)
-            if max_drafts and self._allocate(request, num_new + max_drafts) is None:
-                drafts, max_drafts = [], 0  # drafts never preempt anyone: go without
-            if not self._allocate_or_preempt(request, num_new + max_drafts):
+            if not self._allocate_or_preempt(request, num_new):
                 continue  # waits for blocks (or was itself preempted)
-            request.draft_token_ids = drafts
-            if max_drafts and not drafts:  # the proposer runs once the step is picked
-                self._to_propose.append((request, max_drafts))
-            step.add(request, num_new + max_drafts, is_new=False)  # the stages already hold it
+            request.draft_token_ids = []
+            if num_new == 1 and self.speculative is not None:
+                decoding.append(len(step.scheduled))
+            step.add(request, num_new, is_new=False)  # the stages already hold it
+        for index in decoding:
+            self._add_drafts(step, index)
 
-    def _max_drafts(self, request: Request, num_new: int, step: _Step) -> int:
-        """How many drafts this decode step of `request` may verify (0: none): the adaptive
-        rule of `spec_policy.py`, within the step's budget and the request's limits."""
+    def _add_drafts(self, step: _Step, index: int) -> None:
+        """Drafts for the decode step `step.scheduled[index]`, from the token budget and the free
+        blocks that every running request's own next tokens left: drafts never preempt anyone,
+        nor take a block or a token from another running request. A proposer with
+        `needs_blocks` gets the request's room reserved here and proposes once the step is
+        picked (`_propose_with_blocks`)."""
+        assert self.proposer is not None
+        request, num_new, is_new = step.scheduled[index]
+        max_drafts = self._max_drafts(request, step.token_budget)
+        if not max_drafts:
+            return
+        drafts: list[int] = []
+        if not self.proposer.needs_blocks:
+            drafts = self.proposer.propose([DraftRequest(
+                request.request_id, request.all_token_ids, max_drafts, [])])[0][:max_drafts]
+            max_drafts = len(drafts)
+        if not max_drafts or self._allocate(request, num_new + max_drafts) is None:
+            return  # no drafts, or no free blocks for them: go without
+        request.draft_token_ids = drafts
+        if not drafts:  # the proposer runs once the step is picked
+            self._to_propose.append((request, max_drafts))
+        step.scheduled[index] = (request, num_new + max_drafts, is_new)
+        step.token_budget -= max_drafts
+
+    def _max_drafts(self, request: Request, token_budget: int) -> int:
+        """How many drafts the decode step of `request` (already scheduled, its one token
+        counted) may verify (0: none): the adaptive rule of `spec_policy.py`, within the
+        `token_budget` left and the request's limits."""
         spec = self.speculative
-        if spec is None or num_new != 1 or len(self.running) >= spec.batch_size_limit:
+        if spec is None or len(self.running) >= spec.batch_size_limit:
             return 0
-        room = min(step.token_budget - 1,  # the step's tokens
+        room = min(token_budget,  # the step's tokens
                    request.max_tokens - request.num_output_tokens - 1,  # outputs after this one
                    self.config.max_model_len - request.num_tokens)  # positions
         if room < 1:
