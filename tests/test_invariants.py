@@ -186,6 +186,65 @@ def test_checked_output_skips_chunks_that_sample_nothing() -> None:
     assert checked.request_ids == []
 
 
+def _verifying_batch(drafts_of: dict[str, list[int]]):
+    """A batch of decode steps of prompt [1, 2, 3] + output [4], each verifying its drafts."""
+    requests, cached = {}, []
+    for request_id, drafts in drafts_of.items():
+        request = Request(EngineCoreRequest(request_id, [1, 2, 3], SamplingParams(max_tokens=9)),
+                          max_model_len=32)
+        request.append_token(4)
+        request.status = RequestStatus.RUNNING
+        requests[request_id] = request
+        cached.append(CachedRequest(request_id, [4], [], 3, 1 + len(drafts), list(drafts)))
+    return StepBatch(3, [], cached, []), requests
+
+
+@pytest.mark.parametrize(("rows", "error"), [
+    ([5, 6, 7, 8], "4 tokens for a step with 2 drafts"),  # more rows than 1 + drafts
+    ([6, 9], "not the step's drafts"),  # an accepted row that is not the first draft
+    ([5, 7, 9], "not the step's drafts"),  # the second accepted row is not the second draft
+    ([5, VOCAB], "outside the vocabulary"),  # the target's token out of range
+])
+def test_rows_that_break_the_draft_rule_fail_only_their_request(rows, error) -> None:
+    batch, requests = _verifying_batch({"ok": [5, 6], "bad": [5, 6], "plain": []})
+    output = StepOutput(3, ["ok", "ok", "bad"] + ["bad"] * (len(rows) - 1) + ["plain"],
+                        [SampledToken(5), SampledToken(11), *map(SampledToken, rows),
+                         SampledToken(12)])
+    checked = checked_step_output(batch, output, requests, VOCAB)
+    assert checked.request_ids == ["ok", "ok", "bad", "plain"]
+    assert [t.token_id for t in checked.sampled] == [5, 11, -1, 12]
+    assert error in checked.sampled[2].error
+
+
+@pytest.mark.parametrize("rows", [[9], [5, 9], [5, 6, 9], [5, 6]])
+def test_rows_within_the_draft_rule_pass(rows) -> None:
+    batch, requests = _verifying_batch({"a": [5, 6]})
+    output = StepOutput(3, ["a"] * len(rows), [SampledToken(t) for t in rows])
+    checked = checked_step_output(batch, output, requests, VOCAB)
+    assert checked.request_ids == ["a"] * len(rows)
+    assert [t.token_id for t in checked.sampled] == rows
+
+
+def test_two_rows_for_a_step_without_drafts_fail_its_request() -> None:
+    batch, requests = _verifying_batch({"a": [], "b": [7]})
+    output = StepOutput(3, ["a", "a", "b"], [SampledToken(5), SampledToken(6), SampledToken(8)])
+    checked = checked_step_output(batch, output, requests, VOCAB)
+    assert checked.request_ids == ["a", "b"]
+    assert checked.sampled[0].token_id == -1 and "0 drafts" in checked.sampled[0].error
+    assert checked.sampled[1] == SampledToken(8)
+
+
+def test_an_error_in_an_accepted_row_fails_the_request_with_that_error() -> None:
+    batch, requests = _verifying_batch({"a": [5, 6], "b": [5]})
+    output = StepOutput(3, ["a", "a", "b", "b"], [
+        SampledToken(5), SampledToken(-1, error="sampling failed: boom"),
+        SampledToken(5), SampledToken(7)])
+    checked = checked_step_output(batch, output, requests, VOCAB)
+    assert checked.request_ids == ["a", "b", "b"]
+    assert checked.sampled[0] == SampledToken(-1, error="sampling failed: boom")
+    assert [t.token_id for t in checked.sampled[1:]] == [5, 7]
+
+
 def test_a_malformed_output_fails_the_step() -> None:
     batch, requests = _batch_and_requests(1)
     with pytest.raises(RuntimeError, match="step 8"):
