@@ -62,13 +62,13 @@ def prefill(scheduler: Scheduler, first_tokens: dict[str, int]) -> None:
         complete(scheduler, batch, done)
 
 
-def real_block_hashes(token_lists: Iterable[Sequence[int]]) -> set[bytes]:
+def real_block_hashes(token_lists: Iterable[Sequence[int]], block_size: int) -> set[bytes]:
     """The chained hashes of every full block of these token sequences."""
     hashes = set()
     for tokens in token_lists:
         parent = b""
-        for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
-            parent = hash_block_tokens(parent, tokens[start:start + BLOCK])
+        for start in range(0, len(tokens) - block_size + 1, block_size):
+            parent = hash_block_tokens(parent, tokens[start:start + block_size])
             hashes.add(parent)
     return hashes
 
@@ -78,7 +78,7 @@ def assert_cache_holds_real_tokens(block_manager: KVBlockManager,
     """Every hash in the prefix cache is that of a block of real tokens of some request (never
     of a draft), and names the block that carries it."""
     cached = block_manager._cached
-    assert set(cached) <= real_block_hashes(token_lists)
+    assert set(cached) <= real_block_hashes(token_lists, block_manager.block_size)
     for block_hash, block_id in cached.items():
         assert block_manager._blocks[block_id].block_hash == block_hash
 

@@ -2,7 +2,9 @@
 
 It detokenizes incrementally, applies stop strings (the engine core never sees text: a stop string
 match makes the front-end abort the request in the core), builds logprob dicts and joins the n
-sequences of a request. The engine core knows each sequence as its own request, with id
+sequences of a request. An output of several tokens (speculative decoding's accepted drafts) is
+taken token by token when stop strings are set, so a sequence ends exactly where it would have
+without speculation. The engine core knows each sequence as its own request, with id
 `"{index}_{request_id}"` when n > 1. A sequence whose processing raises (a detokenizer or
 stop-string failure) finishes alone with finish_reason "error"; the others are unaffected.
 """
@@ -103,8 +105,7 @@ class OutputProcessor:
             if seq.output.finish_reason is not None:
                 continue
             try:
-                self._append(seq, out)
-                if seq.output.finish_reason is None and self._check_stop_strings(seq):
+                if self._apply(seq, out) and out.finish_reason is None:
                     to_abort.append(out.request_id)
             except Exception as exc:  # this sequence alone fails; the others go on
                 logger.exception("processing the output of %s failed", out.request_id)
@@ -125,6 +126,32 @@ class OutputProcessor:
                 output.finished = True
                 del self._requests[request_id]
         return list(changed.values()), to_abort
+
+    def _apply(self, seq: _Sequence, out: EngineCoreOutput) -> bool:
+        """Append one output of a sequence and apply its stop strings. True if a stop string
+        ended it. An output of several tokens (accepted speculative drafts) is taken token by
+        token when stop strings are set, as the tokens would have come without speculation: the
+        sequence ends at the token that completed a stop string, the tokens (and logprobs)
+        after it dropped, and the core's finish reason counts only if no stop string came
+        first."""
+        tokens = out.new_token_ids
+        if len(tokens) <= 1 or not seq.params.stop:
+            self._append(seq, out)
+            return seq.output.finish_reason is None and self._check_stop_strings(seq)
+        logprobs = out.new_logprobs
+        if logprobs is not None and len(logprobs) != len(tokens):
+            raise ValueError(f"{len(logprobs)} logprobs for {len(tokens)} tokens")
+        last = len(tokens) - 1
+        for i, token in enumerate(tokens):
+            one = EngineCoreOutput(out.request_id, [token],
+                                   None if logprobs is None else logprobs[i:i + 1])
+            if i == last:  # the core's verdict comes with its last token
+                one.finish_reason, one.stop_reason, one.error = (out.finish_reason,
+                                                                 out.stop_reason, out.error)
+            self._append(seq, one)
+            if seq.output.finish_reason is None and self._check_stop_strings(seq):
+                return True
+        return False
 
     def _append(self, seq: _Sequence, out: EngineCoreOutput) -> None:
         completion = seq.output
