@@ -70,6 +70,38 @@ def test_pp3_uneven_chunked_pipelined_preemption(ray_cluster, case):
     assert got == expected
 
 
+def test_pp3_speculative_decoding_matches_transformers(ray_cluster, case):
+    """n-gram drafts verified across three actor stages, under chunked prefill and preemption:
+    greedy as transformers, seeded sampling as the engine without drafts, nothing leaked."""
+    from tests.test_scheduler_spec import assert_cache_holds_real_tokens
+    from tests.test_spec_decode import SPEC, repeating_prompts
+
+    model_dir, _, _ = case
+    prompts = repeating_prompts(512)
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
+    got, llm = engine_greedy(model_dir, prompts, MAX_TOKENS, pipeline_parallel_size=3,
+                             pp_layer_partition="2,1,1", threads_per_stage=1,
+                             speculative_config=SPEC, max_num_batched_tokens=32, block_size=4,
+                             num_kv_blocks=25, max_model_len=96)
+    seeded = [SamplingParams(temperature=0.9, top_k=50, seed=100 + i, max_tokens=16,
+                             ignore_eos=True) for i in range(len(prompts))]
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    sampled = [o.outputs[0].token_ids for o in llm.generate(inputs, seeded, use_tqdm=False)]
+    engine = llm.engine
+    stats, preemptions = engine.stats().spec_decode, engine.scheduler.num_preemptions
+    free, usable = engine.block_manager.num_free_blocks, engine.block_manager.num_usable_blocks
+    assert_cache_holds_real_tokens(engine.block_manager, [p + e for p, e in zip(prompts, expected)]
+                                   + [p + t for p, t in zip(prompts, sampled)])
+    llm.shutdown()
+    plain = LLM(model_dir, dtype="float32")
+    want = [o.outputs[0].token_ids for o in plain.generate(inputs, seeded, use_tqdm=False)]
+    plain.shutdown()
+    assert got == expected
+    assert sampled == want
+    assert stats.num_draft_tokens > stats.num_accepted_tokens > 0
+    assert preemptions > 0 and free == usable
+
+
 def test_pp2_compiled_graph_matches(ray_cluster, case):
     model_dir, prompts, expected = case
     got, llm = engine_greedy(model_dir, prompts, MAX_TOKENS, pipeline_parallel_size=2,
