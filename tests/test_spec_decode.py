@@ -171,6 +171,19 @@ def test_greedy_matches_transformers_in_every_regime(checkpoint_factory, family,
     llm.shutdown()
 
 
+def test_greedy_matches_transformers_on_the_triton_backend(checkpoint_factory) -> None:
+    """The verification step through the Triton attention kernels (interpreted on a CPU: one
+    family, they are slow)."""
+    model_dir = checkpoint_factory("llama")
+    prompts = repeating_prompts(512)
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
+    llm = make_llm(model_dir, attention_backend="triton", block_size=4)
+    assert token_ids(llm, prompts, greedy()) == expected
+    assert_drafts_accepted_and_rejected(llm)
+    assert_clean(llm, [p + e for p, e in zip(prompts, expected)])
+    llm.shutdown()
+
+
 # ---- where a request ends ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def loop_case(checkpoint_factory):
@@ -208,6 +221,24 @@ def test_stop_token_ids_and_max_tokens_end_the_output_where_greedy_does(loop_cas
     for output, e, n in zip(outputs, expected, lengths):
         assert (output.outputs[0].token_ids, output.outputs[0].finish_reason) == (e[:n], "length")
     assert any(o.finish_reason == "length" and len(o.new_token_ids) > 1 for _, o in recorded)
+    assert_drafts_accepted_and_rejected(llm)
+    assert_clean(llm, [p + e for p, e in zip(prompts, expected)])
+    llm.shutdown()
+
+
+def test_max_model_len_ends_the_output_where_it_does_without_drafts(loop_case) -> None:
+    """No max_tokens: each request runs to max_model_len, its last steps' drafts bounded by
+    it."""
+    model_dir, prompts, expected = loop_case
+    max_model_len = max(len(p) for p in prompts) + 4
+    assert all(max_model_len - len(p) <= MAX_TOKENS for p in prompts)
+    llm = make_llm(model_dir, max_model_len=max_model_len)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None),
+                           use_tqdm=False)
+    for prompt, output, e in zip(prompts, outputs, expected):
+        out = output.outputs[0]
+        assert (out.token_ids, out.finish_reason) == (e[:max_model_len - len(prompt)], "length")
     assert_drafts_accepted_and_rejected(llm)
     assert_clean(llm, [p + e for p, e in zip(prompts, expected)])
     llm.shutdown()
