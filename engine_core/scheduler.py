@@ -34,12 +34,12 @@ prefill instance a finished `do_remote_decode` request keeps its blocks (`kv_hel
 
 Speculative decoding (`speculative_config.py`, `spec_policy.py`): a running request about to
 decode may get drafts from the proposer, once every running request has its next tokens, from
-the budget and free blocks left (drafts never preempt, nor slow another running request); its step
-then computes `1 + len(drafts)` tokens and counts them all as computed while in flight. When
-it returns, the accepted tokens are appended and the computed count rolls back to the KV that
-is valid: the drafts that were rejected are recomputed over (their blocks stay with the
-request) and were never hashed (hashes only cover `all_token_ids`), so the prefix cache never
-holds KV of a rejected token.
+the budget and free blocks left (drafts never preempt, nor take a token or a block from another
+running request); its step then computes `1 + len(drafts)` tokens and counts them all as
+computed while in flight. When it returns, the accepted tokens are appended and the computed
+count rolls back to the KV that is valid: the drafts that were rejected are recomputed over
+(their blocks stay with the request) and were never hashed (hashes only cover `all_token_ids`),
+so the prefix cache never holds KV of a rejected token.
 """
 
 from __future__ import annotations
