@@ -399,6 +399,25 @@ def test_an_output_of_several_tokens_stops_at_the_token_that_completes_a_stop_st
     assert to_abort == ["r"] and output.finished
 
 
+def test_a_stop_string_completed_by_the_last_token_wins_over_max_tokens(text_model) -> None:
+    """As in vLLM: the token that reaches max_tokens also completes a stop string, so the text
+    ends at the stop string and finish_reason is "stop" (one token or several at once)."""
+    tokenizer = load_tokenizer(text_model)
+    ids = tokenizer.encode("ab cd ef gh", add_special_tokens=False)
+    stop = tokenizer.decode(ids[-2:])
+    for outputs in ([EngineCoreOutput("r", [t], None, "length" if i == len(ids) - 1 else None)
+                     for i, t in enumerate(ids)], [EngineCoreOutput("r", ids, None, "length")]):
+        processor = OutputProcessor(tokenizer)
+        processor.add_request("r", "p", [EngineCoreRequest("r", [5, 6], SamplingParams(
+            stop=[stop]))])
+        for output in outputs:
+            changed, to_abort = processor.process([output])
+            assert to_abort == []  # the core finished it already
+        out = changed[-1].outputs[0]
+        assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+        assert out.text == tokenizer.decode(ids)[:-len(stop)] and changed[-1].finished
+
+
 @pytest.mark.parametrize("pp", [1, 2])
 def test_stop_strings_end_the_output_where_they_do_without_drafts(text_model, pp) -> None:
     plain_llm = make_llm(text_model, speculate=False)

@@ -137,7 +137,7 @@ class OutputProcessor:
         tokens = out.new_token_ids
         if len(tokens) <= 1 or not seq.params.stop:
             self._append(seq, out)
-            return seq.output.finish_reason is None and self._check_stop_strings(seq)
+            return _stop_strings_apply(seq) and self._check_stop_strings(seq)
         logprobs = out.new_logprobs
         if logprobs is not None and len(logprobs) != len(tokens):
             raise ValueError(f"{len(logprobs)} logprobs for {len(tokens)} tokens")
@@ -149,7 +149,7 @@ class OutputProcessor:
                 one.finish_reason, one.stop_reason, one.error = (out.finish_reason,
                                                                  out.stop_reason, out.error)
             self._append(seq, one)
-            if seq.output.finish_reason is None and self._check_stop_strings(seq):
+            if _stop_strings_apply(seq) and self._check_stop_strings(seq):
                 return True
         return False
 
@@ -198,3 +198,10 @@ class OutputProcessor:
                 result[token_id] = Logprob(logprob, rank, decoded)
         return result
 
+
+
+def _stop_strings_apply(seq: _Sequence) -> bool:
+    """Whether the sequence's text may still end at a stop string: it runs, or its last token
+    reached max_tokens (as in vLLM, a stop string that token completed wins: finish_reason
+    "stop"); not after a stop token, an error or an abort."""
+    return seq.output.finish_reason in (None, "length")
