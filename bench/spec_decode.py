@@ -18,7 +18,9 @@ measures is that turning speculation on costs nothing there). Target: spec >= 0.
 `--batch-sizes`: the code prompts at each batch size b (`max_num_seqs=b`; max(b,
 `--num-prompts`) requests, rounded up to a multiple of b, so every batch runs full), with
 `disable_by_batch_size` far above any b (speculation always on): where speculation stops paying
-on this machine, to choose `DEFAULT_DISABLE_BY_BATCH_SIZE`.
+on this machine, to choose `DEFAULT_DISABLE_BY_BATCH_SIZE`. On the default model (5.8M
+parameters, a step mostly fixed costs) or, `--sweep-model standard`, on the standard workload's
+150M one (a step mostly matmuls; random weights, so its acceptance is its own).
 
 Speculation: {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4,
 "prompt_lookup_min": 1}. Every measurement builds its own `LLM` (shut down after), warms it up
@@ -207,6 +209,9 @@ def main() -> None:
                         help="code and standard workloads (default: the engine's)")
     parser.add_argument("--batch-sizes", default=None,
                         help="comma-separated: run the batch-size sweep instead")
+    parser.add_argument("--sweep-model", choices=["default", "standard"], default="default",
+                        help="the sweep's model: the shipped default one, or the standard "
+                             "workload's 150M random one (same prompt ids)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads} k={args.k} rounds={args.rounds} "
@@ -215,12 +220,13 @@ def main() -> None:
     if args.batch_sizes:
         speculative = spec_config(args.k, ALWAYS_SPECULATE)
         sizes = [int(b) for b in args.batch_sizes.split(",")]
+        model = standard_model_dir() if args.sweep_model == "standard" else None
         for dtype in args.dtypes:
             for b in sizes:
                 n = -(-max(b, args.num_prompts) // b) * b
-                setting = Setting(None, tuple(map(tuple, code_prompt_ids(count=n))),
+                setting = Setting(model, tuple(map(tuple, code_prompt_ids(count=n))),
                                   args.output_len, dtype, max_num_seqs=b)
-                label = f"code, batch {b} ({n} requests), {dtype}"
+                label = f"code, {args.sweep_model} model, batch {b} ({n} requests), {dtype}"
                 lines.append(summary(label, compare(label, setting, speculative, args.rounds),
                                      "spec always on"))
         print("\n".join(lines))

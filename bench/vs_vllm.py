@@ -28,6 +28,7 @@ prefix caching off, n-gram speculation on both with the same settings ({"method"
 "num_speculative_tokens": K, "prompt_lookup_max": 4, "prompt_lookup_min": 1}). It prints output
 tokens/s of each, the median ratio, both engines' acceptance (vLLM's from its
 `vllm:spec_decode_*` counters) and how many requests' outputs the two engines agree on.
+`--spec --spec-off`: the same workload without speculation on either, for reference.
 """
 
 from __future__ import annotations
@@ -186,8 +187,9 @@ def main_spec(args: argparse.Namespace, env: dict[str, str]) -> None:
     from bench.code_prompts import code_prompt_ids
 
     model = default_model_dir()
-    spec = json.dumps({"method": "ngram", "num_speculative_tokens": args.k,
-                       "prompt_lookup_max": 4, "prompt_lookup_min": 1})
+    spec = "null" if args.spec_off else json.dumps(
+        {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4,
+         "prompt_lookup_min": 1})
     print(f"spec: dtype={args.dtype} model={model} {len(code_prompt_ids())} code prompts, "
           f"batch 1, {args.spec_output_len} tokens each, speculative_config={spec} "
           f"vllm={args.vllm_python}", flush=True)
@@ -220,8 +222,8 @@ def main_spec(args: argparse.Namespace, env: dict[str, str]) -> None:
                   f"{_acceptance(results['ours'].get('SPEC'))}), vLLM-CPU {theirs:7.1f} tok/s "
                   f"({_acceptance(results['vllm'].get('SPEC'))}), ratio {ours / theirs:.2f}x, "
                   f"same outputs {same}/{len(a)}", flush=True)
-    print(f"spec, batch 1: pp-engine / vLLM-CPU, median of {len(ratios)} rounds: "
-          f"{statistics.median(ratios):.2f}x (target >= 1.2x)")
+    print(f"spec{' off' if args.spec_off else ''}, batch 1: pp-engine / vLLM-CPU, median of "
+          f"{len(ratios)} rounds: {statistics.median(ratios):.2f}x (target >= 1.2x)")
 
 
 def serve_round(server: list[str], port: int, args: argparse.Namespace, tokenizer: str,
@@ -304,6 +306,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="--spec: num_speculative_tokens")
     parser.add_argument("--spec-output-len", type=int, default=256,
                         help="--spec: tokens per request")
+    parser.add_argument("--spec-off", action="store_true",
+                        help="--spec's workload with speculation off on both (the reference)")
     args = parser.parse_args()
     # vLLM-CPU reserves a core for its front-end by default (one compute thread on 2 cores);
     # give it every core, as pp-engine has
