@@ -3,9 +3,9 @@
 Speculation pays when the drafts are accepted and the step is not already compute bound, so
 the scheduler proposes drafts for a request only when all of these hold:
 
-1. fewer than `speculative_config.disable_by_batch_size` requests are running (default 32: on
-   a CPU, where speculation about breaks even): a larger batch fills the matmuls by itself, and every draft token is one more row to
-   compute;
+1. fewer than `speculative_config.disable_by_batch_size` requests are running (default 32:
+   on a CPU, where speculation about breaks even): a larger batch fills the matmuls by itself,
+   and every draft token is one more row to compute;
 2. the request is not pausing: a request whose drafts keep being rejected (its acceptance
    estimate falls below `MIN_ACCEPTANCE`) stops proposing for 1, 2, 4, ... up to 64 decode
    steps, doubling each time it fails again, then probes once more;
