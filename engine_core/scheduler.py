@@ -313,7 +313,8 @@ class Scheduler:
                    self.config.max_model_len - request.num_tokens)  # positions
         if room < 1:
             return 0
-        return min(room, request.draft_history.num_drafts(spec.num_speculative_tokens))
+        return min(room, request.draft_history.num_drafts(spec.num_speculative_tokens,
+                                                          len(self.running)))
 
     def _admit_waiting(self, step: _Step, make_room: bool) -> None:
         """Admit waiting requests in the policy's order while the step has room; stop at the

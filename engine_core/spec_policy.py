@@ -12,7 +12,9 @@ the scheduler proposes drafts for a request only when all of these hold:
 3. the step has token budget for at least one draft, and the request room for another token
    (`max_tokens`, `max_model_len`).
 
-It then asks for about as many drafts as it expects to get accepted, plus one: with acceptance
+It then asks for `num_speculative_tokens` drafts while at most `SMALL_BATCH` requests are
+running (a step that small costs the same with a few more rows: every draft is a free chance);
+in a larger batch, about as many drafts as it expects to get accepted, plus one: with acceptance
 estimate `a` (each draft accepted with probability `a`, an exponential average over its
 verifications), `ceil(a / (1 - a)) + 1`, between 1 and `num_speculative_tokens`.
 """
@@ -27,6 +29,7 @@ __all__ = ["DraftHistory"]
 INITIAL_ACCEPTANCE = 0.6  # a new request's (and a resumed one's) acceptance estimate
 MIN_ACCEPTANCE = 0.15  # below it, the request pauses
 MAX_PAUSE_STEPS = 64
+SMALL_BATCH = 4  # running requests up to which each asks for every draft it may
 _WEIGHT = 0.5  # of the latest verification in the exponential average
 
 
@@ -38,11 +41,14 @@ class DraftHistory:
     pause_steps: int = 0  # decode steps still to go without drafts
     next_pause: int = 1
 
-    def num_drafts(self, num_speculative_tokens: int) -> int:
-        """Drafts to ask for at this decode step (0: pausing). Counts a paused step."""
+    def num_drafts(self, num_speculative_tokens: int, num_running: int | None = None) -> int:
+        """Drafts to ask for at this decode step (0: pausing) with `num_running` requests
+        running (None: a large batch). Counts a paused step."""
         if self.pause_steps > 0:
             self.pause_steps -= 1
             return 0
+        if num_running is not None and num_running <= SMALL_BATCH:
+            return num_speculative_tokens
         a = self.acceptance
         wanted = num_speculative_tokens if a >= 1.0 else math.ceil(a / (1.0 - a)) + 1
         return max(1, min(num_speculative_tokens, wanted))

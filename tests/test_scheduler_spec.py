@@ -226,7 +226,7 @@ def test_a_request_whose_drafts_keep_failing_pauses() -> None:
         complete(s, batch, {"a": [3 - drafts[0] if drafts else 1]})
     # three rejections pause it one step, the probe is rejected, two more pause it two steps
     assert [n > 0 for n in drafted] == [True, True, True, False, True, True, True, False]
-    assert drafted[:3] == [3, 2, 2]  # acceptance 0.6, 0.3, 0.15
+    assert drafted[:3] == [3, 3, 3]  # a batch of one asks for all k (spec_policy.SMALL_BATCH)
     assert a.num_computed_tokens == a.num_tokens - 1
     assert s.spec_stats.num_accepted_tokens == 0 and s.spec_stats.num_drafts == 6
 

@@ -87,3 +87,16 @@ def test_an_accepted_draft_resets_the_backoff() -> None:
 def test_a_paused_request_asks_for_no_drafts_whatever_its_limit() -> None:
     history = DraftHistory(pause_steps=2)
     assert [history.num_drafts(k) for k in (1, 32, 5)] == [0, 0, 3]
+
+
+def test_a_small_batch_asks_for_every_draft_a_larger_one_for_what_it_expects():
+    """Up to SMALL_BATCH running requests a draft is a free chance: all k are asked for; in a
+    larger batch, the expected accepted run plus one; a pause holds in both."""
+    from engine_core.spec_policy import SMALL_BATCH
+
+    history = DraftHistory(acceptance=0.5)
+    assert history.num_drafts(6, SMALL_BATCH) == 6
+    assert history.num_drafts(6, SMALL_BATCH + 1) == 2  # ceil(0.5 / 0.5) + 1
+    assert history.num_drafts(6) == 2  # no batch size given: the larger batch's rule
+    history.pause_steps = 1
+    assert history.num_drafts(6, 1) == 0
