@@ -275,30 +275,10 @@ def _decode_attention(
     # GQA without repeating K/V: the query heads sharing a KV head become its query rows
     # (a decode token attends its whole context, so the rows need no causal mask).
     q = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
-    if q.device.type == "cpu" and q.dtype != torch.float32:
-        out = _low_precision_cpu_attention(q, k, v, batch.mask, scale)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scale)
+    # SDPA in every dtype: with torch 2.13 its CPU kernel beats two bf16 batched matmuls at
+    # every decode shape measured (bench/RESULTS.md, issue 21)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scale)
     return out.reshape(num_seqs, num_heads, head_dim)
-
-
-def _low_precision_cpu_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """Decode attention for bfloat16/float16 on CPU as two batched matmuls with the softmax in
-    float32, rounded to the input dtype before multiplying V: the numerics of transformers'
-    eager attention, and ~2x faster here than the CPU SDPA kernel on a few query rows per KV
-    head (bench/RESULTS.md). q: [B, Hkv, G, D], k, v: [B, Hkv, L, D], mask: [B, 1, 1, L] bool
-    or None -> [B, Hkv, G, D]."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float()  # [B, Hkv, G, L]
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(scores.mul_(scale), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)
 
 
 def _prefill_attention(
