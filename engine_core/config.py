@@ -307,18 +307,8 @@ class EngineArgs:
     def _speculative(self, model: ModelConfig) -> SpeculativeConfig | None:
         """The speculative config, its draft model checked against the target."""
         spec = self.speculative_config
-        if spec is None or spec.method != "draft_model":
-            return spec
-        assert spec.model is not None
-        try:
-            draft = load_model_config(spec.model)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"speculative_config: model {spec.model!r} cannot be used as a "
-                             f"draft model: {exc}") from None
-        if draft.vocab_size != model.vocab_size:
-            raise ValueError(f"speculative_config: the draft model's vocabulary "
-                             f"({draft.vocab_size} tokens) differs from the target's "
-                             f"({model.vocab_size}); a draft model needs the same tokenizer")
+        if spec is not None and spec.method == "draft_model":
+            draft_model_config(spec, model)
         return spec
 
     def _execution(self, scheduler: SchedulerConfig) -> ExecutionConfig:
@@ -400,6 +390,23 @@ class EngineArgs:
             raise ValueError(f"pp_layer_partition {part} sums to {sum(part)} but the model has "
                              f"{num_layers} layers")
         return part
+
+
+def draft_model_config(spec: SpeculativeConfig, target: ModelConfig) -> ModelConfig:
+    """The config of `spec`'s draft model; ValueError if it cannot be read or its vocabulary
+    is not the target's."""
+    if spec.model is None:
+        raise ValueError("speculative_config: method 'draft_model' needs 'model'")
+    try:
+        draft = load_model_config(spec.model)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"speculative_config: model {spec.model!r} cannot be used as a "
+                         f"draft model: {exc}") from None
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(f"speculative_config: the draft model {spec.model!r}'s vocabulary "
+                         f"({draft.vocab_size} tokens) differs from the target's "
+                         f"({target.vocab_size}); a draft model needs the same tokenizer")
+    return draft
 
 
 def _require_positive(obj: object, *fields: str) -> None:

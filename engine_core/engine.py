@@ -37,7 +37,6 @@ from engine_core.messages import (
     EngineCoreOutput,
     EngineCoreRequest,
     SchedulerStats,
-    SpecDecodingStats,
     StepBatch,
 )
 from engine_core.ngram_proposer import NgramProposer
@@ -239,7 +238,7 @@ class EngineCore:
             num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_usable_blocks,
             num_preemptions=scheduler.num_preemptions,
             num_prompt_tokens_computed=scheduler.num_prompt_tokens_computed,
-            spec_decode=SpecDecodingStats(**msgspec.structs.asdict(scheduler.spec_stats)))
+            spec_decode=msgspec.structs.replace(scheduler.spec_stats))  # a copy
         if self.kv_connector is not None:
             stats.kv_transfer = self.kv_connector.stats()
         return stats

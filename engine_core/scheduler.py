@@ -507,18 +507,18 @@ class Scheduler:
                 request.draft_history.record(len(drafts), num_accepted)
                 self._count_verification(len(drafts), num_accepted)
             new_token_ids: list[int] = []
-            logprobs: list[TokenLogprobs] | None = None
+            logprobs: list[TokenLogprobs] = []
             for row in rows:
                 request.append_token(row.token_id)
                 new_token_ids.append(row.token_id)
                 if row.logprobs is not None:
-                    logprobs = (logprobs or []) + [row.logprobs]
+                    logprobs.append(row.logprobs)
                 if request.is_finished:
                     break  # a stop token or max_tokens: what follows is dropped
             outputs.append(EngineCoreOutput(
                 request_id=request_id,
                 new_token_ids=new_token_ids,
-                new_logprobs=logprobs,
+                new_logprobs=logprobs or None,
                 finish_reason=request.status.finish_reason,
                 stop_reason=request.stop_reason,
                 num_cached_tokens=request.num_cached_tokens,

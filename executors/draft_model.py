@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 from engine_core.executors.kv_memory import allocate_resident
 from engine_core.executors.step_inputs import build_step_inputs
-from engine_core.models import LlamaModel, ModelConfig, load_model, load_model_config
+from engine_core.models import LlamaModel, load_model
 
-from engine_core.config import EngineConfig
+from engine_core.config import EngineConfig, draft_model_config
 from engine_core.proposer import DraftRequest, Proposer
 
 __all__ = ["DraftModelProposer"]
@@ -79,15 +79,7 @@ class DraftModelProposer(Proposer):
         if spec is None or spec.method != "draft_model" or spec.model is None:
             raise ValueError("DraftModelProposer needs speculative_config method 'draft_model' "
                              "with a model")
-        try:
-            draft: ModelConfig = load_model_config(spec.model)
-        except ValueError as exc:
-            raise ValueError(f"speculative_config: model {spec.model!r} cannot be used as a "
-                             f"draft model: {exc}") from None
-        if draft.vocab_size != config.model.vocab_size:
-            raise ValueError(f"speculative_config: the draft model {spec.model!r} has a "
-                             f"vocabulary of {draft.vocab_size} tokens, the target's has "
-                             f"{config.model.vocab_size}; a draft model needs the same tokenizer")
+        draft = draft_model_config(spec, config.model)
         self.block_size = config.cache.block_size
         self.backend = config.execution.attention_backend
         self.max_tokens_per_forward = config.scheduler.max_num_batched_tokens

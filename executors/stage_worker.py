@@ -392,18 +392,13 @@ class StageWorker:
             raise RuntimeError(f"stage {self.stage_index} is not the last: it has no sampler")
         if not scheduled:
             return StepOutput(step_id, [], [])
-        rows = []
-        for s in scheduled:
-            state = s.state
-            rows.append(SamplingRow(params=state.sampling_params,
-                                    prompt_token_ids=state.prompt_token_ids,
-                                    output_token_ids=state.output_token_ids,
-                                    stop_ids=state.stop_ids))
-            for j in range(1, len(s.drafts) + 1):  # as if drafts 1..j were outputs
-                rows.append(SamplingRow(params=state.sampling_params,
-                                        prompt_token_ids=state.prompt_token_ids,
-                                        output_token_ids=state.output_token_ids + s.drafts[:j],
-                                        stop_ids=state.stop_ids))
+        rows = [SamplingRow(params=s.state.sampling_params,
+                            prompt_token_ids=s.state.prompt_token_ids,
+                            # the row after draft j: as if drafts 1..j were outputs
+                            output_token_ids=(s.state.output_token_ids + s.drafts[:j] if j
+                                              else s.state.output_token_ids),
+                            stop_ids=s.state.stop_ids)
+                for s in scheduled for j in range(1 + len(s.drafts))]
         logits = self.model.compute_logits(hidden[logits_indices])  # [num_rows, vocab]
         try:
             sampled = sampler(logits, rows)
