@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from engine_core.entrypoints.llm import LLM
     from engine_core.outputs import CompletionOutput, Logprob, RequestOutput
     from engine_core.sampling_params import SamplingParams
+    from engine_core.structured_outputs import StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "EngineArgs", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "EngineArgs", "Logprob", "RequestOutput", "SamplingParams",
+           "StructuredOutputsParams"]
 
 _LAZY = {
     "LLM": "engine_core.entrypoints.llm",
@@ -30,6 +32,7 @@ _LAZY = {
     "Logprob": "engine_core.outputs",
     "RequestOutput": "engine_core.outputs",
     "SamplingParams": "engine_core.sampling_params",
+    "StructuredOutputsParams": "engine_core.structured_outputs",
 }
 
 

@@ -134,6 +134,12 @@ class EngineConfig:
     kv_transfer: KVTransferConfig | None = None  # a disaggregated prefill/decode instance
     execution: ExecutionConfig = ExecutionConfig()
     speculative: SpeculativeConfig | None = None  # speculative decoding; None: off
+    tokenizer_dir: str = ""  # where tokenizer.json is ("": model_dir)
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The directory holding the tokenizer (`--tokenizer`, else the model's)."""
+        return self.tokenizer_dir or self.model_dir
 
     def config_hash(self) -> str:
         """Stable digest: two processes agree on the config iff the hashes match."""
@@ -249,6 +255,7 @@ class EngineArgs:
     # Speculative decoding (vLLM's keys, `speculative_config.py`): a dict or its JSON is taken
     # too and turned into a SpeculativeConfig here.
     speculative_config: SpeculativeConfig | None = None
+    tokenizer: str | None = None  # a directory with tokenizer.json (default: the model's)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative_config",
@@ -302,7 +309,17 @@ class EngineArgs:
             seed=self.seed, scheduler=scheduler, cache=cache, parallel=parallel,
             kv_transfer=self.kv_transfer_config, execution=self._execution(scheduler),
             speculative=self._speculative(model),
+            tokenizer_dir=self._tokenizer_dir(),
         )
+
+    def _tokenizer_dir(self) -> str:
+        """The tokenizer's directory, absolute ("" when it is the model's)."""
+        if self.tokenizer is None:
+            return ""
+        if not isinstance(self.tokenizer, str) or not os.path.isdir(self.tokenizer):
+            raise ValueError(f"tokenizer must be a directory (with tokenizer.json), got "
+                             f"{self.tokenizer!r}")
+        return os.path.abspath(self.tokenizer)
 
     def _speculative(self, model: ModelConfig) -> SpeculativeConfig | None:
         """The speculative config, its draft model checked against the target."""

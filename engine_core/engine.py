@@ -21,6 +21,7 @@ cancelled (its requests aborted, its blocks returned once nothing of theirs is i
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import time
 from collections import deque
@@ -32,12 +33,14 @@ import msgspec
 from engine_core.block_manager import KVBlockManager
 from engine_core.config import EngineConfig
 from engine_core.executor import Executor, StepFuture
+from engine_core.grammars import COMPILE_TIMEOUT_S, GrammarCompiler
 from engine_core.invariants import checked_step_output
 from engine_core.messages import (
     EngineCoreOutput,
     EngineCoreRequest,
     SchedulerStats,
     StepBatch,
+    StructuredOutputStats,
 )
 from engine_core.ngram_proposer import NgramProposer
 from engine_core.proposer import Proposer
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
     from engine_core.kv_connector import KVConnectorBase
 
 DEFAULT_STEP_TIMEOUT_S = 600.0
+GRAMMAR_POLL_S = 0.005  # how long an otherwise idle step waits for a grammar being compiled
 
 
 @dataclass
@@ -122,6 +126,10 @@ class EngineCore:
         self.loop_stats = LoopStats()
         self._pending_outputs: list[EngineCoreOutput] = []  # to return with the next step
         self._stalled = False  # the last step found waiting requests but could schedule nothing
+        # Structured outputs: the compiler (made on the first constrained request) and the
+        # requests whose grammar is being compiled, off the loop: (request, compile, deadline).
+        self.grammars: GrammarCompiler | None = None
+        self._compiling: dict[str, tuple[Request, concurrent.futures.Future, float]] = {}
 
     def add_request(self, core_request: EngineCoreRequest) -> None:
         """Queue a request. ValueError (naming the field) if it is invalid for this model; the
@@ -129,8 +137,54 @@ class EngineCore:
         validate_core_request(core_request, self.config)
         kv_config = None if self.kv_connector is None else self.kv_connector.kv_config
         validate_kv_transfer(core_request, kv_config, self.config.cache.block_size)
-        self.scheduler.add_request(Request(core_request, self.config.scheduler.max_model_len))
+        request = Request(core_request, self.config.scheduler.max_model_len)
+        constraint = core_request.sampling_params.structured_outputs
+        if constraint is None:
+            self.scheduler.add_request(request)
+        else:  # queued once its grammar is compiled (`_admit_compiled`)
+            if request.request_id in self.scheduler.requests or \
+                    request.request_id in self._compiling:
+                raise ValueError(f"request_id {request.request_id!r} is already in use")
+            if self.grammars is None:
+                self.grammars = GrammarCompiler(self.config.tokenizer_path,
+                                                self.config.model.vocab_size)
+            self._compiling[request.request_id] = (
+                request, self.grammars.compile(constraint), time.monotonic() + COMPILE_TIMEOUT_S)
         self._stalled = False
+
+    def _admit_compiled(self) -> None:
+        """Queue the requests whose grammar is ready, each with its own matcher; a grammar that
+        failed, or is not ready by its deadline, fails its request alone."""
+        now = time.monotonic()
+        for request_id, (request, future, deadline) in list(self._compiling.items()):
+            if not future.done() and now < deadline:
+                continue
+            del self._compiling[request_id]
+            assert self.grammars is not None
+            constraint = request.sampling_params.structured_outputs
+            assert constraint is not None
+            error = None
+            if not future.done():
+                self.grammars.forget(constraint)
+                error = (f"structured_outputs.{constraint.kind} took longer than "
+                         f"{COMPILE_TIMEOUT_S:g} s to compile")
+            elif future.exception() is not None:
+                error = str(future.exception())
+            if error is not None:
+                self._pending_outputs.append(EngineCoreOutput(
+                    request_id, [], finish_reason="error", error=error))
+                continue
+            spec = self.config.speculative
+            request.grammar = self.grammars.matcher(
+                future.result(), request.grammar_stop_ids,
+                max_rollback_tokens=spec.num_speculative_tokens if spec is not None else 0)
+            self.scheduler.add_request(request)
+
+    def _wait_for_grammars(self) -> None:
+        """Nothing to compute but grammars being compiled: wait a little for one (no spin)."""
+        futures = [future for _, future, _ in self._compiling.values()]
+        concurrent.futures.wait(futures, timeout=GRAMMAR_POLL_S,
+                                return_when=concurrent.futures.FIRST_COMPLETED)
 
     def add_requests(self, core_requests: list[EngineCoreRequest]) -> None:
         """Queue the sequences of one user request (see `client/base.py`)."""
@@ -138,19 +192,21 @@ class EngineCore:
             self.add_request(core_request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._compiling.pop(request_id, None)
         self.scheduler.abort_requests(request_ids)
         self._stalled = False
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished_requests() or bool(self.in_flight)
-                or bool(self._pending_outputs))
+                or bool(self._pending_outputs) or bool(self._compiling))
 
     def needs_compute(self) -> bool:
         """True if `step()` has model work to do now (or outputs to hand back). Waiting requests
         that could not be scheduled because KV transfers hold the blocks do not count: they
         wait for `has_kv_transfers` to change something."""
         s = self.scheduler
-        return bool(self.in_flight or self._pending_outputs or s.running
+        return bool(self.in_flight or self._pending_outputs or s.running or self._compiling
                     or (s.waiting and not self._stalled))
 
     def has_kv_transfers(self) -> bool:
@@ -167,6 +223,8 @@ class EngineCore:
         if self.error is not None:
             raise RuntimeError(f"the engine has failed: {self.error}") from self.error
         start = time.perf_counter()
+        if self._compiling:
+            self._admit_compiled()
         if self.kv_connector is not None:
             self.kv_connector.before_step(self.scheduler)
         try:
@@ -189,6 +247,8 @@ class EngineCore:
                         f"the scheduler can make no progress: {s.num_running} running and "
                         f"{s.num_waiting} waiting requests, nothing in flight, "
                         f"{self.block_manager.num_free_blocks} free KV blocks")
+                if self._compiling and not self._pending_outputs:
+                    self._wait_for_grammars()
                 return self._take_pending()
             batch, future = self.in_flight.popleft()
             wait_start = time.perf_counter()
@@ -238,12 +298,17 @@ class EngineCore:
             num_free_blocks=blocks.num_free_blocks, num_total_blocks=blocks.num_usable_blocks,
             num_preemptions=scheduler.num_preemptions,
             num_prompt_tokens_computed=scheduler.num_prompt_tokens_computed,
-            spec_decode=msgspec.structs.replace(scheduler.spec_stats))  # a copy
+            spec_decode=msgspec.structs.replace(scheduler.spec_stats),  # a copy
+            structured_outputs=(StructuredOutputStats() if self.grammars is None
+                                else msgspec.structs.replace(self.grammars.stats)))
         if self.kv_connector is not None:
             stats.kv_transfer = self.kv_connector.stats()
         return stats
 
     def shutdown(self) -> None:
+        self._compiling.clear()
+        if self.grammars is not None:
+            self.grammars.shutdown()
         self.in_flight.clear()
         self.scheduler.drop_all()
         if self.kv_connector is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "SpecDecodingStats",
     "StepBatch",
     "StepOutput",
+    "StructuredOutputStats",
     "TokenLogprobs",
 ]
 
@@ -93,6 +94,10 @@ class NewRequest(msgspec.Struct, array_like=True):
     # Speculative decoding: proposed tokens after the request's known ones, verified in this
     # step (its last `len(draft_token_ids)` new tokens); never kept by the stages.
     draft_token_ids: list[int] = []
+    # Structured outputs: when this step samples, the allowed tokens of each of its
+    # `1 + len(draft_token_ids)` rows (`grammars.bitmask_words` int32 words per row,
+    # little-endian), applied by the last stage; b"": unconstrained.
+    token_bitmask: bytes = b""
 
 
 class CachedRequest(msgspec.Struct, array_like=True):
@@ -104,6 +109,7 @@ class CachedRequest(msgspec.Struct, array_like=True):
     num_computed_tokens: int
     num_new_tokens: int
     draft_token_ids: list[int] = []  # as in NewRequest
+    token_bitmask: bytes = b""  # as in NewRequest
 
 
 class StepBatch(msgspec.Struct, array_like=True):
@@ -178,6 +184,17 @@ class SpecDecodingStats(msgspec.Struct, omit_defaults=True):
         return self.num_accepted_tokens / max(self.num_draft_tokens, 1)
 
 
+class StructuredOutputStats(msgspec.Struct, omit_defaults=True):
+    """Structured outputs' counters since start (all zero without constraints): constrained
+    sequences, grammars compiled and the seconds that took, and sequences whose grammar came
+    from the cache (`grammars.GrammarCompiler`)."""
+
+    num_requests: int = 0
+    num_compiles: int = 0
+    compile_seconds: float = 0.0
+    num_cache_hits: int = 0
+
+
 class SchedulerStats(msgspec.Struct, omit_defaults=True):
     """The engine core's figures (`EngineCore.stats()`), sent with every batch of outputs:
     gauges (now) and counters (since start). Every field is a number or a nested stats struct,
@@ -191,6 +208,8 @@ class SchedulerStats(msgspec.Struct, omit_defaults=True):
     num_prompt_tokens_computed: int = 0  # prompt tokens run through the model
     kv_transfer: KVTransferStats = msgspec.field(default_factory=KVTransferStats)
     spec_decode: SpecDecodingStats = msgspec.field(default_factory=SpecDecodingStats)
+    structured_outputs: StructuredOutputStats = msgspec.field(
+        default_factory=StructuredOutputStats)
 
     @property
     def kv_usage(self) -> float:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from engine_core.messages import EngineCoreRequest
 from engine_core.sampling_params import SamplingParams
 from engine_core.spec_policy import DraftHistory
+
+if TYPE_CHECKING:
+    from engine_core.grammars import RequestGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -76,6 +80,9 @@ class Request:
         # but counted in num_computed_tokens until the step returns), and its acceptance record.
         self.draft_token_ids: list[int] = []
         self.draft_history = DraftHistory()
+        # Structured outputs: its place in its grammar (set by the engine once compiled); every
+        # token it keeps advances it, and the request finishes when the grammar does.
+        self.grammar: RequestGrammar | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -103,11 +110,32 @@ class Request:
 
     @property
     def stop_ids_for_min_tokens(self) -> list[int]:
-        """Token ids the sampler masks until `min_tokens` outputs exist."""
+        """Token ids the sampler masks until `min_tokens` outputs exist (none under a grammar,
+        which allows a stop token only once it is complete: the grammar decides the end)."""
+        if self.sampling_params.structured_outputs is not None:
+            return []
+        return sorted(self.eos_token_ids | self.stop_token_ids)
+
+    @property
+    def grammar_stop_ids(self) -> list[int]:
+        """The tokens that end a complete grammar: EOS and the request's stop token ids."""
         return sorted(self.eos_token_ids | self.stop_token_ids)
 
     def append_token(self, token_id: int) -> None:
         """Append a sampled token and decide whether the request has finished."""
+        grammar = self.grammar
+        if grammar is not None:
+            if not grammar.accept(token_id):  # the last stage broke the bitmask
+                self.status = RequestStatus.FINISHED_ERROR
+                self.error = (f"token {token_id} breaks the request's structured_outputs "
+                              f"constraint")
+                return
+            if grammar.is_terminated:  # complete: a stop token, or the grammar's last
+                self.all_token_ids.append(token_id)
+                self.status = RequestStatus.FINISHED_STOPPED
+                if token_id in self.stop_token_ids:
+                    self.stop_reason = token_id
+                return
         self.all_token_ids.append(token_id)
         params = self.sampling_params
         n_out = self.num_output_tokens

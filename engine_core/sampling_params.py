@@ -29,6 +29,8 @@ from typing import Any
 
 import msgspec
 
+from engine_core.structured_outputs import StructuredOutputsParams
+
 __all__ = ["GREEDY_TEMPERATURE", "MAX_LOGPROBS", "WIRE_INT_MAX", "WIRE_INT_MIN", "SamplingParams"]
 
 MAX_LOGPROBS = 20  # the most top logprobs a request may ask for
@@ -76,6 +78,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # A constraint every sampled token obeys (JSON schema, regex, choice, grammar); the request
+    # finishes when it is complete. See structured_outputs.py.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Types first (so the range rules below compare numbers), then ranges, then normalising.
@@ -93,6 +98,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             self.stop = _stop_strings(self.stop)
         if self.stop_token_ids is not None:
             self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids)
+
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
 
         max_tokens, logprobs = self.max_tokens, self.logprobs
         rules = (

@@ -246,7 +246,7 @@ class Scheduler:
                 r.request_id)) for r, n in pending])
         reserved = {r.request_id: n for r, n in pending}
         for (request, max_drafts), got in zip(pending, drafts):
-            request.draft_token_ids = list(got[:max_drafts])
+            request.draft_token_ids = _grammar_allowed(request, list(got[:max_drafts]))
         for index, (request, num_new, is_new) in enumerate(step.scheduled):
             if request.request_id in reserved:
                 unused = reserved[request.request_id] - len(request.draft_token_ids)
@@ -292,6 +292,7 @@ class Scheduler:
         if not self.proposer.needs_blocks:
             drafts = self.proposer.propose([DraftRequest(
                 request.request_id, request.all_token_ids, max_drafts, [])])[0][:max_drafts]
+            drafts = _grammar_allowed(request, drafts)
             max_drafts = len(drafts)
         if not max_drafts or self._allocate(request, num_new + max_drafts) is None:
             return  # no drafts, or no free blocks for them: go without
@@ -444,6 +445,11 @@ class Scheduler:
         new_requests, cached_requests = [], []
         for request, num_new, is_new in scheduled:
             block_ids = self.block_manager.block_ids(request.request_id)
+            bitmask = b""
+            if request.grammar is not None and (request.num_computed_tokens + num_new
+                                                >= request.num_tokens
+                                                + len(request.draft_token_ids)):
+                bitmask = request.grammar.bitmask_rows(request.draft_token_ids)  # it samples
             if is_new:
                 new_requests.append(NewRequest(
                     request_id=request.request_id,
@@ -454,6 +460,7 @@ class Scheduler:
                     block_ids=list(block_ids),
                     num_computed_tokens=request.num_computed_tokens,
                     num_new_tokens=num_new,
+                    token_bitmask=bitmask,
                 ))
             else:
                 cached_requests.append(CachedRequest(
@@ -463,6 +470,7 @@ class Scheduler:
                     num_computed_tokens=request.num_computed_tokens,
                     num_new_tokens=num_new,
                     draft_token_ids=request.draft_token_ids,
+                    token_bitmask=bitmask,
                 ))
             prompt_end = min(request.num_prompt_tokens, request.num_computed_tokens + num_new)
             self.num_prompt_tokens_computed += max(0, prompt_end - request.num_computed_tokens)
@@ -510,6 +518,8 @@ class Scheduler:
             logprobs: list[TokenLogprobs] = []
             for row in rows:
                 request.append_token(row.token_id)
+                if request.error is not None:
+                    break  # a token its grammar forbids: not kept
                 new_token_ids.append(row.token_id)
                 if row.logprobs is not None:
                     logprobs.append(row.logprobs)
@@ -522,6 +532,7 @@ class Scheduler:
                 finish_reason=request.status.finish_reason,
                 stop_reason=request.stop_reason,
                 num_cached_tokens=request.num_cached_tokens,
+                error=request.error,
             ))
             if request.is_finished:
                 self.running.remove(request)
@@ -573,3 +584,9 @@ class Scheduler:
         self._finished_ids.append(request.request_id)
         del self.requests[request.request_id]
 
+
+def _grammar_allowed(request: Request, drafts: list[int]) -> list[int]:
+    """The leading drafts the request's grammar allows (all of them without one)."""
+    if request.grammar is None or not drafts:
+        return drafts
+    return drafts[:request.grammar.valid_prefix(drafts)]

@@ -32,6 +32,7 @@ from engine_core.executors.host_memory import keep_freed_memory
 from engine_core.executors.kv_memory import allocate_resident
 from engine_core.executors.sampler import Sampler, SamplingRow
 from engine_core.executors.step_inputs import build_step_inputs
+from engine_core.executors.token_bitmask import apply_token_bitmasks, bitmask_error
 from engine_core.models import load_model
 from engine_core.models.linear import warm_up_linears
 
@@ -72,6 +73,7 @@ class _Scheduled:
     num_computed: int
     num_new: int
     drafts: list[int]  # verified by this step, after the request's known tokens
+    bitmask: bytes = b""  # structured outputs: its sampler rows' allowed tokens (b"": all)
 
     @property
     def reaches_end(self) -> bool:
@@ -282,9 +284,12 @@ class StageWorker:
             drafts = item.draft_token_ids
             error = state.error or self._step_error(state, item.num_computed_tokens,
                                                     item.num_new_tokens, drafts)
+            if error is None and item.token_bitmask:
+                error = bitmask_error(item.token_bitmask, 1 + len(drafts),
+                                      self.config.model.vocab_size)
             if error is None:
                 scheduled.append(_Scheduled(item.request_id, state, item.num_computed_tokens,
-                                            item.num_new_tokens, drafts))
+                                            item.num_new_tokens, drafts, item.token_bitmask))
             else:
                 dropped.request_ids.append(item.request_id)
                 dropped.sampled.append(SampledToken(-1, error=f"invalid step input: {error}"))
@@ -400,6 +405,12 @@ class StageWorker:
                             stop_ids=s.state.stop_ids)
                 for s in scheduled for j in range(1 + len(s.drafts))]
         logits = self.model.compute_logits(hidden[logits_indices])  # [num_rows, vocab]
+        masked = [(row, s.bitmask) for row, s in zip(
+            itertools.accumulate((1 + len(s.drafts) for s in scheduled), initial=0), scheduled)
+            if s.bitmask]
+        if masked:  # structured outputs: forbidden tokens at -inf before anything else
+            logits = apply_token_bitmasks(logits, [row for row, _ in masked],
+                                          [bitmask for _, bitmask in masked])
         try:
             sampled = sampler(logits, rows)
         except Exception:  # find the rows at fault; the others are sampled as usual

@@ -78,7 +78,7 @@ class AsyncLLM:
         (more than one engine, or remote ones), N engine cores serve behind this one front-end
         (`client/core_client.py`); everything else is unchanged."""
         config = engine_args.resolve()
-        tokenizer = load_tokenizer(config.model_dir)
+        tokenizer = load_tokenizer(config.tokenizer_path)
 
         async def start_client() -> AsyncEngineClient:
             client = make_client(engine_args, data_parallel, transport=transport, host=host,

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from engine_core.config import EngineConfig
+from engine_core.grammars import check_structured_outputs
 from engine_core.messages import EngineCoreRequest
 from engine_core.models import Tokenizer
 from engine_core.models.tokenizer import PROMPT_CHARS_SAFETY_FACTOR
@@ -89,11 +90,18 @@ class InputProcessor:
 
     def check_sampling_params(self, params: SamplingParams) -> None:
         """ValueError unless `params` fit this model (`validation.validate_sampling_params`)
-        and this front-end can apply them (stop strings need a tokenizer)."""
+        and this front-end can apply them (stop strings and structured outputs need a
+        tokenizer; a constraint must compile: `grammars.check_structured_outputs`, bounded in
+        time, may take seconds the first time, when it loads xgrammar)."""
         validate_sampling_params(params, self.config)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model directory has no "
                              "tokenizer.json; use stop_token_ids instead")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs need a tokenizer, and this model "
+                                 "directory has no tokenizer.json")
+            check_structured_outputs(params.structured_outputs)
 
     def check_priority(self, priority: object) -> None:
         """ValueError unless `priority` is an int64 the engine's scheduling policy takes."""

@@ -70,7 +70,7 @@ class LLM:
                              f"valid ones are {sorted(field_names - {'model'})}")
         self.engine_args = EngineArgs(model=model, **engine_kwargs)
         self.config = self.engine_args.resolve()
-        self.tokenizer = load_tokenizer(self.config.model_dir)
+        self.tokenizer = load_tokenizer(self.config.tokenizer_path)
         dp = DataParallelConfig(size=data_parallel_size, routing=dp_routing,
                                 backend=data_parallel_backend)
         self.engine: SyncEngineClient

@@ -1,0 +1,266 @@
+"""Structured outputs on xgrammar: compiling constraints off the engine loop, and each request's
+matcher.
+
+    StructuredOutputsParams --check_structured_outputs--> ok | ValueError   (front-end, no vocab)
+    StructuredOutputsParams --GrammarCompiler.compile--> Future[CompiledGrammar] (worker thread,
+                                                         cached by (kind, text), bounded)
+    CompiledGrammar --GrammarCompiler.matcher--> RequestGrammar (per sequence: accept tokens,
+                                                 fill the next token's bitmask, roll back)
+
+A bitmask row is `bitmask_words(vocab_size)` little-endian int32 words, bit `t % 32` of word
+`t // 32` set when token t is allowed; `StepBatch` carries a request's rows as bytes and the last
+stage applies them to the logits before sampling (`executors/token_bitmask.py`).
+
+xgrammar (and the transformers tokenizer wrapper it reads the vocabulary from) is imported on
+first use, in the compiler's worker thread: an engine that never sees a constraint never loads
+it. Its errors come back as ValueError with the C++ source prefix stripped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from engine_core.messages import StructuredOutputStats
+from engine_core.structured_outputs import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    import xgrammar
+
+__all__ = [
+    "COMPILE_TIMEOUT_S",
+    "GrammarCompiler",
+    "RequestGrammar",
+    "bitmask_words",
+    "check_structured_outputs",
+]
+
+COMPILE_TIMEOUT_S = 60.0  # a request whose grammar is not compiled by then fails (the engine)
+CHECK_TIMEOUT_S = 10.0  # a front-end check that takes longer is refused
+CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
+_XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+: (Check failed: \(.*?\) is false: )?")
+_JSON_SCHEMA_OPTIONS: dict[str, Any] = {"any_whitespace": False, "strict_mode": True}
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words in one bitmask row of a `vocab_size` vocabulary."""
+    return (vocab_size + 31) // 32
+
+
+def _message(exc: BaseException) -> str:
+    """An xgrammar error as a user can read it: the first line, no C++ file prefix."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _XGRAMMAR_PREFIX.sub("", text)
+
+
+def _choice_ebnf(choices: Sequence[str]) -> str:
+    """An EBNF grammar matching exactly one of `choices` (JSON string escapes are EBNF's)."""
+    import json
+
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _grammar_of(params: StructuredOutputsParams) -> xgrammar.Grammar:
+    """The constraint as an xgrammar Grammar (parsing only: no vocabulary). ValueError naming
+    the field if it is not a valid schema, regex or grammar, or uses what xgrammar lacks."""
+    import xgrammar as xgr
+
+    kind = params.kind
+    try:
+        if kind == "json":
+            assert isinstance(params.json, str)  # a dict became its text in __post_init__
+            return xgr.Grammar.from_json_schema(params.json, **_JSON_SCHEMA_OPTIONS)
+        if kind == "json_object":
+            return xgr.Grammar.from_json_schema('{"type": "object"}', **_JSON_SCHEMA_OPTIONS)
+        if kind == "regex":
+            assert params.regex is not None
+            return xgr.Grammar.from_regex(params.regex)
+        if kind == "choice":
+            assert params.choice is not None
+            return xgr.Grammar.from_ebnf(_choice_ebnf(params.choice))
+        assert params.grammar is not None
+        return xgr.Grammar.from_ebnf(params.grammar)
+    except Exception as exc:  # xgrammar raises RuntimeError (and others) for a bad input
+        what = {"json": "JSON schema", "json_object": "JSON schema", "regex": "regex",
+                "choice": "choice", "grammar": "grammar"}[kind]
+        raise ValueError(f"structured_outputs.{kind} is not a valid {what}: "
+                         f"{_message(exc)}") from None
+
+
+def check_structured_outputs(params: StructuredOutputsParams,
+                             timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """Raise ValueError (naming the field) if the constraint cannot be compiled: not a valid
+    schema, regex or grammar, or a schema feature xgrammar does not support. Bounded: a check
+    that takes longer than `timeout_s` is refused (the work is left to finish in a daemon
+    thread). For front-ends, before a request is queued."""
+    result: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            _grammar_of(params)
+            result.append(None)
+        except BaseException as exc:  # handed to the caller
+            result.append(exc)
+
+    worker = threading.Thread(target=run, name="grammar-check", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not result:
+        raise ValueError(f"structured_outputs.{params.kind} took longer than {timeout_s:g} s "
+                         f"to compile; simplify it")
+    if result[0] is not None:
+        raise result[0]
+
+
+class RequestGrammar:
+    """One sequence's position in its grammar. The scheduler advances it with every token the
+    request keeps (`accept`), fills the bitmask of its next step's rows (`bitmask_rows`, which
+    leaves it where it was) and trims drafts to what the grammar allows (`valid_prefix`)."""
+
+    def __init__(self, matcher: xgrammar.GrammarMatcher, vocab_size: int) -> None:
+        import torch
+        import xgrammar as xgr
+
+        self._matcher = matcher
+        self._vocab_size = vocab_size
+        self._xgr = xgr
+        self._torch = torch
+
+    @property
+    def is_terminated(self) -> bool:
+        """The grammar is complete and a stop token was accepted (or it needs none)."""
+        return bool(self._matcher.is_terminated())
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by a sampled token. False (nothing changes) if the grammar forbids it."""
+        if self._matcher.is_terminated():
+            return False
+        return bool(self._matcher.accept_token(token_id))
+
+    def valid_prefix(self, draft_token_ids: Sequence[int]) -> int:
+        """How many leading drafts the grammar allows (the state is left unchanged)."""
+        accepted = 0
+        for token_id in draft_token_ids:
+            if not self.accept(token_id):
+                break
+            accepted += 1
+        if accepted:
+            self._matcher.rollback(accepted)
+        return accepted
+
+    def bitmask_rows(self, draft_token_ids: Sequence[int]) -> bytes:
+        """The allowed tokens of `1 + len(draft_token_ids)` sampler rows: the next token's, then
+        after each draft (all must be allowed: `valid_prefix`), as little-endian int32 rows."""
+        rows = 1 + len(draft_token_ids)
+        bitmask = self._torch.zeros(rows, bitmask_words(self._vocab_size),
+                                    dtype=self._torch.int32)
+        accepted = 0
+        for row in range(rows):
+            if self._matcher.is_terminated():
+                break  # a draft was a stop token: what follows it is never sampled
+            self._matcher.fill_next_token_bitmask(bitmask, row)
+            if row < len(draft_token_ids):
+                if not self._matcher.accept_token(draft_token_ids[row]):
+                    raise ValueError(f"draft token {draft_token_ids[row]} breaks the grammar")
+                accepted += 1
+        if accepted:
+            self._matcher.rollback(accepted)
+        return bitmask.numpy().astype("<i4", copy=False).tobytes()
+
+
+class GrammarCompiler:
+    """Compiles constraints for one tokenizer in a worker thread, caching the results by their
+    (kind, text) key, least recently used dropped beyond `cache_size`.
+
+    `compile` returns at once with a future; the engine polls it (`done()`), so a slow compile
+    never stalls the loop. Every sequence gets its own matcher (`matcher`) over a shared
+    compiled grammar. Stats are counted on the engine's thread."""
+
+    def __init__(self, tokenizer_dir: str, vocab_size: int, *, cache_size: int = CACHE_SIZE,
+                 max_threads: int | None = None) -> None:
+        self.tokenizer_dir = tokenizer_dir
+        self.vocab_size = vocab_size
+        self.cache_size = cache_size
+        self.stats = StructuredOutputStats()
+        self._threads = max_threads or max(1, min(4, (os.cpu_count() or 1) // 2))
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        self._cache: OrderedDict[tuple[str, str], concurrent.futures.Future] = OrderedDict()
+        self._compiler: Any = None  # xgrammar.GrammarCompiler, made in the worker on first use
+
+    def compile(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
+        """A future of the compiled grammar (`xgrammar.CompiledGrammar`), or of the ValueError
+        that says why it cannot be compiled. A key seen before shares its future."""
+        key = params.key
+        self.stats.num_requests += 1
+        future = self._cache.get(key)
+        if future is not None:
+            self._cache.move_to_end(key)
+            self.stats.num_cache_hits += 1
+            return future
+        future = self._pool.submit(self._compile, params)
+        self._cache[key] = future
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return future
+
+    def forget(self, params: StructuredOutputsParams) -> None:
+        """Drop a key from the cache (a compile that timed out is retried next time)."""
+        self._cache.pop(params.key, None)
+
+    def _compile(self, params: StructuredOutputsParams) -> Any:
+        compiler = self._get_compiler()
+        start = time.perf_counter()
+        grammar = _grammar_of(params)  # ValueError naming the field
+        try:
+            compiled = compiler.compile_grammar(grammar)
+        except Exception as exc:
+            raise ValueError(f"structured_outputs.{params.kind} cannot be compiled: "
+                             f"{_message(exc)}") from None
+        elapsed = time.perf_counter() - start
+        self.stats.compile_seconds += elapsed  # one writer: the worker thread
+        self.stats.num_compiles += 1
+        return compiled
+
+    def _get_compiler(self) -> Any:
+        if self._compiler is None:
+            import xgrammar as xgr
+
+            self._compiler = xgr.GrammarCompiler(self._tokenizer_info(),
+                                                 max_threads=self._threads,
+                                                 cache_enabled=False)
+        return self._compiler
+
+    def _tokenizer_info(self) -> Any:
+        import xgrammar as xgr
+        from transformers import PreTrainedTokenizerFast
+
+        path = os.path.join(self.tokenizer_dir, "tokenizer.json")
+        if not os.path.exists(path):
+            raise ValueError(f"structured outputs need a tokenizer, and {self.tokenizer_dir} "
+                             f"has no tokenizer.json")
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=path)
+        with warnings.catch_warnings():  # no stop ids here: every matcher is given its own
+            warnings.simplefilter("ignore")
+            return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+
+    def matcher(self, compiled: Any, stop_token_ids: Sequence[int],
+                max_rollback_tokens: int = 0) -> RequestGrammar:
+        """A fresh matcher over `compiled` that ends on any of `stop_token_ids` (none: it ends
+        with the grammar). `max_rollback_tokens`: the most drafts it may check at once."""
+        import xgrammar as xgr
+
+        stop = sorted(set(stop_token_ids))
+        matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop or None,
+                                     terminate_without_stop_token=not stop,
+                                     max_rollback_tokens=max_rollback_tokens)
+        return RequestGrammar(matcher, self.vocab_size)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
