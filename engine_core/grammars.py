@@ -47,6 +47,11 @@ CHECK_TIMEOUT_S = 10.0  # a front-end check that takes longer is refused
 CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
 _XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+: (Check failed: \(.*?\) is false: )?")
 _JSON_SCHEMA_OPTIONS: dict[str, Any] = {"any_whitespace": False, "strict_mode": True}
+# EBNF character classes of JSON string characters as xgrammar (0.2.9) writes them: a
+# length-bounded string's, and any other's; and as JSON text allows them (no control
+# characters, no UTF-16 surrogates, which are not characters of UTF-8 text)
+_XGRAMMAR_STRING_CHARS = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
+_JSON_STRING_CHARS = r'[^\0-\x1f\"\\\r\n\uD800-\uDFFF]'
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -74,11 +79,11 @@ def _grammar_of(params: StructuredOutputsParams) -> xgrammar.Grammar:
 
     kind = params.kind
     try:
-        if kind == "json":
-            assert isinstance(params.json, str)  # a dict became its text in __post_init__
-            return xgr.Grammar.from_json_schema(params.json, **_JSON_SCHEMA_OPTIONS)
-        if kind == "json_object":
-            return xgr.Grammar.from_json_schema('{"type": "object"}', **_JSON_SCHEMA_OPTIONS)
+        if kind in ("json", "json_object"):
+            schema = params.json if kind == "json" else '{"type": "object"}'
+            assert isinstance(schema, str)  # a dict became its text in __post_init__
+            return _valid_json_strings(xgr.Grammar.from_json_schema(schema,
+                                                                    **_JSON_SCHEMA_OPTIONS))
         if kind == "regex":
             assert params.regex is not None
             return xgr.Grammar.from_regex(params.regex)
@@ -92,6 +97,19 @@ def _grammar_of(params: StructuredOutputsParams) -> xgrammar.Grammar:
                 "choice": "choice", "grammar": "grammar"}[kind]
         raise ValueError(f"structured_outputs.{kind} is not a valid {what}: "
                          f"{_message(exc)}") from None
+
+
+def _valid_json_strings(grammar: xgrammar.Grammar) -> xgrammar.Grammar:
+    """`grammar` with JSON's rule for the characters of a string everywhere. xgrammar lets a
+    length-bounded string (`maxLength`) hold control characters, and any string hold UTF-16
+    surrogates (3 bytes each, decoded as 3 replacement characters): either breaks the JSON or
+    its length. Its printed EBNF is parsed back with both excluded."""
+    import xgrammar as xgr
+
+    text = original = str(grammar)
+    for loose in _XGRAMMAR_STRING_CHARS:
+        text = text.replace(loose, _JSON_STRING_CHARS)
+    return grammar if text == original else xgr.Grammar.from_ebnf(text)
 
 
 def check_structured_outputs(params: StructuredOutputsParams,
