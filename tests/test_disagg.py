@@ -825,3 +825,60 @@ def test_transfer_fields_must_fit_the_engines_role(model_and_prompts):
     finally:
         for engine in (plain, p, d):
             engine.shutdown()
+
+
+def test_a_constrained_request_through_prefill_and_decode(model_and_prompts, tmp_path):
+    """P's one token and D's tokens all obey the request's constraint (each instance compiles
+    it): the same tokens as one engine, valid JSON, every block free afterwards."""
+    import json
+
+    from engine_core import StructuredOutputsParams
+    from tests.text_checkpoint import add_tokenizer
+
+    model_dir = add_tokenizer(model_and_prompts[0], str(tmp_path / "model"))
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 9999}}, "required": ["n"]}
+    params = SamplingParams(temperature=0.0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    prompts = [[1, *range(5, 5 + n)] for n in (20, 40)]
+
+    def request(rid, prompt, max_tokens, **kw):
+        return EngineCoreRequest(rid, prompt, msgspec.structs.replace(
+            params, max_tokens=max_tokens), [2], **kw)
+
+    single = _engine(model_dir)
+    try:
+        reference = _run(single, [request(f"r{i}", p, 40) for i, p in enumerate(prompts)])
+    finally:
+        single.shutdown()
+    p = _engine(model_dir, "kv_producer")
+    try:
+        d = _engine(model_dir, "kv_consumer")
+    except BaseException:
+        p.shutdown()
+        raise
+    try:
+        first = _run(p, [request(f"r{i}", pr, 1, do_remote_decode=True)
+                         for i, pr in enumerate(prompts)])
+        for rid, (tokens, _) in first.items():
+            assert tokens == reference[rid][0][:1]  # P's token obeys the constraint too
+        decoded = _run(d, [request(rid, prompts[int(rid[1:])], 40,
+                                   kv_transfer_params=out.kv_transfer_params)
+                           for rid, (_, out) in first.items()])
+        for rid, (tokens, out) in decoded.items():
+            assert tokens == reference[rid][0], rid
+            assert out.finish_reason == "stop"
+            assert "n" in json.loads(_text(model_dir, tokens))
+        assert d.stats().kv_transfer.received_tokens > 0
+        assert _settle(p) and _settle(d)
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def _text(model_dir, token_ids):
+    from engine_core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    assert tokenizer is not None
+    return tokenizer.decode(token_ids)

@@ -495,3 +495,33 @@ def test_ray_backend_matches_dp1(text_model, keys):
     finally:
         llm.shutdown()
     assert all(pid_gone(pid) for pid in pids)
+
+
+def test_offline_dp2_structured_outputs_match_dp1(text_model):
+    """Each engine compiles and applies the constraints of the requests routed to it: the
+    same tokens as one engine, and the structured-output figures summed over both."""
+    from engine_core import StructuredOutputsParams
+
+    constraints = [StructuredOutputsParams(regex=r"[a-z]{1,8}=\d{1,3}"),
+                   StructuredOutputsParams(choice=["north", "south"]),
+                   StructuredOutputsParams(json={"type": "object", "properties": {
+                       "k": {"type": "integer", "minimum": 0, "maximum": 99}},
+                       "required": ["k"]})] * 2
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=c)
+              for c in constraints]
+    single = LLM(text_model, dtype="float32")
+    try:
+        expected = single.generate(PROMPTS[:6], params, use_tqdm=False)
+    finally:
+        single.shutdown()
+    llm = LLM(text_model, dtype="float32", data_parallel_size=2)
+    try:
+        got = llm.generate(PROMPTS[:6], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids
+                                                         for o in expected]
+        assert all(o.outputs[0].finish_reason == "stop" for o in got)
+        metrics = {m.name: m.value for m in llm.get_metrics()
+                   if m.name == "ppengine:structured_output_requests"}
+        assert metrics == {"ppengine:structured_output_requests": 6}
+    finally:
+        llm.shutdown()

@@ -15,8 +15,9 @@ import math
 import pytest
 import torch
 from engine_core.executors.sampler import LOGPROB_FLOOR, Sampler, SamplingRow
+from engine_core.models import load_tokenizer
 
-from engine_core import LLM, SamplingParams
+from engine_core import LLM, SamplingParams, StructuredOutputsParams
 from engine_core.invariants import checked_step_output
 from engine_core.messages import (
     CachedRequest,
@@ -280,8 +281,9 @@ def _assert_sound(llm: LLM, reference) -> None:
     assert [o.outputs[0].token_ids for o in again] == reference
 
 
-def _run_with_marked(llm: LLM, reference):
-    marked = SamplingParams(temperature=0.8, seed=MARKED, max_tokens=10, ignore_eos=True)
+def _run_with_marked(llm: LLM, reference, **marked_params):
+    marked = SamplingParams(temperature=0.8, seed=MARKED, max_tokens=10, ignore_eos=True,
+                            **marked_params)
     outputs = llm.generate([*PROMPTS, "x = 1"], [GREEDY, GREEDY, GREEDY, marked], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs[:3]] == reference
     return outputs[3].outputs[0]
@@ -395,5 +397,53 @@ def test_a_dropped_step_leaves_no_unwritten_kv_in_the_prefix_cache(
     again = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
     assert again.outputs[0].token_ids == expected
     assert again.num_cached_tokens == 0
+    _assert_sound(llm, reference)
+    llm.shutdown()
+
+
+# ---- structured outputs: the bitmask and the tokens under it -----------------------------------
+CONSTRAINED = {"structured_outputs": StructuredOutputsParams(regex=r"[a-z]{30}")}
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_a_bitmask_of_the_wrong_size_fails_only_its_request(
+        text_model, reference, monkeypatch, pp) -> None:
+    real_build = Scheduler._build_batch
+
+    def planted(self, scheduled):
+        batch = real_build(self, scheduled)
+        for cached in batch.cached_requests:
+            if self.requests[cached.request_id].num_output_tokens == 3 and cached.token_bitmask:
+                cached.token_bitmask = cached.token_bitmask[:-4]
+        return batch
+
+    monkeypatch.setattr(Scheduler, "_build_batch", planted)
+    llm = LLM(text_model, dtype="float32", pipeline_parallel_size=pp,
+              distributed_executor_backend="inprocess")
+    failed = _run_with_marked(llm, reference, **CONSTRAINED)
+    assert failed.finish_reason == "error" and "token bitmask of" in failed.error
+    assert len(failed.token_ids) == 3
+    _assert_sound(llm, reference)
+    llm.shutdown()
+
+
+def test_a_token_the_grammar_forbids_fails_only_its_request(
+        text_model, reference, monkeypatch) -> None:
+    """The last stage broke the bitmask (here: the sampler swaps in "{"): the request fails
+    without keeping the token, the others go on."""
+    real_call = Sampler.__call__
+    brace = load_tokenizer(text_model).backend.token_to_id("{")
+
+    def planted(self, logits, rows):
+        tokens = real_call(self, logits, rows)
+        return [SampledToken(brace) if r.params.seed == MARKED and len(r.output_token_ids) == 2
+                else t for t, r in zip(tokens, rows)]
+
+    monkeypatch.setattr(Sampler, "__call__", planted)
+    llm = LLM(text_model, dtype="float32")
+    failed = _run_with_marked(llm, reference, **CONSTRAINED)
+    assert failed.finish_reason == "error"
+    assert "breaks the request's structured_outputs constraint" in failed.error
+    assert len(failed.token_ids) == 2 and brace not in failed.token_ids
     _assert_sound(llm, reference)
     llm.shutdown()
