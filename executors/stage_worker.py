@@ -409,8 +409,8 @@ class StageWorker:
             itertools.accumulate((1 + len(s.drafts) for s in scheduled), initial=0), scheduled)
             if s.bitmask]
         if masked:  # structured outputs: forbidden tokens at -inf before anything else
-            logits = apply_token_bitmasks(logits, [row for row, _ in masked],
-                                          [bitmask for _, bitmask in masked])
+            apply_token_bitmasks(logits, [row for row, _ in masked],
+                                 [bitmask for _, bitmask in masked])
         try:
             sampled = sampler(logits, rows)
         except Exception:  # find the rows at fault; the others are sampled as usual

@@ -13,7 +13,9 @@ import torch
 
 __all__ = ["apply_token_bitmasks", "bitmask_error"]
 
-_BIT = torch.arange(32, dtype=torch.int32)  # [32] a constant, never written
+# [256, 8] bool: bit i of byte value b (the bitmask's bytes hold tokens 8k..8k+7, lowest bit
+# first, since its int32 words are little-endian)
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
 
 
 def bitmask_error(bitmask: bytes, num_rows: int, vocab_size: int) -> str | None:
@@ -25,20 +27,19 @@ def bitmask_error(bitmask: bytes, num_rows: int, vocab_size: int) -> str | None:
     return None
 
 
-def apply_token_bitmasks(logits: torch.Tensor, rows: list[int], bitmasks: list[bytes]
-                         ) -> torch.Tensor:
-    """`logits` [num_rows, vocab] with every token the bitmasks forbid at -inf: `bitmasks[i]`
-    (checked by `bitmask_error`) covers the consecutive rows from `rows[i]` on. Returns a new
-    tensor; `logits` is not modified."""
-    vocab = logits.shape[-1]
-    words = (vocab + 31) // 32
-    packed = torch.frombuffer(bytearray(b"".join(bitmasks)), dtype=torch.int32)
-    packed = packed.view(-1, words)  # [num_masked_rows, words]
-    index = torch.tensor([row + j for row, bitmask in zip(rows, bitmasks)
-                          for j in range(len(bitmask) // (words * 4))], dtype=torch.int64)
-    allowed = ((packed.unsqueeze(-1) >> _BIT) & 1).view(len(index), words * 32)[:, :vocab]
-    allowed = allowed.to(device=logits.device, dtype=torch.bool)  # [num_masked_rows, vocab]
-    index = index.to(logits.device)
-    masked = logits.clone()
-    masked[index] = masked[index].masked_fill(~allowed, float("-inf"))
-    return masked
+def apply_token_bitmasks(logits: torch.Tensor, rows: list[int], bitmasks: list[bytes]) -> None:
+    """Set every token the bitmasks forbid to -inf in `logits` [num_rows, vocab], in place:
+    `bitmasks[i]` (checked by `bitmask_error`) covers the consecutive rows from `rows[i]` on."""
+    num_rows, vocab = logits.shape
+    row_bytes = (vocab + 31) // 32 * 4
+    packed = torch.frombuffer(bytearray(b"".join(bitmasks)), dtype=torch.uint8)
+    packed = packed.view(-1, row_bytes)  # [num_masked_rows, row_bytes]
+    allowed = _BYTE_BITS[packed.long()].view(len(packed), row_bytes * 8)[:, :vocab]
+    allowed = allowed.to(logits.device, non_blocking=True)  # [num_masked_rows, vocab]
+    index = [row + j for row, bitmask in zip(rows, bitmasks)
+             for j in range(len(bitmask) // row_bytes)]
+    if index == list(range(num_rows)):  # every row constrained, in order
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    at = torch.tensor(index, dtype=torch.int64).to(logits.device, non_blocking=True)
+    logits.index_copy_(0, at, logits.index_select(0, at).masked_fill_(~allowed, float("-inf")))

@@ -403,7 +403,7 @@ def test_structured_output_stats_count_requests_compiles_and_cache_hits(model_di
 @pytest.mark.parametrize("vocab", [32, 70, 512])
 def test_token_bitmasks_mask_exactly_the_cleared_bits(vocab):
     """Against a plain loop over bits: rows of several requests (one with 3 rows), a vocabulary
-    that is and is not a multiple of 32; unmasked rows and the input tensor untouched."""
+    that is and is not a multiple of 32; unmasked rows untouched."""
     from engine_core.executors.token_bitmask import apply_token_bitmasks, bitmask_error
 
     generator = torch.Generator().manual_seed(vocab)
@@ -417,13 +417,16 @@ def test_token_bitmasks_mask_exactly_the_cleared_bits(vocab):
     blobs = [m.numpy().astype("<i4").tobytes() for m in masks.values()]
     assert all(bitmask_error(b, len(m), vocab) is None for b, m in zip(blobs, masks.values()))
     assert "expected" in bitmask_error(blobs[0][:-1], 1, vocab)
-    out = apply_token_bitmasks(logits, list(masks), blobs)
-    assert torch.equal(logits, before)
-    expected = logits.clone()
+    out = logits.clone()
+    apply_token_bitmasks(out, list(masks), blobs)
+    expected = before.clone()
     for first, mask in masks.items():
         for j, row in enumerate(mask.tolist()):
             for token in range(vocab):
                 if not (row[token // 32] >> (token % 32)) & 1:
                     expected[first + j, token] = float("-inf")
     assert torch.equal(out, expected)
-    assert torch.equal(out[1], logits[1]) and torch.equal(out[5], logits[5])
+    assert torch.equal(out[1], before[1]) and torch.equal(out[5], before[5])
+    every = before[[0, 2, 3, 4]].clone()  # every row constrained: the in-order path
+    apply_token_bitmasks(every, [0, 1], [blobs[0], blobs[1]])
+    assert torch.equal(every, expected[[0, 2, 3, 4]])
