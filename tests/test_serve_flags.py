@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from engine_core.models import load_tokenizer
 
 from engine_core import LLM, SamplingParams
 from engine_core.config import EngineArgs
@@ -28,7 +29,6 @@ from engine_core.entrypoints.chat_template import load_chat_template
 from engine_core.entrypoints.http.protocol import ChatCompletionRequest
 from engine_core.entrypoints.input_processor import InputProcessor
 from engine_core.generation_config import read_generation_defaults
-from engine_core.models import load_tokenizer
 from engine_core.validation import validate_sampling_params
 from tests.checkpoints import make_checkpoint
 from tests.servers import ServerProcess
@@ -142,6 +142,14 @@ def test_tokenizer_from_another_directory(client, dirs):
     assert chat.choices[0].message.content is not None
 
 
+def test_generate_takes_tokenizer(dirs, capsys):
+    bare, full = dirs
+    code = cli.main(["generate", bare, "def hello", "--tokenizer", full, "--max-tokens", "2",
+                     "--dtype", "float32", "--max-model-len", "64", "--num-kv-blocks", "8"])
+    assert code == 0
+    assert capsys.readouterr().out.startswith("def hello")  # the prompt, then its text
+
+
 # ---- --chat-template ----------------------------------------------------------------------
 def test_chat_template_replaces_the_models(client, dirs):
     _, tokenizer_dir = dirs
@@ -158,7 +166,7 @@ def test_chat_template_file_or_inline(tmp_path):
     path.write_text(TEMPLATE)
     assert load_chat_template(str(path)) == TEMPLATE
     assert load_chat_template(TEMPLATE) == TEMPLATE  # no such file, but Jinja: inline
-    with pytest.raises(ValueError, match="chat_template .* looks like a file path"):
+    with pytest.raises(ValueError, match=r"chat_template .* looks like a file path"):
         load_chat_template(str(tmp_path / "missing.jinja"))
     with pytest.raises(ValueError, match=r"chat_template does not parse \(line 1\)"):
         load_chat_template("{% for m in messages %}")
@@ -208,7 +216,7 @@ def test_generation_config_sources(dirs, tmp_path):
     assert defaults("auto") == SamplingParams(  # the model's file, as transformers saved it
         **read_generation_defaults(full))
     (tmp_path / "generation_config.json").write_text('{"temperature": -1}')
-    with pytest.raises(ValueError, match="generation_config: .*temperature must be >= 0"):
+    with pytest.raises(ValueError, match=r"generation_config: .*temperature must be >= 0"):
         EngineArgs(model=full, generation_config=str(tmp_path)).resolve()
 
 
@@ -247,7 +255,7 @@ def test_max_logprobs_limits_both_routes(flagged, client):
 
 
 def test_max_logprobs_above_the_default(dirs):
-    bare, full = dirs
+    _, full = dirs
     config = EngineArgs(model=full, max_logprobs=30).resolve()
     validate_sampling_params(SamplingParams(logprobs=30), config)
     with pytest.raises(ValueError, match=r"logprobs must be <= 30"):
@@ -265,12 +273,11 @@ def test_max_logprobs_above_the_default(dirs):
 
 
 # ---- --enable-log-requests ----------------------------------------------------------------
-def test_requests_logged_only_when_enabled(flagged, client, tls, certificate):
+def test_requests_logged_only_when_enabled(flagged, client, tls):
     completion = client.completions.create(model=MODEL, prompt="import", max_tokens=2)
     line = received_line(flagged, completion.id + "-0")
     assert param_in_log(line, "prompt_tokens") == str(completion.usage.prompt_tokens)
     assert f"{completion.id}-0 finished (length)" in flagged.log(full=True)
-    cert, _ = certificate
     response = httpx.post(tls.url + "/v1/completions", verify=tls.verify, timeout=TIMEOUT,
                           json={"model": MODEL, "prompt": "import", "max_tokens": 2})
     assert response.status_code == 200

@@ -499,8 +499,9 @@ class OpenAIServing:
         self._check_request(request)
         tokenizer = self.llm.tokenizer
         if tokenizer is None:
-            raise RequestError("this model has no tokenizer.json, and chat needs one; use "
-                               "/v1/completions with token-id prompts", param="messages")
+            raise RequestError("this model has no tokenizer.json, and chat needs one; start "
+                               "the server with --tokenizer DIR, or use /v1/completions with "
+                               "token-id prompts", param="messages")
         messages = [m.to_template() for m in request.messages]
         num_chars = sum(len(m["content"]) for m in messages)
         self._check_chars(num_chars, "messages", "the messages have")
