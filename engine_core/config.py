@@ -13,8 +13,10 @@ import json
 import os
 from dataclasses import dataclass
 
+from engine_core.generation_config import read_generation_defaults, resolve_generation_config
 from engine_core.kv_transfer_config import KVTransferConfig
 from engine_core.models import ModelConfig, load_model_config
+from engine_core.sampling_params import MAX_LOGPROBS
 from engine_core.speculative_config import SpeculativeConfig
 
 MAX_THREADS_PER_STAGE = 1024  # far more than any host's cores; torch crashes on absurd counts
@@ -135,6 +137,10 @@ class EngineConfig:
     execution: ExecutionConfig = ExecutionConfig()
     speculative: SpeculativeConfig | None = None  # speculative decoding; None: off
     tokenizer_dir: str = ""  # where tokenizer.json is ("": model_dir)
+    # "vllm" (no defaults) or the directory whose generation_config.json gives the default
+    # sampling parameters (generation_config.py)
+    generation_config: str = "vllm"
+    max_logprobs: int = MAX_LOGPROBS  # the most logprobs (top logprobs) a request may ask for
 
     @property
     def tokenizer_path(self) -> str:
@@ -256,6 +262,10 @@ class EngineArgs:
     # too and turned into a SpeculativeConfig here.
     speculative_config: SpeculativeConfig | None = None
     tokenizer: str | None = None  # a directory with tokenizer.json (default: the model's)
+    # Default sampling parameters: "auto" (the model's generation_config.json), "vllm" (the
+    # engine's own) or a directory holding a generation_config.json.
+    generation_config: str = "auto"
+    max_logprobs: int = MAX_LOGPROBS  # the most logprobs (top logprobs) a request may ask for
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative_config",
@@ -310,6 +320,8 @@ class EngineArgs:
             kv_transfer=self.kv_transfer_config, execution=self._execution(scheduler),
             speculative=self._speculative(model),
             tokenizer_dir=self._tokenizer_dir(),
+            generation_config=self._generation_config(),
+            max_logprobs=self._max_logprobs(),
         )
 
     def _tokenizer_dir(self) -> str:
@@ -319,7 +331,23 @@ class EngineArgs:
         if not isinstance(self.tokenizer, str) or not os.path.isdir(self.tokenizer):
             raise ValueError(f"tokenizer must be a directory (with tokenizer.json), got "
                              f"{self.tokenizer!r}")
+        if not os.path.isfile(os.path.join(self.tokenizer, "tokenizer.json")):
+            raise ValueError(f"tokenizer {self.tokenizer!r} has no tokenizer.json; give the "
+                             f"directory of a Hugging Face fast tokenizer")
         return os.path.abspath(self.tokenizer)
+
+    def _generation_config(self) -> str:
+        """The resolved source of default sampling parameters, its file read once here so
+        that a bad one fails at startup."""
+        source = resolve_generation_config(self.generation_config, self.model)
+        read_generation_defaults(source)
+        return source
+
+    def _max_logprobs(self) -> int:
+        value = self.max_logprobs
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT64_MAX:
+            raise ValueError(f"max_logprobs must be an int >= 0, got {value!r}")
+        return value
 
     def _speculative(self, model: ModelConfig) -> SpeculativeConfig | None:
         """The speculative config, its draft model checked against the target."""

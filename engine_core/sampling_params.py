@@ -33,7 +33,9 @@ from engine_core.structured_outputs import StructuredOutputsParams
 
 __all__ = ["GREEDY_TEMPERATURE", "MAX_LOGPROBS", "WIRE_INT_MAX", "WIRE_INT_MIN", "SamplingParams"]
 
-MAX_LOGPROBS = 20  # the most top logprobs a request may ask for
+# The most logprobs a request may ask for unless the engine says otherwise (vLLM's default
+# --max-logprobs); the engine's own limit is EngineConfig.max_logprobs, checked by validation.py.
+MAX_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (argmax)
 # Every int field must fit a msgpack integer (int64 or uint64), the wire's range.
 WIRE_INT_MIN, WIRE_INT_MAX = -(1 << 63), (1 << 64) - 1
@@ -57,7 +59,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     `top_k` 0 (or -1) and `top_p` 1 turn those filters off; `min_p` 0 likewise. `max_tokens`
     None generates until the model's context is full. `logprobs` N returns the sampled token's
-    logprob plus the top N (0: the sampled token's only). `stop_token_ids` and the model's EOS
+    logprob plus the top N (0: the sampled token's only); the engine takes N up to its
+    `max_logprobs` (default MAX_LOGPROBS). `stop_token_ids` and the model's EOS
     ids cannot end a request before `min_tokens` tokens exist.
     """
 
@@ -122,11 +125,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 max_tokens is None or self.min_tokens <= max_tokens,
                 f"<= max_tokens ({max_tokens})",
             ),
-            (
-                "logprobs",
-                logprobs is None or 0 <= logprobs <= MAX_LOGPROBS,
-                f"in [0, {MAX_LOGPROBS}] or None",
-            ),
+            ("logprobs", logprobs is None or logprobs >= 0, ">= 0 or None"),
         )
         for name, ok, rule in rules:
             if not ok:

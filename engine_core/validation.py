@@ -58,6 +58,9 @@ def validate_sampling_params(params: SamplingParams, config: EngineConfig) -> No
     if params.n > MAX_N:
         raise ValueError(f"n must be <= {MAX_N} (each sequence is an engine request), "
                          f"got {params.n}")
+    if params.logprobs is not None and params.logprobs > config.max_logprobs:
+        raise ValueError(f"logprobs must be <= {config.max_logprobs} (the engine's "
+                         f"max_logprobs), got {params.logprobs}")
     vocab = config.model.vocab_size
     bad = _out_of_vocab(params.stop_token_ids or [], vocab)
     if bad:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -10,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import tokenizers
-from jinja2 import TemplateError
+from jinja2 import TemplateError, TemplateSyntaxError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers.decoders import DecodeStream
@@ -134,6 +135,16 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def with_chat_template(self, chat_template: str) -> Tokenizer:
+        """A tokenizer that shares this one's vocabulary and special tokens but renders chats
+        with `chat_template` (a Jinja template, compiled here: ValueError if it does not
+        parse)."""
+        compiled = compile_chat_template(chat_template)
+        other = copy.copy(self)
+        other.chat_template = chat_template
+        other._compiled_template = compiled
+        return other
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
@@ -149,7 +160,7 @@ class Tokenizer:
                 "chat_template.jinja); use plain prompts or add a template to the checkpoint"
             )
         if self._compiled_template is None:
-            self._compiled_template = _jinja_environment().from_string(self.chat_template)
+            self._compiled_template = compile_chat_template(self.chat_template)
         try:
             return self._compiled_template.render(
                 messages=messages,
@@ -203,6 +214,16 @@ def _default_template(template: Any) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         return named.get("default")
     return template if isinstance(template, str) else None
+
+
+def compile_chat_template(chat_template: str) -> Any:
+    """`chat_template` compiled in the sandbox chat templates render in; ValueError (with the
+    line) when it is not valid Jinja."""
+    try:
+        return _jinja_environment().from_string(chat_template)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"the chat template does not parse (line {e.lineno}): {e.message}") \
+            from None
 
 
 def _jinja_environment() -> ImmutableSandboxedEnvironment:

@@ -7,7 +7,8 @@
   thing never started);
 - `CliProcess`: `python -m engine_core ARGS` in its own process group with its output in a log
   file; stopped by its pid (SIGTERM, then SIGKILL to the group), never by name;
-- `ServerProcess`: `pp-engine serve MODEL` on a free port, returned once /health answers 200;
+- `ServerProcess`: `pp-engine serve MODEL` on a free port, returned once /health answers 200
+  (over https, checked against a CA file, when the server is given a certificate);
 - `stop_processes(procs)`, `group_gone`, `pid_gone`: stop them and check that no process of
   theirs is left; `spawned_children`: a server's engine-core processes;
 - `connect_and_handshake`: a ZMQ peer attached (or refused) before a test checks it got
@@ -26,6 +27,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -226,12 +228,15 @@ class CliProcess:
 class ServerProcess(CliProcess):
     """`pp-engine serve MODEL --port PORT --dtype float32 --served-model-name tiny-llama ARGS`;
     the constructor returns once /health answers 200 (the process is stopped if it does not
-    within `startup_s`, or exits)."""
+    within `startup_s`, or exits). With `tls_ca` (a CA file that the certificate in ARGS'
+    --ssl-certfile chains to) the server is reached over https, checked against it."""
 
     def __init__(self, model_dir: str, log_path: str, *args: str, startup_s: float = 120.0,
-                 served_model_name: str = SERVED_MODEL) -> None:
+                 served_model_name: str = SERVED_MODEL, tls_ca: str | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=tls_ca) if tls_ca is not None else True)
+        self.url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{self.port}"
         super().__init__(["serve", model_dir, "--port", str(self.port), "--dtype", "float32",
                           "--served-model-name", served_model_name, *args], log_path)
         try:
@@ -245,7 +250,8 @@ class ServerProcess(CliProcess):
         if self.proc.poll() is not None:
             raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log()}")
         with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+            return httpx.get(self.url + "/health", timeout=2,
+                             verify=self.verify).status_code == 200
         return False
 
     def wait_healthy(self, timeout_s: float) -> None:

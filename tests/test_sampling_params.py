@@ -43,8 +43,7 @@ def test_defaults_match_vllm() -> None:
         ({"max_tokens": 0}, "max_tokens must be >= 1"),
         ({"min_tokens": -1}, "min_tokens must be >= 0"),
         ({"min_tokens": 5, "max_tokens": 4}, r"min_tokens must be <= max_tokens \(4\), got 5"),
-        ({"logprobs": -1}, "logprobs must be in"),
-        ({"logprobs": MAX_LOGPROBS + 1}, rf"logprobs must be in \[0, {MAX_LOGPROBS}\]"),
+        ({"logprobs": -1}, "logprobs must be >= 0"),
         ({"seed": True}, "seed must be an int"),
         ({"seed": 1.5}, "seed must be an int"),
         ({"stop_token_ids": [1, -1]}, r"stop_token_ids must hold token ids .*, got -1"),
@@ -93,6 +92,7 @@ def test_invalid_values_raise_naming_the_field(kwargs: dict, message: str) -> No
         {"max_tokens": None, "min_tokens": 10_000},
         {"logprobs": 0},
         {"logprobs": MAX_LOGPROBS},
+        {"logprobs": MAX_LOGPROBS + 1},  # the engine's max_logprobs limits it (validation.py)
         {"seed": 0},
         {"seed": -(2**63)},
         {"seed": 2**64 - 1},

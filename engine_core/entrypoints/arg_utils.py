@@ -5,15 +5,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable
 from typing import Any
 
 from engine_core.config import MAX_THREADS_PER_STAGE, DataParallelConfig
+from engine_core.sampling_params import MAX_LOGPROBS
 from engine_core.speculative_config import SpeculativeConfig
 
 __all__ = ["INT_MAX", "SEED_MAX", "SEED_MIN", "add_data_parallel_args", "add_engine_args",
-           "data_parallel_config", "engine_kwargs", "finite_float", "int_in"]
+           "add_frontend_args", "data_parallel_config", "engine_kwargs",
+           "finite_float", "int_in", "json_strings"]
 
 # Engine arguments cross to the engine-core process as msgpack: every int must fit an int64.
 INT_MAX = (1 << 63) - 1
@@ -72,6 +75,18 @@ def finite_float(low: float, high: float = math.inf, *, low_open: bool = False
     return parse
 
 
+def json_strings(text: str) -> tuple[str, ...]:
+    """An argparse `type`: a JSON list of strings, e.g. '["http://a.example"]'."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise argparse.ArgumentTypeError(f"must be a JSON list of strings, e.g. '[\"*\"]', "
+                                         f"got {_shown(text)}")
+    return tuple(value)
+
+
 PORT = int_in(0, 65535, "a port")  # 0: any free port
 SEED = int_in(SEED_MIN, SEED_MAX, "a 64-bit seed", "in [-2**63, 2**64 - 1]")
 
@@ -128,6 +143,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1}' or "
                         "'{\"method\": \"draft_model\", \"model\": \"DIR\", "
                         "\"num_speculative_tokens\": 4}'")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="directory holding tokenizer.json (and tokenizer_config.json) "
+                        "(default: MODEL's)")
+    g.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="default sampling parameters for requests that leave them out: auto "
+                        "(the model's generation_config.json: temperature, top_p, top_k, "
+                        "min_p, repetition_penalty, max_new_tokens), vllm (the engine's own) "
+                        "or DIR/generation_config.json (default: %(default)s)")
+    g.add_argument("--max-logprobs", type=int_in(0), default=MAX_LOGPROBS,
+                   help="the most logprobs (top_logprobs) a request may ask for (default: "
+                        "%(default)s)")
     g.add_argument("--no-fair-share", dest="fair_share", action="store_false",
                    help="admit sequences in policy order alone, so one request with many "
                         "prompts or a large n may hold every slot while others wait")
@@ -147,11 +173,47 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
              "threads_per_stage", "distributed_executor_backend", "ray_compiled_graph",
              "pipelined_chunked_prefill", "scheduling_policy", "fair_share",
              "attention_backend", "enforce_eager", "cudagraph_capture_sizes",
-             "gpu_memory_utilization", "speculative_config"]
+             "gpu_memory_utilization", "speculative_config", "tokenizer",
+             "generation_config", "max_logprobs"]
     kwargs = {name: getattr(args, name) for name in names}
     if kwargs["cudagraph_capture_sizes"] is not None:  # a frozen config holds tuples
         kwargs["cudagraph_capture_sizes"] = tuple(kwargs["cudagraph_capture_sizes"])
     return kwargs
+
+
+def add_frontend_args(parser: argparse.ArgumentParser) -> None:
+    """HTTP front-end options of `pp-engine serve` (vLLM's names): chat template, request log,
+    CORS, root path, TLS."""
+    g = parser.add_argument_group("front-end")
+    g.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="render /v1/chat/completions with this Jinja template (a file, or the "
+                        "template itself) instead of the model's")
+    g.add_argument("--enable-log-requests", dest="enable_log_requests", action="store_const",
+                   const=True, default=False,
+                   help="log one line when each request starts (id, prompt tokens, sampling "
+                        "params) and one when it ends (default: off, as vLLM)")
+    g.add_argument("--disable-log-requests", dest="enable_log_requests", action="store_const",
+                   const=False, help="no per-request log lines (the default)")
+    g.add_argument("--allowed-origins", type=json_strings, default=("*",), metavar="JSON",
+                   help="CORS: origins allowed, as a JSON list (default: [\"*\"])")
+    g.add_argument("--allowed-methods", type=json_strings, default=("*",), metavar="JSON",
+                   help="CORS: methods allowed, as a JSON list (default: [\"*\"])")
+    g.add_argument("--allowed-headers", type=json_strings, default=("*",), metavar="JSON",
+                   help="CORS: request headers allowed, as a JSON list (default: [\"*\"])")
+    g.add_argument("--allow-credentials", action="store_true",
+                   help="CORS: allow credentials (cookies, Authorization) cross-origin")
+    g.add_argument("--root-path", default=None, metavar="PATH",
+                   help="the path prefix a proxy serves this API under, e.g. /api (FastAPI's "
+                        "root_path: docs and OpenAPI links carry it)")
+    g.add_argument("--ssl-keyfile", default=None, metavar="FILE",
+                   help="TLS: the private key of --ssl-certfile (if not in that file)")
+    g.add_argument("--ssl-certfile", default=None, metavar="FILE",
+                   help="TLS: serve https with this certificate (PEM)")
+    g.add_argument("--ssl-ca-certs", default=None, metavar="FILE",
+                   help="TLS: CA certificates to check client certificates against")
+    g.add_argument("--ssl-cert-reqs", type=int_in(0, 2), default=None,
+                   help="TLS: client certificates: 0 not asked for (default), 1 optional, "
+                        "2 required (Python's ssl.CERT_*)")
 
 
 def add_data_parallel_args(parser: argparse.ArgumentParser) -> None:

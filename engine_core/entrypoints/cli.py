@@ -11,6 +11,7 @@ from engine_core.entrypoints.arg_utils import (
     SEED,
     add_data_parallel_args,
     add_engine_args,
+    add_frontend_args,
     engine_kwargs,
     finite_float,
     int_in,
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["critical", "error", "warning", "info", "debug", "trace"],
                      help="log level of the server and uvicorn (default: %(default)s)")
     srv.add_argument("--disable-uvicorn-access-log", action="store_true",
-                     help="no log line per HTTP request (the per-request timing line stays)")
+                     help="no log line per HTTP request")
     srv.add_argument("--engine-transport", choices=["ipc", "tcp"], default="ipc",
                      help="how the server talks to its engine-core process: ipc (a private "
                           "0700 directory; default) or tcp (needs --zmq-keys or --insecure-tcp)")
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="make this a prefill/decode instance for `pp-engine proxy`, e.g. "
                           "'{\"kv_role\": \"kv_producer\", \"kv_port\": 21001, "
                           "\"proxy_address\": \"127.0.0.1:30001\", \"send_type\": \"PUT\"}'")
+    add_frontend_args(srv)
     add_engine_args(srv)
     add_data_parallel_args(srv)
     srv.set_defaults(subparser=srv, func=_serve)

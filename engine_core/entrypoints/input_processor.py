@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from engine_core.config import EngineConfig
+from engine_core.generation_config import read_generation_defaults
 from engine_core.grammars import check_structured_outputs
 from engine_core.messages import EngineCoreRequest
 from engine_core.models import Tokenizer
@@ -61,7 +62,9 @@ class InputProcessor:
     """Turns prompts and their parameters into engine-core requests for one engine config.
 
     `eos_token_ids` (the model's end-of-sequence ids: its config's and the tokenizer's) is
-    computed once here and carried by every engine-core request."""
+    computed once here and carried by every engine-core request. `default_sampling` holds the
+    sampling defaults of the engine's `generation_config` (SamplingParams field -> value,
+    `max_tokens` among them), for the fields a request leaves out."""
 
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None) -> None:
         self.config = config
@@ -70,6 +73,8 @@ class InputProcessor:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids: list[int] = sorted(eos)
+        self.default_sampling: dict[str, Any] = read_generation_defaults(
+            config.generation_config)
         max_model_len = config.scheduler.max_model_len
         per_token = tokenizer.max_chars_per_token if tokenizer is not None else None
         # A text longer than this many characters cannot fit max_model_len tokens (None: the
@@ -106,6 +111,11 @@ class InputProcessor:
     def check_priority(self, priority: object) -> None:
         """ValueError unless `priority` is an int64 the engine's scheduling policy takes."""
         validate_priority(priority, self.config.scheduler.policy)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the generation config's defaults (vLLM's
+        `get_default_sampling_params`): what a request without its own gets."""
+        return SamplingParams(**self.default_sampling)
 
     # ---- prompts ------------------------------------------------------------------------------
     def process_prompt(self, prompt: PromptType, add_special_tokens: bool = True
@@ -160,10 +170,10 @@ class InputProcessor:
 
     def params_per_prompt(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,
                           num_prompts: int) -> list[SamplingParams]:
-        """The batch form (`LLM.generate`): one SamplingParams for all prompts (None: the
-        defaults) or one per prompt, each checked once."""
+        """The batch form (`LLM.generate`): one SamplingParams for all prompts (None:
+        `default_sampling_params()`) or one per prompt, each checked once."""
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             self.check_sampling_params(sampling_params)
             return [sampling_params] * num_prompts

@@ -90,6 +90,13 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams `generate` and `chat` use when given none (vLLM's): the
+        `generation_config` defaults (by default the model's generation_config.json:
+        temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens),
+        SamplingParams' own for the rest."""
+        return self.input_processor.default_sampling_params()
+
     # ---- generation ---------------------------------------------------------------------------
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -8,13 +8,14 @@ OpenAI clients send fields this engine does not know.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine_core.entrypoints.chat import ChatMessageError, require_content
 from engine_core.entrypoints.http.errors import RequestError
-from engine_core.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine_core.sampling_params import SamplingParams
 
 __all__ = [
     "MAX_N",
@@ -87,16 +88,20 @@ class _SamplingRequest(_Strict):
             raise RequestError("stream_options is only allowed with stream=true",
                                param="stream_options")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """SamplingParams for one prompt. ValueError (naming the field) for bad values."""
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """SamplingParams for one prompt: the fields the request gives, else `defaults` (the
+        server's `--generation-config`), else SamplingParams'. ValueError (naming the field)
+        for bad values."""
         given = {name: getattr(self, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
             "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids")}
+        fields = {name: value for name, value in (defaults or {}).items() if name in given}
+        fields.update((name, value) for name, value in given.items() if value is not None)
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output,
-            **{name: value for name, value in given.items() if value is not None})
+            include_stop_str_in_output=self.include_stop_str_in_output, **fields)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -105,7 +110,7 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0)  # at most the server's --max-logprobs
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -174,7 +179,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0)  # at most the server's --max-logprobs
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -1,23 +1,76 @@
 """What the HTTP front doors (`pp-engine serve`, `pp-engine proxy`) share around their app:
 binding the port early, the `--api-key` check, OpenAI-style error bodies for every error, SSE
-responses that always end their event generator, and leaving cleanly on SIGTERM."""
+responses that always end their event generator, CORS, checking TLS files before anything
+starts, and leaving cleanly on SIGTERM."""
 
 from __future__ import annotations
 
 import secrets
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from engine_core.entrypoints.http.errors import RequestError, error_body
 
-__all__ = ["ClosingStreamingResponse", "add_error_handlers", "api_key_check", "exit_on_sigterm",
-           "listen"]
+__all__ = ["ClosingStreamingResponse", "CorsConfig", "add_cors", "add_error_handlers",
+           "api_key_check", "check_tls_files", "exit_on_sigterm", "listen"]
+
+
+@dataclass(frozen=True)
+class CorsConfig:
+    """Cross-origin access to the API (vLLM's `--allowed-origins`, `--allowed-methods`,
+    `--allowed-headers`, `--allow-credentials`; by default any origin, method and header)."""
+
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+
+
+def add_cors(app: FastAPI, cors: CorsConfig) -> None:
+    """Answer CORS preflights and add the Access-Control-* headers to responses for the
+    allowed origins (Starlette's CORSMiddleware). Added last, so it wraps every other
+    middleware: an error response (401, 413) carries the headers too."""
+    app.add_middleware(CORSMiddleware, allow_origins=list(cors.allowed_origins),
+                       allow_methods=list(cors.allowed_methods),
+                       allow_headers=list(cors.allowed_headers),
+                       allow_credentials=cors.allow_credentials)
+
+
+def check_tls_files(keyfile: str | None, certfile: str | None, ca_certs: str | None,
+                    cert_reqs: int | None) -> None:
+    """ValueError naming the flag unless the TLS files load (what uvicorn will do once the
+    engine is up): a certificate (`--ssl-certfile`, its key in `--ssl-keyfile` or in the same
+    file) and, to check client certificates, `--ssl-ca-certs`."""
+    if certfile is None:
+        for flag, value in (("--ssl-keyfile", keyfile), ("--ssl-ca-certs", ca_certs),
+                            ("--ssl-cert-reqs", cert_reqs)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --ssl-certfile (TLS is on when a certificate "
+                                 f"is given)")
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        files = f"--ssl-certfile {certfile!r}" + (f", --ssl-keyfile {keyfile!r}" if keyfile
+                                                  else "")
+        raise ValueError(f"{files}: cannot load the certificate and its key: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
+    if ca_certs is not None:
+        try:
+            context.load_verify_locations(ca_certs)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"--ssl-ca-certs: cannot load {ca_certs!r}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 class ClosingStreamingResponse(StreamingResponse):

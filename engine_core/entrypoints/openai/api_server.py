@@ -8,6 +8,10 @@ served by `serving.OpenAIServing`.
 Bodies are capped (`--max-request-bytes`, a 413) before they are read. If the engine core dies,
 the requests in flight get errors and `pp-engine serve` exits with code 1 (or, with
 `--restart-engine`, starts a fresh engine core).
+
+vLLM's front-end flags: `--chat-template`, `--enable-log-requests`, CORS (`--allowed-origins`
+...), `--root-path` (FastAPI's root_path) and TLS (`--ssl-certfile` ...), each checked before
+the engine starts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +35,15 @@ from engine_core.client.core_process import engine_version
 from engine_core.config import EngineArgs
 from engine_core.entrypoints.arg_utils import data_parallel_config, engine_kwargs
 from engine_core.entrypoints.async_llm import AsyncLLM
+from engine_core.entrypoints.chat_template import load_chat_template
 from engine_core.entrypoints.http.errors import error_body
 from engine_core.entrypoints.http.limits import DEFAULT_MAX_REQUEST_BYTES, RequestBodyLimit
-from engine_core.entrypoints.http.setup import add_error_handlers
+from engine_core.entrypoints.http.setup import (
+    CorsConfig,
+    add_cors,
+    add_error_handlers,
+    check_tls_files,
+)
 from engine_core.entrypoints.http.setup import api_key_check as _api_key_check
 from engine_core.entrypoints.http.setup import exit_on_sigterm as _exit_on_sigterm
 from engine_core.entrypoints.http.setup import listen as _listen
@@ -51,17 +62,23 @@ logger = logging.getLogger("engine_core.entrypoints.openai")
 
 def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None, *,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              protect_metrics: bool = False) -> FastAPI:
+              protect_metrics: bool = False, chat_template: str | None = None,
+              log_requests: bool = False, cors: CorsConfig | None = None,
+              root_path: str = "") -> FastAPI:
     """The OpenAI-compatible app over `llm` (which the caller owns and shuts down).
 
     With `api_key`, every /v1 route needs `Authorization: Bearer <api_key>`, and so does
     /metrics when `protect_metrics` is set; /health and /version stay open. A request body over
-    `max_request_bytes` gets a 413 without being read into memory."""
+    `max_request_bytes` gets a 413 without being read into memory. `chat_template` and
+    `log_requests`: see `OpenAIServing`; `cors`: cross-origin access (default: any origin);
+    `root_path`: the prefix a proxy serves the app under (FastAPI's: routes answer with or
+    without it, the docs link to it)."""
     if protect_metrics and not api_key:
         raise ValueError("protect_metrics needs an api_key (--protect-metrics needs --api-key)")
     version = engine_version()
     metrics = ServerMetrics(llm, served_model_name)
-    serving = OpenAIServing(llm, served_model_name, metrics, max_request_bytes)
+    serving = OpenAIServing(llm, served_model_name, metrics, max_request_bytes,
+                            chat_template=chat_template, log_requests=log_requests)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -71,8 +88,9 @@ def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
             serving.close()
 
     app = FastAPI(title="pp-engine OpenAI-compatible server", version=version,
-                  lifespan=lifespan)
+                  lifespan=lifespan, root_path=root_path)
     app.add_middleware(RequestBodyLimit, max_bytes=max_request_bytes)
+    add_cors(app, cors if cors is not None else CorsConfig())
     app.state.serving = serving
 
     async def handle(work: Callable[[Request], Awaitable[Response]], request: Request
@@ -133,8 +151,34 @@ def _kv_transfer_config(args: argparse.Namespace) -> KVTransferConfig | None:
     return dataclasses.replace(config, zmq_keys=args.zmq_keys)
 
 
+def _cors_config(args: argparse.Namespace) -> CorsConfig:
+    return CorsConfig(allowed_origins=args.allowed_origins,
+                      allowed_methods=args.allowed_methods,
+                      allowed_headers=args.allowed_headers,
+                      allow_credentials=args.allow_credentials)
+
+
+def _root_path(value: str | None) -> str:
+    """`--root-path` without its trailing slashes ("" for none); ValueError unless it is a
+    path."""
+    if not value:
+        return ""
+    if not value.startswith("/"):
+        raise ValueError(f"--root-path must start with '/', got {value!r}")
+    return value.rstrip("/")
+
+
+def _check_frontend_args(args: argparse.Namespace) -> str | None:
+    """Check the front-end flags before anything starts; the `--chat-template` to use."""
+    _root_path(args.root_path)
+    check_tls_files(args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs, args.ssl_cert_reqs)
+    if args.chat_template is None:
+        return None
+    return load_chat_template(args.chat_template)
+
+
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: str,
-                 sock: socket.socket) -> int:
+                 sock: socket.socket, chat_template: str | None) -> int:
     """Serve until told to stop (0) or until the engine core dies for good (1)."""
     import uvicorn
 
@@ -146,10 +190,15 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: 
     refused: list[str] = []
     try:
         app = build_app(llm, model_name, args.api_key, max_request_bytes=args.max_request_bytes,
-                        protect_metrics=args.protect_metrics)
+                        protect_metrics=args.protect_metrics, chat_template=chat_template,
+                        log_requests=args.enable_log_requests, cors=_cors_config(args),
+                        root_path=_root_path(args.root_path))
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level, loop="uvloop",
                                 access_log=not args.disable_uvicorn_access_log,
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, ssl_keyfile=args.ssl_keyfile,
+                                ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+                                ssl_cert_reqs=(ssl.CERT_NONE if args.ssl_cert_reqs is None
+                                               else args.ssl_cert_reqs))
         server = uvicorn.Server(config)
         supervisor = asyncio.create_task(_supervise_engine(llm, server, args.restart_engine))
         if llm.config.kv_transfer is not None:  # a prefill/decode instance of a proxy
@@ -162,8 +211,14 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: 
             instance = DisaggInstance.for_engine(serving.serve_proxied, llm, model_name,
                                                  on_refused)
             await instance.start()
-        logger.info("serving %s (max_model_len=%d) on http://%s:%d", model_name,
-                    llm.config.scheduler.max_model_len, args.host, args.port)
+        defaults = llm.input_processor.default_sampling
+        if defaults:
+            logger.info("default sampling params from %s: %s (--generation-config vllm for the "
+                        "engine's own)", os.path.join(llm.config.generation_config,
+                                                       "generation_config.json"), defaults)
+        scheme = "https" if args.ssl_certfile else "http"
+        logger.info("serving %s (max_model_len=%d) on %s://%s:%d", model_name,
+                    llm.config.scheduler.max_model_len, scheme, args.host, args.port)
         await server.serve(sockets=[sock])
     finally:
         if instance is not None:
@@ -235,13 +290,14 @@ def run_server(args: argparse.Namespace) -> int:
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     require_keys_for_tcp(args.engine_transport, args.zmq_keys, args.insecure_tcp)
+    chat_template = _check_frontend_args(args)
     sock = _listen(args.host, args.port)
     # uvicorn re-raises a captured SIGTERM once it has shut down; exit through the `finally`
     # that stops the engine core instead of dying on the spot.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     exit_code = 0
     try:
-        exit_code = uvloop.run(_serve(args, engine_args, model_name, sock))
+        exit_code = uvloop.run(_serve(args, engine_args, model_name, sock, chat_template))
     except KeyboardInterrupt:
         pass
     finally:

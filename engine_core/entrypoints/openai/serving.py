@@ -163,12 +163,26 @@ class OpenAIServing:
     """The request handlers behind the routes, over one `AsyncLLM`."""
 
     def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, *,
+                 chat_template: str | None = None, log_requests: bool = False) -> None:
+        """`chat_template` (`--chat-template`) replaces the model's for chat completions;
+        `log_requests` (`--enable-log-requests`) logs one INFO line when each engine request
+        starts and one when it ends."""
         self.llm = llm
         self.model_name = model_name
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes  # of a proxied request (HTTP: the middleware)
         self.max_model_len = llm.config.scheduler.max_model_len
+        self.max_logprobs = llm.config.max_logprobs
+        self.log_requests = log_requests
+        # The tokenizer that renders chats: the model's, or a copy with --chat-template's.
+        self.chat_tokenizer = llm.tokenizer
+        if chat_template is not None and llm.tokenizer is not None:
+            self.chat_tokenizer = llm.tokenizer.with_chat_template(chat_template)
+        # --generation-config: defaults for the sampling fields a request leaves out
+        defaults = dict(llm.input_processor.default_sampling)
+        self.default_max_tokens: int | None = defaults.pop("max_tokens", None)
+        self.default_sampling = defaults
         self.created = int(time.time())
         self._executor = concurrent.futures.ThreadPoolExecutor(
             _TOKENIZER_THREADS, thread_name_prefix="pp-engine-tokenize")
@@ -208,6 +222,11 @@ class OpenAIServing:
                                f"`{self.model_name}`", param="model", status=404,
                                type="NotFoundError", code="model_not_found")
         request.check_supported()
+        field = "top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs"
+        asked = getattr(request, field)
+        if asked is not None and asked > self.max_logprobs:
+            raise RequestError(f"{field} must be <= {self.max_logprobs} (the server's "
+                               f"--max-logprobs), got {asked}", param=field)
         try:
             self.llm.input_processor.check_priority(request.priority)
         except ValueError as exc:
@@ -225,13 +244,14 @@ class OpenAIServing:
             raise RequestError(f"{where}{exc}", param=param) from None
 
     def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
-        """`requested`, or the room left in the context; 400 if they do not fit together."""
+        """`requested`, or else the room left in the context (at most the default from
+        `--generation-config`, as vLLM); 400 if they do not fit together."""
         limit = self.max_model_len
         if requested is None:
             if prompt_len >= limit:
                 raise RequestError(f"the prompt has {prompt_len} tokens and fills the model's "
                                    f"context of {limit} tokens; shorten it", param=param)
-            return limit - prompt_len
+            return min(limit - prompt_len, self.default_max_tokens or limit)
         if prompt_len + requested > limit:
             raise RequestError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -245,7 +265,7 @@ class OpenAIServing:
         """The request's SamplingParams, checked against the model too (stop_token_ids in the
         vocabulary), so that every bad value is a 400 before a stream starts."""
         try:
-            params = request.sampling_params(max_tokens, logprobs)
+            params = request.sampling_params(max_tokens, logprobs, self.default_sampling)
             self.llm.input_processor.check_sampling_params(params)
         except ValueError as exc:
             raise RequestError(str(exc), param=param_of(str(exc))) from None
@@ -268,8 +288,10 @@ class OpenAIServing:
         if not {"abort", "error"} & set(reasons):  # only requests that ran to their end
             self.metrics.record_finished(reasons[0], ttft, e2e,
                                          max(len(c.token_ids) for c in output.outputs))
-        logger.info("%s finished (%s): prompt_tokens=%d output_tokens=%d ttft=%.3fs e2e=%.3fs",
-                    prompt.request_id, ",".join(reasons), len(prompt.token_ids), total, ttft, e2e)
+        if self.log_requests:
+            logger.info(
+                "%s finished (%s): prompt_tokens=%d output_tokens=%d ttft=%.3fs e2e=%.3fs",
+                prompt.request_id, ",".join(reasons), len(prompt.token_ids), total, ttft, e2e)
 
     async def _generate(self, prompts: list[_Prompt], kv_transfer: KVTransferRequest | None
                         ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
@@ -281,6 +303,9 @@ class OpenAIServing:
         transfer = kv_transfer if kv_transfer is not None else KVTransferRequest()
 
         async def produce(index: int, prompt: _Prompt) -> None:
+            if self.log_requests:
+                logger.info("Received request %s: prompt_tokens=%d, params=%s",
+                            prompt.request_id, len(prompt.token_ids), prompt.params)
             try:
                 async for output in self.llm.generate_processed(
                         prompt.request, prompt.request_id, owner_id=prompt.owner_id,
@@ -293,8 +318,9 @@ class OpenAIServing:
                     queue.put_nowait((index, output))
                 queue.put_nowait((index, None))
             except asyncio.CancelledError:
-                logger.info("%s aborted after %d output tokens", prompt.request_id,
-                            prompt.num_output_tokens)
+                if self.log_requests:
+                    logger.info("%s aborted after %d output tokens", prompt.request_id,
+                                prompt.num_output_tokens)
                 raise
             except Exception as exc:
                 log = logger.error if isinstance(exc, _RequestFailed) else logger.info
@@ -473,8 +499,9 @@ class OpenAIServing:
         self._check_request(request)
         tokenizer = self.llm.tokenizer
         if tokenizer is None:
-            raise RequestError("this model has no tokenizer.json, and chat needs one; use "
-                               "/v1/completions with token-id prompts", param="messages")
+            raise RequestError("this model has no tokenizer.json, and chat needs one; start "
+                               "the server with --tokenizer DIR, or use /v1/completions with "
+                               "token-id prompts", param="messages")
         messages = [m.to_template() for m in request.messages]
         num_chars = sum(len(m["content"]) for m in messages)
         self._check_chars(num_chars, "messages", "the messages have")
@@ -510,9 +537,9 @@ class OpenAIServing:
     def _chat_prompt(self, request: ChatCompletionRequest, messages: list[dict[str, Any]]
                      ) -> ProcessedPrompt:
         """Render the chat template and tokenize the result (may run in a thread)."""
-        assert self.llm.tokenizer is not None
+        assert self.chat_tokenizer is not None
         try:
-            text = self.llm.tokenizer.apply_chat_template(
+            text = self.chat_tokenizer.apply_chat_template(
                 messages, add_generation_prompt=request.add_generation_prompt,
                 **(request.chat_template_kwargs or {}))
         except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError) as exc:
