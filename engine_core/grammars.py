@@ -19,6 +19,7 @@ it. Its errors come back as ValueError with the C++ source prefix stripped.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import re
 import threading
@@ -112,17 +113,45 @@ def _valid_json_strings(grammar: xgrammar.Grammar) -> xgrammar.Grammar:
     return grammar if text == original else xgr.Grammar.from_ebnf(text)
 
 
+@functools.cache
+def _byte_compiler() -> Any:
+    """A compiler over a vocabulary of the 256 single bytes and a stop token (id 256): every
+    text is a token sequence of it, so a grammar allows some first token iff it matches some
+    text (or only the empty one: then the stop token)."""
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo([bytes([b]) for b in range(256)] + [b"</s>"],
+                             stop_token_ids=[256])
+    return xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+
+
+def _check_not_empty(params: StructuredOutputsParams, grammar: xgrammar.Grammar) -> None:
+    """ValueError if `grammar` matches no text at all (e.g. `root ::= root`)."""
+    import xgrammar as xgr
+
+    try:
+        matcher = xgr.GrammarMatcher(_byte_compiler().compile_grammar(grammar))
+    except Exception as exc:
+        raise ValueError(f"structured_outputs.{params.kind} cannot be compiled: "
+                         f"{_message(exc)}") from None
+    bitmask = xgr.allocate_token_bitmask(1, 257)
+    matcher.fill_next_token_bitmask(bitmask)
+    if not bool(bitmask.any()):
+        raise ValueError(f"structured_outputs.{params.kind} matches no text at all")
+
+
 def check_structured_outputs(params: StructuredOutputsParams,
                              timeout_s: float = CHECK_TIMEOUT_S) -> None:
     """Raise ValueError (naming the field) if the constraint cannot be compiled: not a valid
-    schema, regex or grammar, or a schema feature xgrammar does not support. Bounded: a check
+    schema, regex or grammar, a schema feature xgrammar does not support, or a constraint no
+    text satisfies (checked over a byte vocabulary: no model's is needed). Bounded: a check
     that takes longer than `timeout_s` is refused (the work is left to finish in a daemon
     thread). For front-ends, before a request is queued."""
     result: list[BaseException | None] = []
 
     def run() -> None:
         try:
-            _grammar_of(params)
+            _check_not_empty(params, _grammar_of(params))
             result.append(None)
         except BaseException as exc:  # handed to the caller
             result.append(exc)

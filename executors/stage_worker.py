@@ -32,7 +32,12 @@ from engine_core.executors.host_memory import keep_freed_memory
 from engine_core.executors.kv_memory import allocate_resident
 from engine_core.executors.sampler import Sampler, SamplingRow
 from engine_core.executors.step_inputs import build_step_inputs
-from engine_core.executors.token_bitmask import apply_token_bitmasks, bitmask_error
+from engine_core.executors.token_bitmask import (
+    NO_ALLOWED_TOKEN,
+    apply_token_bitmasks,
+    bitmask_error,
+    bitmask_words,
+)
 from engine_core.models import load_model
 from engine_core.models.linear import warm_up_linears
 
@@ -415,6 +420,12 @@ class StageWorker:
             sampled = sampler(logits, rows)
         except Exception:  # find the rows at fault; the others are sampled as usual
             sampled = [_sample_row(sampler, logits[i:i + 1], row) for i, row in enumerate(rows)]
+        if masked:  # a row the bitmask left nothing in: say so, not "the logits are -inf"
+            for row, bitmask in masked:
+                for j in range(row, row + len(bitmask) // (bitmask_words(logits.shape[1]) * 4)):
+                    if sampled[j].error is not None and not bool(
+                            torch.isfinite(logits[j]).any()):
+                        sampled[j] = SampledToken(-1, error=NO_ALLOWED_TOKEN)
         output = StepOutput(step_id, [], [])
         first = 0
         for s in scheduled:

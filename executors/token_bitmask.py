@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["apply_token_bitmasks", "bitmask_error"]
+from engine_core.grammars import bitmask_words
+
+__all__ = ["NO_ALLOWED_TOKEN", "apply_token_bitmasks", "bitmask_error", "bitmask_words"]
+
+# a sampling row's error when its bitmask allows no token with a finite logit
+NO_ALLOWED_TOKEN = ("structured_outputs: no token of the vocabulary can continue the "
+                    "constraint here")
 
 # [256, 8] bool: bit i of byte value b (the bitmask's bytes hold tokens 8k..8k+7, lowest bit
 # first, since its int32 words are little-endian)
@@ -20,7 +26,7 @@ _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
 
 def bitmask_error(bitmask: bytes, num_rows: int, vocab_size: int) -> str | None:
     """Why `bitmask` cannot be the bitmask of `num_rows` rows over `vocab_size` tokens, or None."""
-    expected = num_rows * ((vocab_size + 31) // 32) * 4
+    expected = num_rows * bitmask_words(vocab_size) * 4
     if len(bitmask) != expected:
         return (f"token bitmask of {len(bitmask)} bytes, expected {expected} for {num_rows} "
                 f"row(s) of a {vocab_size}-token vocabulary")
@@ -31,7 +37,7 @@ def apply_token_bitmasks(logits: torch.Tensor, rows: list[int], bitmasks: list[b
     """Set every token the bitmasks forbid to -inf in `logits` [num_rows, vocab], in place:
     `bitmasks[i]` (checked by `bitmask_error`) covers the consecutive rows from `rows[i]` on."""
     num_rows, vocab = logits.shape
-    row_bytes = (vocab + 31) // 32 * 4
+    row_bytes = bitmask_words(vocab) * 4
     packed = torch.frombuffer(bytearray(b"".join(bitmasks)), dtype=torch.uint8)
     packed = packed.view(-1, row_bytes)  # [num_masked_rows, row_bytes]
     allowed = _BYTE_BITS[packed.long()].view(len(packed), row_bytes * 8)[:, :vocab]

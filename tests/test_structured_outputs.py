@@ -342,16 +342,22 @@ def _run(engine: EngineCore, requests: list[EngineCoreRequest], timeout_s: float
 
 
 def test_a_grammar_that_fails_to_compile_in_the_engine_fails_its_request_alone(model_dir):
-    """A request that bypassed the front-end's check: its compile fails in the engine, it
-    finishes with an error naming the field, the others run; every block is free."""
+    """Requests that bypassed the front-end's check: a compile that fails in the engine, and a
+    grammar no token can start, each finish with an error saying so; the others run; every
+    block is free."""
     engine = _core(model_dir)
     try:
         bad = SamplingParams(structured_outputs=StructuredOutputsParams(regex="(("))
         good = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        empty = SamplingParams(structured_outputs=StructuredOutputsParams(
+            grammar="root ::= root"))  # compiles, but no token can ever start it
         tokens, final = _run(engine, [EngineCoreRequest("bad", [1, 5, 6], bad, [2]),
+                                      EngineCoreRequest("empty", [1, 5, 6], empty, [2]),
                                       EngineCoreRequest("good", [1, 5, 6], good, [2])])
         assert final["bad"].finish_reason == "error"
         assert "structured_outputs.regex" in final["bad"].error
+        assert final["empty"].finish_reason == "error"
+        assert "no token of the vocabulary can continue" in final["empty"].error
         assert final["good"].finish_reason == "length" and len(tokens["good"]) == 8
         stats = engine.stats()
         assert stats.num_free_blocks == stats.num_total_blocks
@@ -430,3 +436,62 @@ def test_token_bitmasks_mask_exactly_the_cleared_bits(vocab):
     every = before[[0, 2, 3, 4]].clone()  # every row constrained: the in-order path
     apply_token_bitmasks(every, [0, 1], [blobs[0], blobs[1]])
     assert torch.equal(every, expected[[0, 2, 3, 4]])
+
+
+HOSTILE = [
+    {"json": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}},
+    {"json": {"$ref": "#"}},  # a schema that is itself, forever
+    {"json": {"type": "array", "items": {"type": "integer"}, "minItems": 5, "maxItems": 2}},
+    {"json": {"type": "string", "minLength": 10, "maxLength": 3}},
+    {"json": {"type": "integer", "minimum": 10, "maximum": 1}},
+    {"json": {"type": "string", "pattern": "(("}},
+    {"json": {"enum": []}},
+    {"json": {"type": ["string", 3]}},
+    {"json": {"allOf": [{"type": "string"}, {"type": "integer"}]}},
+    {"json": {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(500)},
+              "required": [f"p{i}" for i in range(500)]}},
+    {"json": "[" * 5000 + "]" * 5000},
+    {"json": {"not": {"type": "string"}}},
+    {"regex": "a{1000000}"},
+    {"regex": "(a|b|c)*" * 200},
+    {"regex": "[\\x00-\\x1f]+"},
+    {"regex": "\\"},
+    {"regex": "(?<=a)b"},
+    {"regex": ""},
+    {"grammar": "root ::= root"},
+    {"grammar": "root ::= a\na ::= b\nb ::= a"},
+    {"grammar": "root ::= " + " | ".join(f'"{i}"' for i in range(3000))},
+    {"grammar": "root ::= [\\u0000-\\uffff]*"},
+    {"grammar": ""},
+    {"choice": ["", "a"]},
+    {"choice": ["\x00\udc80", "ok"]},
+    {"choice": ["x" * 100000]},
+]
+
+
+def test_hostile_constraints_are_refused_or_obeyed_and_lose_nothing(model_dir):
+    """Each hostile constraint is a ValueError naming structured_outputs, or runs (its tokens
+    obeying it, within max_tokens), within seconds; the engine serves a plain request the
+    same afterwards and every block is free."""
+    llm = _llm(model_dir)
+    try:
+        plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        reference = _texts(llm, PROMPTS, plain)
+        for constraint in HOSTILE:
+            start = time.monotonic()
+            try:
+                params = SamplingParams(temperature=0.0, max_tokens=24,
+                                        structured_outputs=StructuredOutputsParams(**constraint))
+                out = _texts(llm, [PROMPTS[0]], params)[0]
+            except ValueError as exc:
+                assert "structured_outputs" in str(exc), (constraint, exc)
+            else:
+                assert out.finish_reason in ("stop", "length"), (constraint, out)
+                if "regex" in constraint and out.finish_reason == "stop":
+                    assert re.fullmatch(constraint["regex"], out.text), constraint
+            assert time.monotonic() - start < 30, constraint
+        assert [c.token_ids for c in _texts(llm, PROMPTS, plain)] == [
+            c.token_ids for c in reference]
+        assert _free(llm)
+    finally:
+        llm.shutdown()
