@@ -164,12 +164,12 @@ def test_constrained_greedy_matches_transformers_under_the_same_mask(model_dir, 
         llm.shutdown()
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_every_output_is_valid(model_dir, greedy):
+@pytest.mark.parametrize("greedy, pp", [(True, 1), (False, 1), (False, 2)])
+def test_every_output_is_valid(model_dir, greedy, pp):
     """Each schema's outputs parse and validate; regexes match in full; choices are exact; the
     requests finish with "stop" (the grammar completes) well within max_tokens. Sampled: n=2,
     penalties and logprobs on."""
-    llm = _llm(model_dir)
+    llm = _llm(model_dir, pipeline_parallel_size=pp, distributed_executor_backend="inprocess")
     try:
         sampling = ({"temperature": 0.0} if greedy else
                     {"temperature": 1.0, "n": 2, "seed": 7, "presence_penalty": 0.5,
