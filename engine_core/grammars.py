@@ -140,6 +140,19 @@ def _check_not_empty(params: StructuredOutputsParams, grammar: xgrammar.Grammar)
         raise ValueError(f"structured_outputs.{params.kind} matches no text at all")
 
 
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _problem(key: tuple[str, str]) -> str | None:
+    """What is wrong with the constraint of this `StructuredOutputsParams.key` (a ValueError's
+    message), or None; remembered for the last `CACHE_SIZE` constraints, so a schema sent with
+    every request is checked once."""
+    params = StructuredOutputsParams.from_key(key)
+    try:
+        _check_not_empty(params, _grammar_of(params))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def check_structured_outputs(params: StructuredOutputsParams,
                              timeout_s: float = CHECK_TIMEOUT_S) -> None:
     """Raise ValueError (naming the field) if the constraint cannot be compiled: not a valid
@@ -147,23 +160,16 @@ def check_structured_outputs(params: StructuredOutputsParams,
     text satisfies (checked over a byte vocabulary: no model's is needed). Bounded: a check
     that takes longer than `timeout_s` is refused (the work is left to finish in a daemon
     thread). For front-ends, before a request is queued."""
-    result: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            _check_not_empty(params, _grammar_of(params))
-            result.append(None)
-        except BaseException as exc:  # handed to the caller
-            result.append(exc)
-
-    worker = threading.Thread(target=run, name="grammar-check", daemon=True)
+    result: list[str | None] = []
+    worker = threading.Thread(target=lambda: result.append(_problem(params.key)),
+                              name="grammar-check", daemon=True)
     worker.start()
     worker.join(timeout_s)
     if not result:
         raise ValueError(f"structured_outputs.{params.kind} took longer than {timeout_s:g} s "
                          f"to compile; simplify it")
     if result[0] is not None:
-        raise result[0]
+        raise ValueError(result[0])
 
 
 class RequestGrammar:

@@ -89,3 +89,13 @@ class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         value = getattr(self, kind)
         assert isinstance(value, str)
         return kind, value
+
+    @classmethod
+    def from_key(cls, key: tuple[str, str]) -> StructuredOutputsParams:
+        """The constraint a `key` stands for."""
+        kind, text = key
+        if kind == "choice":
+            return cls(choice=json.loads(text))
+        if kind == "json_object":
+            return cls(json_object=True)
+        return cls(**{kind: text})
