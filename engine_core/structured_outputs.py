@@ -98,4 +98,8 @@ class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             return cls(choice=json.loads(text))
         if kind == "json_object":
             return cls(json_object=True)
-        return cls(**{kind: text})
+        if kind == "json":
+            return cls(json=text)
+        if kind == "regex":
+            return cls(regex=text)
+        return cls(grammar=text)
