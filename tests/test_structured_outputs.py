@@ -249,9 +249,11 @@ def test_chunked_prefill_preemption_and_prefix_caching_keep_the_output(model_dir
         tight.shutdown()
 
 
-def test_speculative_decoding_under_a_constraint_changes_nothing(model_dir):
-    """n-gram drafts are trimmed to what the grammar allows and verified under the bitmask:
-    greedy output is identical to no speculation; drafts were proposed."""
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculative_decoding_under_a_constraint_changes_nothing(model_dir, method):
+    """Drafts (n-gram, or a draft model: here the target itself, whose unconstrained drafts
+    the grammar often refuses) are trimmed to what the grammar allows and verified under the
+    bitmask: greedy output is identical to no speculation; drafts were proposed."""
     prompts = ["ab ab ab ab ab ab ab", "1, 2, 1, 2, 1, 2, 1, 2"]
     params = SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=(
         StructuredOutputsParams(regex=r"[a-z0-9 ,]{10,60}\.")))
@@ -260,8 +262,10 @@ def test_speculative_decoding_under_a_constraint_changes_nothing(model_dir):
         expected = [c.token_ids for c in _texts(plain, prompts, params)]
     finally:
         plain.shutdown()
-    spec = _llm(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
-                                               "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    config = ({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+               "prompt_lookup_min": 1} if method == "ngram" else
+              {"method": "draft_model", "model": model_dir, "num_speculative_tokens": 3})
+    spec = _llm(model_dir, speculative_config=config)
     try:
         outputs = _texts(spec, prompts, params)
         assert [c.token_ids for c in outputs] == expected
