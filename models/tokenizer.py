@@ -149,11 +149,16 @@ class Tokenizer:
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
         **template_kwargs: Any,
     ) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}]) with the checkpoint's chat
-        template. Extra keyword arguments (e.g. `tools`, `enable_thinking`) reach the template.
-        Raises ValueError when there is no template or the template rejects the messages."""
+        """Render `messages` ([{"role": ..., "content": ...}], with "tool_calls" and
+        "tool_call_id" where a conversation has them) with the checkpoint's chat template.
+        `tools` ([{"type": "function", "function": {"name", "description", "parameters"}}])
+        reaches the template as `tools`, None when there are none, as in HF's
+        apply_chat_template. Extra keyword arguments (e.g. `enable_thinking`) reach the
+        template too. Raises ValueError when there is no template or the template rejects the
+        messages."""
         if self.chat_template is None:
             raise ValueError(
                 "this tokenizer has no chat template (none in tokenizer_config.json or "
@@ -164,6 +169,7 @@ class Tokenizer:
         try:
             return self._compiled_template.render(
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",

@@ -4,13 +4,19 @@ One rule for both front-ends (`LLM.chat` and the server's /v1/chat/completions):
 needs `content` (a string, or a non-empty list of text parts) except an assistant message that
 carries `tool_calls`, as OpenAI allows. `check_messages` validates plain dicts (the offline
 API); the server's pydantic models check the types and then call `require_content`.
+
+An assistant message's `tool_calls` reach the template with each call's `arguments` parsed
+from its JSON text into a dict (`template_tool_calls`), as vLLM hands them on: HF chat
+templates iterate over the arguments or write them with `tojson`.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-__all__ = ["ROLES", "ChatMessageError", "check_messages", "require_content"]
+__all__ = ["ROLES", "ChatMessageError", "check_messages", "require_content",
+           "template_tool_calls"]
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -44,6 +50,37 @@ def require_content(index: int, role: str, content: Any, has_tool_calls: bool) -
         raise ChatMessageError(field, f"{needs} (a string or a list of text parts)")
     if isinstance(content, list) and not content:
         raise ChatMessageError(field, "must not be an empty list of parts")
+
+
+def template_tool_calls(index: int, tool_calls: list[Any]) -> list[dict[str, Any]]:
+    """Message `index`'s tool calls as a chat template gets them: [{"id"?, "type": "function",
+    "function": {"name", "arguments": dict}}], JSON-text arguments parsed ("" or none: {}).
+    ChatMessageError naming the field for a call without a function name or with arguments
+    that are not a JSON object."""
+    calls = []
+    for j, call in enumerate(tool_calls):
+        where = ("messages", index, "tool_calls", j)
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ChatMessageError((*where, "function"), 'must be {"name": ..., '
+                                                         '"arguments": ...}')
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError as exc:
+                raise ChatMessageError((*where, "function", "arguments"),
+                                       f"is not valid JSON: {exc}") from None
+        if not isinstance(arguments, dict):
+            raise ChatMessageError((*where, "function", "arguments"),
+                                   f"must be a JSON object, got {type(arguments).__name__}")
+        rendered: dict[str, Any] = {"type": "function",
+                                    "function": {"name": function["name"],
+                                                 "arguments": arguments}}
+        if call.get("id") is not None:
+            rendered = {"id": call["id"], **rendered}
+        calls.append(rendered)
+    return calls
 
 
 def _text_of(index: int, content: Any) -> str | None:
@@ -97,5 +134,8 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
         content = message.get("content")
         text = _text_of(i, content)
         require_content(i, role, content, bool(tool_calls))
-        rendered.append({**message, "content": text or ""})
+        message = {**message, "content": text or ""}
+        if tool_calls:
+            message["tool_calls"] = template_tool_calls(i, tool_calls)
+        rendered.append(message)
     return rendered

@@ -13,8 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine_core.entrypoints.chat import ChatMessageError, require_content
+from engine_core.entrypoints.chat import ChatMessageError, require_content, template_tool_calls
 from engine_core.entrypoints.http.errors import RequestError
+from engine_core.entrypoints.http.tool_protocol import (
+    ChatTool,
+    MessageToolCall,
+    ToolChoice,
+    resolve_tool_choice,
+)
 from engine_core.sampling_params import SamplingParams
 
 __all__ = [
@@ -148,23 +154,30 @@ class TextContent(_Strict):
 
 class ChatMessage(_Strict):
     """One message. `content` is required (`ChatCompletionRequest.check_supported`) except for
-    an assistant message with `tool_calls`, as OpenAI allows."""
+    an assistant message with `tool_calls`, as OpenAI allows. A `tool` message answers the
+    call `tool_call_id`."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContent] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def to_template(self) -> dict[str, Any]:
-        """The {"role", "content"} dict a chat template reads; text parts joined by newlines."""
+    def to_template(self, index: int = 0) -> dict[str, Any]:
+        """The {"role", "content", ...} dict a chat template reads (message `index`): text
+        parts joined by newlines, tool calls with their arguments parsed (ChatMessageError if
+        they are not a JSON object)."""
         content = self.content
         if isinstance(content, list):
             content = "\n".join(part.text for part in content)
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
-        if self.tool_calls is not None:
-            message["tool_calls"] = self.tool_calls
+        if self.tool_calls:
+            message["tool_calls"] = template_tool_calls(
+                index, [call.model_dump(exclude_none=True) for call in self.tool_calls])
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -181,8 +194,9 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)  # at most the server's --max-logprobs
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # checked by `resolved_tool_choice`
+    parallel_tool_calls: bool = True
     # vLLM extras
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -199,8 +213,19 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.response_format is not None and self.response_format.type != "text":
             raise RequestError(f"response_format {self.response_format.type!r} is not "
                                f"supported", param="response_format")
-        if self.tools:
-            raise RequestError("tools are not supported", param="tools")
+        self.resolved_tool_choice()
+
+    def resolved_tool_choice(self) -> ToolChoice:
+        """tool_choice checked against tools (400 naming the field if they do not fit)."""
+        return resolve_tool_choice(self.tools, self.tool_choice)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The messages as the chat template gets them (400 naming the field of a tool call
+        whose arguments are not a JSON object)."""
+        try:
+            return [message.to_template(i) for i, message in enumerate(self.messages)]
+        except ChatMessageError as exc:
+            raise RequestError(str(exc), param=".".join(map(str, exc.field))) from None
 
     @property
     def requested_max_tokens(self) -> int | None:
