@@ -130,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "'{\"kv_role\": \"kv_producer\", \"kv_port\": 21001, "
                           "\"proxy_address\": \"127.0.0.1:30001\", \"send_type\": \"PUT\"}'")
     add_frontend_args(srv)
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help="serve tool_choice \"auto\" (the default when a chat request has "
+                          "tools): the model's output is read for tool calls by "
+                          "--tool-call-parser")
+    srv.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                     help="the format of the model's tool calls, for --enable-auto-tool-choice: "
+                          "hermes (<tool_call>{...}</tool_call>: Hermes, Qwen) or llama3_json "
+                          "(Llama 3.1/3.2 JSON calls)")
+    srv.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                     help="with tool_choice \"none\", do not give the tools to the chat "
+                          "template (by default it still gets them)")
     add_engine_args(srv)
     add_data_parallel_args(srv)
     srv.set_defaults(subparser=srv, func=_serve)

@@ -50,6 +50,7 @@ from engine_core.entrypoints.http.setup import listen as _listen
 from engine_core.entrypoints.openai.instance import DisaggInstance
 from engine_core.entrypoints.openai.metrics import ServerMetrics
 from engine_core.entrypoints.openai.serving import OpenAIServing
+from engine_core.entrypoints.openai.tool_parsers import ToolCallingConfig
 from engine_core.kv_transfer_config import KVTransferConfig
 from engine_core.transport import require_keys_for_hosts, require_keys_for_tcp
 
@@ -64,7 +65,7 @@ def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               protect_metrics: bool = False, chat_template: str | None = None,
               log_requests: bool = False, cors: CorsConfig | None = None,
-              root_path: str = "") -> FastAPI:
+              root_path: str = "", tool_calling: ToolCallingConfig | None = None) -> FastAPI:
     """The OpenAI-compatible app over `llm` (which the caller owns and shuts down).
 
     With `api_key`, every /v1 route needs `Authorization: Bearer <api_key>`, and so does
@@ -72,13 +73,15 @@ def build_app(llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
     `max_request_bytes` gets a 413 without being read into memory. `chat_template` and
     `log_requests`: see `OpenAIServing`; `cors`: cross-origin access (default: any origin);
     `root_path`: the prefix a proxy serves the app under (FastAPI's: routes answer with or
-    without it, the docs link to it)."""
+    without it, the docs link to it); `tool_calling`: how chat requests with tools are served
+    (default: tool_choice "auto" refused)."""
     if protect_metrics and not api_key:
         raise ValueError("protect_metrics needs an api_key (--protect-metrics needs --api-key)")
     version = engine_version()
     metrics = ServerMetrics(llm, served_model_name)
     serving = OpenAIServing(llm, served_model_name, metrics, max_request_bytes,
-                            chat_template=chat_template, log_requests=log_requests)
+                            chat_template=chat_template, log_requests=log_requests,
+                            tool_calling=tool_calling)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -177,6 +180,15 @@ def _check_frontend_args(args: argparse.Namespace) -> str | None:
     return load_chat_template(args.chat_template)
 
 
+def _tool_calling(args: argparse.Namespace) -> ToolCallingConfig:
+    """The tool-calling flags; ValueError naming the setting of a bad one."""
+    return ToolCallingConfig(
+        enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False),
+        tool_call_parser=getattr(args, "tool_call_parser", None),
+        exclude_tools_when_tool_choice_none=getattr(args, "exclude_tools_when_tool_choice_none",
+                                                    False))
+
+
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: str,
                  sock: socket.socket, chat_template: str | None) -> int:
     """Serve until told to stop (0) or until the engine core dies for good (1)."""
@@ -192,7 +204,7 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, model_name: 
         app = build_app(llm, model_name, args.api_key, max_request_bytes=args.max_request_bytes,
                         protect_metrics=args.protect_metrics, chat_template=chat_template,
                         log_requests=args.enable_log_requests, cors=_cors_config(args),
-                        root_path=_root_path(args.root_path))
+                        root_path=_root_path(args.root_path), tool_calling=_tool_calling(args))
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level, loop="uvloop",
                                 access_log=not args.disable_uvicorn_access_log,
                                 timeout_graceful_shutdown=5, ssl_keyfile=args.ssl_keyfile,
@@ -265,6 +277,7 @@ def run_server(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key must not be empty (omit it to serve without a key)")
     kv_transfer = _kv_transfer_config(args)
+    _tool_calling(args)  # fail fast on bad tool-calling flags
     model = args.model if args.model is not None else default_model_dir()
     model_name = args.served_model_name or args.model or os.path.basename(
         os.path.normpath(model))

@@ -8,8 +8,8 @@ from typing import Any
 
 from engine_core.outputs import CompletionOutput, Logprob
 
-__all__ = ["chat_choice", "chat_chunk", "chat_delta_choice", "chat_logprobs", "completion_choice",
-           "completion_chunk", "completion_logprobs", "usage"]
+__all__ = ["chat_choice", "chat_chunk", "chat_delta_choice", "chat_logprobs", "chat_message",
+           "completion_choice", "completion_chunk", "completion_logprobs", "usage"]
 
 _MIN_LOGPROB = -9999.0  # -inf is not JSON; report it as this, like vLLM
 
@@ -91,11 +91,22 @@ def completion_chunk(request_id: str, created: int, model: str,
             "choices": choices, "usage": usage}
 
 
+def chat_message(content: str | None, tool_calls: list[dict[str, Any]] | None = None
+                 ) -> dict[str, Any]:
+    """An assistant message: its content, and the tool calls it makes (if any)."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
 def chat_choice(index: int, completion: CompletionOutput, logprobs: dict[str, Any] | None,
-                token_ids: list[int] | None = None) -> dict[str, Any]:
-    """One choice of a non-streamed chat completion."""
-    choice = {"index": index, "message": {"role": "assistant", "content": completion.text},
-              "logprobs": logprobs, "finish_reason": completion.finish_reason,
+                token_ids: list[int] | None = None, message: dict[str, Any] | None = None,
+                finish_reason: str | None = None) -> dict[str, Any]:
+    """One choice of a non-streamed chat completion: the output's text as the message, or
+    `message` (`chat_message`, with tool calls) and `finish_reason` in place of the output's."""
+    choice = {"index": index, "message": message or chat_message(completion.text),
+              "logprobs": logprobs, "finish_reason": finish_reason or completion.finish_reason,
               "stop_reason": completion.stop_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
@@ -103,11 +114,16 @@ def chat_choice(index: int, completion: CompletionOutput, logprobs: dict[str, An
 
 
 def chat_delta_choice(index: int, text: str, completion: CompletionOutput, finished: bool,
-                      logprobs: dict[str, Any] | None, token_ids: list[int] | None = None
-                      ) -> dict[str, Any]:
-    """One choice of a streamed chat chunk: the new content (and the finish reason, last)."""
-    choice = {"index": index, "delta": {"content": text}, "logprobs": logprobs,
-              "finish_reason": completion.finish_reason if finished else None,
+                      logprobs: dict[str, Any] | None, token_ids: list[int] | None = None,
+                      tool_calls: list[dict[str, Any]] | None = None,
+                      finish_reason: str | None = None) -> dict[str, Any]:
+    """One choice of a streamed chat chunk: the new content and tool-call deltas (and the
+    finish reason, last: `finish_reason`, or the output's)."""
+    delta: dict[str, Any] = {"content": text} if text or not tool_calls else {}
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
+    choice = {"index": index, "delta": delta, "logprobs": logprobs,
+              "finish_reason": (finish_reason or completion.finish_reason) if finished else None,
               "stop_reason": completion.stop_reason if finished else None}
     if token_ids is not None:
         choice["token_ids"] = token_ids

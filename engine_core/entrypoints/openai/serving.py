@@ -28,6 +28,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+import msgspec
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -53,13 +54,17 @@ from engine_core.entrypoints.openai.responses import (
     chat_chunk,
     chat_delta_choice,
     chat_logprobs,
+    chat_message,
     completion_choice,
     completion_chunk,
     completion_logprobs,
     usage,
 )
+from engine_core.entrypoints.openai.tool_calling import ToolPlan, plan_tools
+from engine_core.entrypoints.openai.tool_parsers import ToolCallingConfig, ToolParser
 from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
+from engine_core.structured_outputs import StructuredOutputsParams
 from engine_core.transfer_params import KVTransferParams
 
 logger = logging.getLogger("engine_core.entrypoints.openai")
@@ -164,13 +169,15 @@ class OpenAIServing:
 
     def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, *,
-                 chat_template: str | None = None, log_requests: bool = False) -> None:
+                 chat_template: str | None = None, log_requests: bool = False,
+                 tool_calling: ToolCallingConfig | None = None) -> None:
         """`chat_template` (`--chat-template`) replaces the model's for chat completions;
         `log_requests` (`--enable-log-requests`) logs one INFO line when each engine request
-        starts and one when it ends."""
+        starts and one when it ends; `tool_calling`: the tool-calling flags."""
         self.llm = llm
         self.model_name = model_name
         self.metrics = metrics
+        self.tool_calling = tool_calling or ToolCallingConfig()
         self.max_request_bytes = max_request_bytes  # of a proxied request (HTTP: the middleware)
         self.max_model_len = llm.config.scheduler.max_model_len
         self.max_logprobs = llm.config.max_logprobs
@@ -197,6 +204,10 @@ class OpenAIServing:
         large, so a long prompt never stalls the event loop; inline otherwise."""
         if size <= _OFFLOAD_INPUT_SIZE:
             return fn(*args, **kwargs)
+        return await self._offload(fn, *args, **kwargs)
+
+    async def _offload(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """fn(*args, **kwargs) in a tokenizer thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
@@ -261,11 +272,30 @@ class OpenAIServing:
         return requested
 
     def _sampling_params(self, request: CompletionRequest | ChatCompletionRequest,
-                         max_tokens: int, logprobs: int | None) -> SamplingParams:
+                         max_tokens: int, logprobs: int | None,
+                         tool_schema: dict[str, Any] | None = None) -> SamplingParams:
         """The request's SamplingParams, checked against the model too (stop_token_ids in the
-        vocabulary), so that every bad value is a 400 before a stream starts."""
+        vocabulary), so that every bad value is a 400 before a stream starts. `tool_schema`:
+        the JSON schema forcing tool calls (checking it may take seconds, when xgrammar is
+        loaded: call this in a thread then)."""
         try:
             params = request.sampling_params(max_tokens, logprobs, self.default_sampling)
+        except ValueError as exc:
+            raise RequestError(str(exc), param=param_of(str(exc))) from None
+        if tool_schema is not None:
+            if params.structured_outputs is not None:
+                raise RequestError("a tool_choice that forces calls (\"required\" or a named "
+                                   "function) cannot be combined with another output "
+                                   "constraint", param="tool_choice")
+            params = msgspec.structs.replace(
+                params, structured_outputs=StructuredOutputsParams(json=tool_schema))
+            try:
+                self.llm.input_processor.check_sampling_params(params)
+            except ValueError as exc:  # the tools' parameters are not a schema xgrammar takes
+                raise RequestError(f"the tools' parameters cannot force a call: {exc}",
+                                   param="tools") from None
+            return params
+        try:
             self.llm.input_processor.check_sampling_params(params)
         except ValueError as exc:
             raise RequestError(str(exc), param=param_of(str(exc))) from None
@@ -497,27 +527,33 @@ class OpenAIServing:
         arrival = time.perf_counter()
         request = await self._parse(raw, ChatCompletionRequest)
         self._check_request(request)
+        tools = plan_tools(request, self.tool_calling)
         tokenizer = self.llm.tokenizer
         if tokenizer is None:
             raise RequestError("this model has no tokenizer.json, and chat needs one; start "
                                "the server with --tokenizer DIR, or use /v1/completions with "
                                "token-id prompts", param="messages")
-        messages = [m.to_template() for m in request.messages]
+        messages = request.template_messages()
         num_chars = sum(len(m["content"]) for m in messages)
         self._check_chars(num_chars, "messages", "the messages have")
-        processed = await self._run(num_chars, self._chat_prompt, request, messages)
+        processed = await self._run(num_chars, self._chat_prompt, request, messages,
+                                    tools.template_tools)
         param = "max_completion_tokens" if request.max_completion_tokens is not None \
             else "max_tokens"
         max_tokens = self._max_tokens(request.requested_max_tokens, len(processed.token_ids),
                                       param)
-        params = self._sampling_params(request, max_tokens, request.num_logprobs)
+        if tools.schema is None:
+            params = self._sampling_params(request, max_tokens, request.num_logprobs)
+        else:
+            params = await self._offload(self._sampling_params, request, max_tokens,
+                                         request.num_logprobs, tools.schema)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         prompts = [_Prompt(request_id, ProcessedRequest(processed, params, request.priority),
                            arrival, request_id)]
         created = int(time.time())
         if request.stream:
             return _Served(self._stream(self._chat_events(request, request_id, created, prompts,
-                                                          kv_transfer)), prompts)
+                                                          kv_transfer, tools)), prompts)
         (output,) = await self._collect(raw, prompts, kv_transfer)
         choices = []
         for completion in output.outputs:
@@ -525,23 +561,31 @@ class OpenAIServing:
             if completion.logprobs is not None:
                 logprobs = chat_logprobs(completion.token_ids, completion.logprobs,
                                          request.top_logprobs or 0)
+            message, finish_reason = None, None
+            parser = tools.parser()
+            if parser is not None:
+                parsed = parser.extract(completion.text)
+                message = chat_message(parsed.content,
+                                       [call.to_openai() for call in parsed.tool_calls])
+                finish_reason = tools.finish_reason(parser, completion.finish_reason)
             choices.append(chat_choice(completion.index, completion, logprobs,
                                        completion.token_ids if request.return_token_ids
-                                       else None))
+                                       else None, message, finish_reason))
         num_generated = sum(len(c.token_ids) for c in output.outputs)
         return _Served(JSONResponse({
             "id": request_id, "object": "chat.completion", "created": created,
             "model": self.model_name, "choices": choices,
             "usage": usage(len(processed.token_ids), num_generated)}), prompts)
 
-    def _chat_prompt(self, request: ChatCompletionRequest, messages: list[dict[str, Any]]
-                     ) -> ProcessedPrompt:
-        """Render the chat template and tokenize the result (may run in a thread)."""
+    def _chat_prompt(self, request: ChatCompletionRequest, messages: list[dict[str, Any]],
+                     tools: list[dict[str, Any]] | None) -> ProcessedPrompt:
+        """Render the chat template (with `tools`; chat_template_kwargs may override them,
+        as in vLLM) and tokenize the result (may run in a thread)."""
         assert self.chat_tokenizer is not None
         try:
             text = self.chat_tokenizer.apply_chat_template(
                 messages, add_generation_prompt=request.add_generation_prompt,
-                **(request.chat_template_kwargs or {}))
+                **{"tools": tools, **(request.chat_template_kwargs or {})})
         except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError) as exc:
             # the template is the server's, but messages and chat_template_kwargs are the
             # client's: a template that fails on them is a bad request
@@ -553,10 +597,11 @@ class OpenAIServing:
         return self._tokenize(text, False, "messages")
 
     async def _chat_events(self, request: ChatCompletionRequest, request_id: str, created: int,
-                           prompts: list[_Prompt], kv_transfer: KVTransferRequest | None
-                           ) -> AsyncGenerator[str, None]:
+                           prompts: list[_Prompt], kv_transfer: KVTransferRequest | None,
+                           tools: ToolPlan) -> AsyncGenerator[str, None]:
         holdback = _holdback(prompts[0].params)
         states = [_ChoiceStream() for _ in range(request.n)]
+        parsers: list[ToolParser | None] = [tools.parser() for _ in range(request.n)]
         top = request.top_logprobs or 0
         try:
             for index in range(request.n):
@@ -573,11 +618,18 @@ class OpenAIServing:
                         logprobs = None
                         if new_logprobs is not None and new_ids:
                             logprobs = chat_logprobs(new_ids, new_logprobs, top)
-                        if not text and not new_ids and not state.done:
+                        calls, finish_reason = None, None
+                        parser = parsers[completion.index]
+                        if parser is not None:
+                            delta = parser.feed(text, final=state.done)
+                            text = delta.content
+                            calls = [call.to_openai() for call in delta.tool_calls]
+                            finish_reason = tools.finish_reason(parser, completion.finish_reason)
+                        if not text and not calls and not new_ids and not state.done:
                             continue
                         choice = chat_delta_choice(
                             completion.index, text, completion, state.done, logprobs,
-                            new_ids if request.return_token_ids else None)
+                            new_ids if request.return_token_ids else None, calls, finish_reason)
                         yield _sse(chat_chunk(request_id, created, self.model_name, [choice]))
             if request.include_usage:
                 yield _sse(chat_chunk(request_id, created, self.model_name, [],
