@@ -96,10 +96,13 @@ def test_check_messages_joins_parts_and_keeps_other_keys():
     rendered = check_messages([
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text",
                                                                        "text": "b"}]},
-        {"role": "assistant", "tool_calls": [{"id": "1"}], "extra": 7}])
+        {"role": "assistant", "tool_calls": [{"id": "1", "function": {
+            "name": "f", "arguments": '{"x": 1}'}}], "extra": 7}])
     assert rendered == [{"role": "user", "content": "a\nb"},
-                        {"role": "assistant", "tool_calls": [{"id": "1"}], "extra": 7,
-                         "content": ""}]
+                        {"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
+                                                              "function": {"name": "f",
+                                                                           "arguments": {"x": 1}}}],
+                         "extra": 7, "content": ""}]
 
 
 @pytest.fixture(scope="module")
