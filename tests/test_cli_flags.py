@@ -132,6 +132,10 @@ def test_out_of_range_values_exit_2_naming_the_flag(argv, message, capsys):
                                        '"proxy_address": "127.0.0.1:1"}'], "kv_port"),
     (["serve", "--kv-transfer-config", "{"], "--kv-transfer-config is not valid JSON"),
     (["serve", "--engine-transport", "tcp"], "--zmq-keys"),
+    (["serve", "--enable-auto-tool-choice"], "argument --enable-auto-tool-choice: "
+                                             "enable_auto_tool_choice needs a tool_call_parser"),
+    (["serve", "--tool-call-parser", "nope"], "argument --tool-call-parser: tool_call_parser "
+                                              "must be one of hermes, llama3_json"),
     (["generate", "a", "b", "c"], "usage: pp-engine generate"),
     (["keys", "/proc/no/such/dir"], "DIR '/proc/no/such/dir': cannot write the keys"),
 ])

@@ -22,6 +22,7 @@ from engine_core.models import default_model_dir
 from engine_core.models.tokenizer import load_tokenizer
 
 from engine_core.entrypoints.chat import check_messages
+from engine_core.entrypoints.cli import build_parser
 from engine_core.entrypoints.http.errors import RequestError
 from engine_core.entrypoints.http.protocol import ChatCompletionRequest
 from engine_core.entrypoints.openai.tool_calling import plan_tools
@@ -233,6 +234,9 @@ def test_named_parser_takes_the_output_as_arguments():
 def test_parsers_are_registered_under_their_flag_names():
     assert TOOL_PARSERS["hermes"] is HermesToolParser
     assert TOOL_PARSERS["llama3_json"] is Llama3JsonToolParser
+    serve = next(a for a in build_parser()._actions if a.dest == "command").choices["serve"]
+    help_text = next(a.help for a in serve._actions if a.dest == "tool_call_parser")
+    assert all(name in help_text for name in TOOL_PARSERS)
     with pytest.raises(ValueError, match="tool_call_parser must be one of"):
         ToolCallingConfig(tool_call_parser="nope")
     with pytest.raises(ValueError, match="enable_auto_tool_choice needs a tool_call_parser"):
