@@ -10,7 +10,6 @@ only for a consistent shape.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Iterator
 
@@ -345,8 +344,7 @@ ROUND_TRIP = [
 
 
 def test_template_gets_tools_and_tool_messages():
-    tokenizer = load_tokenizer(default_model_dir())
-    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenizer = load_tokenizer(default_model_dir()).with_chat_template(TOOL_TEMPLATE)
     request = ChatCompletionRequest.model_validate_json(json.dumps(
         {"messages": ROUND_TRIP, "tools": TOOLS}))
     request.check_supported()
@@ -364,8 +362,8 @@ def test_template_gets_tools_and_tool_messages():
 
 def test_template_without_tools_gets_none():
     """As in HF: `tools` is always defined (None without tools), so `tools is not none` works."""
-    tokenizer = load_tokenizer(default_model_dir())
-    tokenizer.chat_template = "{% if tools is not none %}TOOLS{% endif %}{{ messages[0].content }}"
+    tokenizer = load_tokenizer(default_model_dir()).with_chat_template(
+        "{% if tools is not none %}TOOLS{% endif %}{{ messages[0].content }}")
     assert tokenizer.apply_chat_template(USER) == USER[0]["content"]
     assert tokenizer.apply_chat_template(USER, tools=TOOLS).startswith("TOOLS")
 
@@ -388,25 +386,15 @@ def test_assistant_tool_call_arguments_must_be_a_json_object(arguments, field):
 
 # ---- served -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tool_model(tmp_path_factory) -> str:
-    """The shipped default model with the Hermes-style tool template."""
-    source = default_model_dir()
-    dest = tmp_path_factory.mktemp("tool-model")
-    for name in os.listdir(source):
-        if name != "tokenizer_config.json":
-            os.symlink(os.path.join(source, name), dest / name)
-    with open(os.path.join(source, "tokenizer_config.json")) as f:
-        config = json.load(f)
-    with open(dest / "tokenizer_config.json", "w") as f:
-        json.dump({**config, "chat_template": TOOL_TEMPLATE}, f)
-    return str(dest)
-
-
-@pytest.fixture(scope="module")
-def server(tool_model, tmp_path_factory) -> Iterator[ServerProcess]:
-    log = str(tmp_path_factory.mktemp("tool-server") / "server.log")
-    proc = ServerProcess(tool_model, log, "--max-model-len", "512",
-                         "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+def server(tmp_path_factory) -> Iterator[ServerProcess]:
+    """The shipped default model, served with the Hermes-style tool template
+    (--chat-template) and auto tool choice."""
+    root = tmp_path_factory.mktemp("tool-server")
+    template = root / "tool_template.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    proc = ServerProcess(default_model_dir(), str(root / "server.log"), "--max-model-len", "512",
+                         "--chat-template", str(template), "--enable-auto-tool-choice",
+                         "--tool-call-parser", "hermes")
     yield proc
     proc.stop()
 
