@@ -499,3 +499,19 @@ def test_hostile_constraints_are_refused_or_obeyed_and_lose_nothing(model_dir):
         assert _free(llm)
     finally:
         llm.shutdown()
+
+
+def test_the_stop_token_is_not_in_the_text_even_with_special_tokens_kept(model_dir):
+    """As in vLLM: the EOS that ended a request is in its token ids but not its text, with
+    skip_special_tokens false too, unless include_stop_str_in_output."""
+    llm = _llm(model_dir)
+    try:
+        choice = StructuredOutputsParams(choice=["fine"])
+        for extra, text in (({}, "fine"), ({"skip_special_tokens": False}, "fine"),
+                            ({"skip_special_tokens": False, "include_stop_str_in_output": True},
+                             "fine</s>")):
+            out = _texts(llm, [PROMPTS[0]], SamplingParams(
+                temperature=0.0, max_tokens=20, structured_outputs=choice, **extra))[0]
+            assert (out.text, out.token_ids[-1], out.finish_reason) == (text, 2, "stop"), extra
+    finally:
+        llm.shutdown()

@@ -31,6 +31,7 @@ class _Sequence:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer | None
     output: CompletionOutput
+    stop_token_ids: frozenset[int] = frozenset()  # EOS and stop_token_ids: not in the text
     stop_scan_from: int = 0  # text before this offset holds no stop string
 
 
@@ -67,7 +68,9 @@ class OutputProcessor:
                 cumulative_logprob=0.0 if params.logprobs is not None else None,
                 logprobs=[] if params.logprobs is not None else None)
             core_id = core_request.request_id
-            state.sequences[core_id] = _Sequence(index, params, detok, completion)
+            stop_ids = frozenset(core_request.eos_token_ids) | frozenset(
+                params.stop_token_ids or ())
+            state.sequences[core_id] = _Sequence(index, params, detok, completion, stop_ids)
             state.output.outputs.append(completion)
             self._sequence_owner[core_id] = request_id
         state.num_unfinished = len(core_requests)
@@ -157,7 +160,11 @@ class OutputProcessor:
         completion = seq.output
         completion.token_ids.extend(out.new_token_ids)
         if seq.detokenizer is not None:
-            seq.detokenizer.step(out.new_token_ids)
+            text_ids = out.new_token_ids
+            if (out.finish_reason == "stop" and text_ids and text_ids[-1] in seq.stop_token_ids
+                    and not seq.params.include_stop_str_in_output):
+                text_ids = text_ids[:-1]  # the stop token is not text (as in vLLM)
+            seq.detokenizer.step(text_ids)
             completion.text = seq.detokenizer.text
         if out.new_logprobs is not None and completion.logprobs is not None:
             cumulative = completion.cumulative_logprob or 0.0  # 0.0 whenever logprobs are on

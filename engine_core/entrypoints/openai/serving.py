@@ -547,6 +547,8 @@ class OpenAIServing:
         else:
             params = await self._offload(self._sampling_params, request, max_tokens,
                                          request.num_logprobs, tools.schema)
+        if tools.keeps_special_tokens:  # the parser's tags may be special tokens
+            params = msgspec.structs.replace(params, skip_special_tokens=False)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         prompts = [_Prompt(request_id, ProcessedRequest(processed, params, request.priority),
                            arrival, request_id)]

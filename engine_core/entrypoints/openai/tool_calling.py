@@ -53,6 +53,13 @@ class ToolPlan:
             return self.config.auto_parser()
         return None
 
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether the output must keep special tokens for its parser ("auto" with a parser
+        whose call tags may be special tokens; EOS and stop token ids never reach the text)."""
+        parser = self.parser() if self.choice.mode == "auto" else None
+        return parser is not None and parser.keeps_special_tokens
+
     def finish_reason(self, parser: ToolParser | None, reason: str | None) -> str | None:
         """The choice's finish reason, given the engine's and what its parser found."""
         if (parser is not None and parser.tools_called and reason == "stop"

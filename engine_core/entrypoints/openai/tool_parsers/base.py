@@ -162,6 +162,10 @@ class ToolParser(ABC):
     is, consuming it with `_consume` (as content, or as call syntax) and reading call objects
     with `_read_call`; it raises JsonSyntaxError for text that breaks the format."""
 
+    # Its call tags may be special tokens (Hermes' <tool_call> in Qwen's vocabulary): a request
+    # it parses keeps special tokens in its text (vLLM's `adjust_request`).
+    keeps_special_tokens = False
+
     def __init__(self) -> None:
         self._buf = ""  # output not yet consumed
         self._delta = DeltaMessage()  # what the current feed produced

@@ -19,6 +19,8 @@ START, END = "<tool_call>", "</tool_call>"
 class HermesToolParser(ToolParser):
     """`--tool-call-parser hermes`."""
 
+    keeps_special_tokens = True
+
     def __init__(self) -> None:
         super().__init__()
         self._state = "content"  # "content" | "between" (calls) | "call" | "after_call"
