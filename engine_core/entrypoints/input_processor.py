@@ -93,11 +93,13 @@ class InputProcessor:
                 f"{self.config.scheduler.max_model_len} tokens of this model's context can hold "
                 f"(at most {self.max_prompt_chars} characters); shorten it")
 
-    def check_sampling_params(self, params: SamplingParams) -> None:
+    def check_sampling_params(self, params: SamplingParams, *,
+                              constraint_checked: bool = False) -> None:
         """ValueError unless `params` fit this model (`validation.validate_sampling_params`)
         and this front-end can apply them (stop strings and structured outputs need a
         tokenizer; a constraint must compile: `grammars.check_structured_outputs`, bounded in
-        time, may take seconds the first time, when it loads xgrammar)."""
+        time, may take seconds the first time, when it loads xgrammar). `constraint_checked`:
+        the caller has run that check already (a server does, in a worker thread)."""
         validate_sampling_params(params, self.config)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model directory has no "
@@ -106,7 +108,8 @@ class InputProcessor:
             if self.tokenizer is None:
                 raise ValueError("structured_outputs need a tokenizer, and this model "
                                  "directory has no tokenizer.json")
-            check_structured_outputs(params.structured_outputs)
+            if not constraint_checked:
+                check_structured_outputs(params.structured_outputs)
 
     def check_priority(self, priority: object) -> None:
         """ValueError unless `priority` is an int64 the engine's scheduling policy takes."""

@@ -9,12 +9,19 @@ OpenAI clients send fields this engine does not know.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine_core.entrypoints.chat import ChatMessageError, require_content, template_tool_calls
 from engine_core.entrypoints.http.errors import RequestError
+from engine_core.entrypoints.http.structured_outputs import (
+    OutputConstraint,
+    ResponseFormat,
+    StructuredOutputsField,
+    output_constraint,
+)
 from engine_core.entrypoints.http.tool_protocol import (
     ChatTool,
     MessageToolCall,
@@ -76,6 +83,15 @@ class _SamplingRequest(_Strict):
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # add each choice's (new) output token ids
     priority: int = 0  # lower is served first; non-zero needs --scheduling-policy priority
+    # structured outputs (OpenAI's, vLLM's, vLLM's older extras): http/structured_outputs.py
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -93,6 +109,14 @@ class _SamplingRequest(_Strict):
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream=true",
                                param="stream_options")
+        _ = self.output_constraint  # RequestError for a malformed one
+
+    @cached_property
+    def output_constraint(self) -> OutputConstraint | None:
+        """The output constraint the request asks for, if any, and the field it came from.
+        RequestError (400 naming the field) if it is malformed; whether it compiles is
+        checked by the server (`grammars.check_structured_outputs`)."""
+        return output_constraint(self)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None,
                         defaults: Mapping[str, Any] | None = None) -> SamplingParams:
@@ -104,10 +128,12 @@ class _SamplingRequest(_Strict):
             "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids")}
         fields = {name: value for name, value in (defaults or {}).items() if name in given}
         fields.update((name, value) for name, value in given.items() if value is not None)
+        constraint = self.output_constraint
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, logprobs=logprobs, min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, **fields)
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=constraint.params if constraint is not None else None, **fields)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -181,10 +207,6 @@ class ChatMessage(_Strict):
         return message
 
 
-class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
@@ -193,7 +215,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)  # at most the server's --max-logprobs
-    response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = None
     tool_choice: str | dict[str, Any] | None = None  # checked by `resolved_tool_choice`
     parallel_tool_calls: bool = True
@@ -210,9 +231,6 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise RequestError(str(exc), param=".".join(map(str, exc.field))) from None
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise RequestError(f"response_format {self.response_format.type!r} is not "
-                               f"supported", param="response_format")
         self.resolved_tool_choice()
 
     def resolved_tool_choice(self) -> ToolChoice:

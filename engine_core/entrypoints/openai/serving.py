@@ -40,6 +40,7 @@ from engine_core.entrypoints.http.errors import RequestError, param_of, validati
 from engine_core.entrypoints.http.limits import DEFAULT_MAX_REQUEST_BYTES, RequestTooLarge
 from engine_core.entrypoints.http.protocol import ChatCompletionRequest, CompletionRequest
 from engine_core.entrypoints.http.setup import ClosingStreamingResponse
+from engine_core.entrypoints.http.structured_outputs import OutputConstraint
 from engine_core.entrypoints.input_processor import ProcessedPrompt, ProcessedRequest
 from engine_core.entrypoints.openai.metrics import ServerMetrics
 from engine_core.entrypoints.openai.proxied import (
@@ -62,6 +63,7 @@ from engine_core.entrypoints.openai.responses import (
 )
 from engine_core.entrypoints.openai.tool_calling import ToolPlan, plan_tools
 from engine_core.entrypoints.openai.tool_parsers import ToolCallingConfig, ToolParser
+from engine_core.grammars import check_structured_outputs
 from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
 from engine_core.structured_outputs import StructuredOutputsParams
@@ -74,6 +76,7 @@ _DONE_EVENT = "data: [DONE]\n\n"
 # the event loop; below it a thread hop would cost more than the work.
 _OFFLOAD_INPUT_SIZE = 4096
 _TOKENIZER_THREADS = 2
+_GRAMMAR_CHECK_THREADS = 2  # apart from the tokenizer's: a slow check never delays a prompt
 _RequestT = TypeVar("_RequestT", bound=BaseModel)
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -92,6 +95,7 @@ class _Prompt:
     num_output_tokens: int = 0
     # what the engine returned with the final output (a prefill leg of a proxied request)
     kv_transfer_params: KVTransferParams | None = None
+    constraint: OutputConstraint | None = None  # the request's structured outputs, if any
 
     @property
     def token_ids(self) -> list[int]:
@@ -156,12 +160,37 @@ class _RequestFailed(RequestError):
         super().__init__(message, status=500, type="server_error", code="internal_error")
 
 
-def _raise_if_failed(request_id: str, output: RequestOutput) -> None:
-    """_RequestFailed if the engine failed a sequence of this request."""
+def _raise_if_failed(prompt: _Prompt, output: RequestOutput) -> None:
+    """_RequestFailed if the engine failed a sequence of this request; a 400 naming the
+    field if it failed on the request's own constraint (see `_constraint_failure`)."""
     for completion in output.outputs:
         if completion.finish_reason == "error":
-            raise _RequestFailed(f"the engine failed request {request_id}: "
-                                 f"{completion.error or 'unknown error'}")
+            error = completion.error or "unknown error"
+            if prompt.constraint is not None:
+                failure = _constraint_failure(prompt.constraint, error,
+                                              len(completion.token_ids))
+                if failure is not None:
+                    raise failure
+            raise _RequestFailed(f"the engine failed request {prompt.request_id}: {error}")
+
+
+# How the sampler fails a row whose every allowed token has a -inf logit (executors/sampler.py)
+_SAMPLER_FAILED = "sampling failed: "
+
+
+def _constraint_failure(constraint: OutputConstraint, error: str, num_tokens: int
+                        ) -> RequestError | None:
+    """The 400 for an engine failure that the client's constraint caused, if it did: its
+    grammar could not be compiled in the engine (errors that name "structured_outputs.<kind>"),
+    or generation reached a dead end of it (a rule that can never end: no token allowed, so the
+    sampler found no finite logit). None for other failures."""
+    if error.startswith("structured_outputs."):
+        return constraint.error(ValueError(error))
+    if error.startswith(_SAMPLER_FAILED):
+        return constraint.error(ValueError(
+            f"structured_outputs.{constraint.params.kind} reached a dead end after "
+            f"{num_tokens} tokens: no token may follow them (a rule that can never end?)"))
+    return None
 
 
 class OpenAIServing:
@@ -193,10 +222,14 @@ class OpenAIServing:
         self.created = int(time.time())
         self._executor = concurrent.futures.ThreadPoolExecutor(
             _TOKENIZER_THREADS, thread_name_prefix="pp-engine-tokenize")
+        self._grammar_executor = concurrent.futures.ThreadPoolExecutor(
+            _GRAMMAR_CHECK_THREADS, thread_name_prefix="pp-engine-grammar-check")
 
     def close(self) -> None:
-        """Stop the tokenizer threads (work already running finishes on its own)."""
+        """Stop the tokenizer and grammar-check threads (work already running finishes on its
+        own)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._grammar_executor.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self, size: int, fn: Callable[_P, _T], *args: _P.args,
                    **kwargs: _P.kwargs) -> _T:
@@ -246,6 +279,25 @@ class OpenAIServing:
             raise RequestError("the engine is not running", status=503, type="server_error",
                                code="engine_dead")
 
+    async def _check_constraint(self, request: CompletionRequest | ChatCompletionRequest
+                                ) -> None:
+        """400 naming the field the client used unless the request's output constraint (if
+        any) compiles: `grammars.check_structured_outputs`, in a worker thread (the first one
+        loads xgrammar, seconds; a pathological one is cut off by its timeout), never on the
+        event loop."""
+        constraint = request.output_constraint
+        if constraint is None:
+            return
+        if self.llm.tokenizer is None:
+            raise RequestError(f"{constraint.field} needs a tokenizer, and this model has no "
+                               f"tokenizer.json", param=constraint.field)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._grammar_executor, check_structured_outputs,
+                                       constraint.params)
+        except ValueError as exc:
+            raise constraint.error(exc) from None
+
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool, param: str,
                   where: str = "") -> ProcessedPrompt:
         """Tokenize and check a prompt whose length in characters has been checked."""
@@ -275,9 +327,10 @@ class OpenAIServing:
                          max_tokens: int, logprobs: int | None,
                          tool_schema: dict[str, Any] | None = None) -> SamplingParams:
         """The request's SamplingParams, checked against the model too (stop_token_ids in the
-        vocabulary), so that every bad value is a 400 before a stream starts. `tool_schema`:
-        the JSON schema forcing tool calls (checking it may take seconds, when xgrammar is
-        loaded: call this in a thread then)."""
+        vocabulary), so that every bad value is a 400 before a stream starts. The request's own
+        output constraint must have been checked (`_check_constraint`). `tool_schema`: the
+        JSON schema forcing tool calls (checking it may take seconds, when xgrammar is loaded:
+        call this in a thread then)."""
         try:
             params = request.sampling_params(max_tokens, logprobs, self.default_sampling)
         except ValueError as exc:
@@ -296,7 +349,7 @@ class OpenAIServing:
                                    param="tools") from None
             return params
         try:
-            self.llm.input_processor.check_sampling_params(params)
+            self.llm.input_processor.check_sampling_params(params, constraint_checked=True)
         except ValueError as exc:
             raise RequestError(str(exc), param=param_of(str(exc))) from None
         return params
@@ -344,7 +397,7 @@ class OpenAIServing:
                     if output.finished:
                         prompt.kv_transfer_params = output.kv_transfer_params
                     self._observe(prompt, output)
-                    _raise_if_failed(prompt.request_id, output)
+                    _raise_if_failed(prompt, output)
                     queue.put_nowait((index, output))
                 queue.put_nowait((index, None))
             except asyncio.CancelledError:
@@ -424,6 +477,7 @@ class OpenAIServing:
         arrival = time.perf_counter()
         request = await self._parse(raw, CompletionRequest)
         self._check_request(request)
+        await self._check_constraint(request)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         texts = request.prompts()
         for i, text in enumerate(texts):  # cheap length checks first, before any tokenizing
@@ -467,7 +521,7 @@ class OpenAIServing:
             params = self._sampling_params(request, max_tokens, request.logprobs)
             prompt = _Prompt(f"{request_id}-{i}",
                              ProcessedRequest(processed, params, request.priority), arrival,
-                             request_id)
+                             request_id, constraint=request.output_constraint)
             if request.echo:
                 prompt.echo_text = text if isinstance(text, str) \
                     else self._decode(processed.token_ids)
@@ -528,6 +582,7 @@ class OpenAIServing:
         request = await self._parse(raw, ChatCompletionRequest)
         self._check_request(request)
         tools = plan_tools(request, self.tool_calling)
+        await self._check_constraint(request)
         tokenizer = self.llm.tokenizer
         if tokenizer is None:
             raise RequestError("this model has no tokenizer.json, and chat needs one; start "
@@ -551,7 +606,7 @@ class OpenAIServing:
             params = msgspec.structs.replace(params, skip_special_tokens=False)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         prompts = [_Prompt(request_id, ProcessedRequest(processed, params, request.priority),
-                           arrival, request_id)]
+                           arrival, request_id, constraint=request.output_constraint)]
         created = int(time.time())
         if request.stream:
             return _Served(self._stream(self._chat_events(request, request_id, created, prompts,
