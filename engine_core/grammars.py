@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine_core.messages import StructuredOutputStats
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMPILE_TIMEOUT_S",
+    "ChecksBusy",
+    "ConstraintChecker",
     "GrammarCompiler",
     "RequestGrammar",
     "bitmask_words",
@@ -45,6 +47,7 @@ __all__ = [
 
 COMPILE_TIMEOUT_S = 60.0  # a request whose grammar is not compiled by then fails (the engine)
 CHECK_TIMEOUT_S = 10.0  # a front-end check that takes longer is refused
+MAX_RUNNING_CHECKS = 4  # a server's front-end checks compiling at once (ConstraintChecker)
 CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
 _XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+: (Check failed: \(.*?\) is false: )?")
 _JSON_SCHEMA_OPTIONS: dict[str, Any] = {"any_whitespace": False, "strict_mode": True}
@@ -154,15 +157,24 @@ def _problem(key: tuple[str, str]) -> str | None:
 
 
 def check_structured_outputs(params: StructuredOutputsParams,
-                             timeout_s: float = CHECK_TIMEOUT_S) -> None:
+                             timeout_s: float = CHECK_TIMEOUT_S,
+                             done: Callable[[], None] | None = None) -> None:
     """Raise ValueError (naming the field) if the constraint cannot be compiled: not a valid
     schema, regex or grammar, a schema feature xgrammar does not support, or a constraint no
     text satisfies (checked over a byte vocabulary: no model's is needed). Bounded: a check
     that takes longer than `timeout_s` is refused (the work is left to finish in a daemon
-    thread). For front-ends, before a request is queued."""
+    thread, which calls `done` when it has, if given). For front-ends, before a request is
+    queued; a server runs them through a `ConstraintChecker`."""
     result: list[str | None] = []
-    worker = threading.Thread(target=lambda: result.append(_problem(params.key)),
-                              name="grammar-check", daemon=True)
+
+    def run() -> None:
+        try:
+            result.append(_problem(params.key))
+        finally:
+            if done is not None:
+                done()
+
+    worker = threading.Thread(target=run, name="grammar-check", daemon=True)
     worker.start()
     worker.join(timeout_s)
     if not result:
@@ -170,6 +182,30 @@ def check_structured_outputs(params: StructuredOutputsParams,
                          f"to compile; simplify it")
     if result[0] is not None:
         raise ValueError(result[0])
+
+
+class ChecksBusy(Exception):
+    """No `ConstraintChecker` slot came free in time: checks that ran past their timeout are
+    still compiling (xgrammar cannot stop one)."""
+
+
+class ConstraintChecker:
+    """`check_structured_outputs` for a server: at most `max_running` checks compile at once,
+    counting those still running after their timeout refused them, so that hostile constraints
+    cannot pile up threads that burn the CPU. A check waits up to its timeout for a slot, then
+    is refused with ChecksBusy. Thread-safe."""
+
+    def __init__(self, max_running: int = MAX_RUNNING_CHECKS,
+                 timeout_s: float = CHECK_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._slots = threading.BoundedSemaphore(max_running)
+
+    def check(self, params: StructuredOutputsParams) -> None:
+        """ValueError as `check_structured_outputs`; ChecksBusy if no slot came free."""
+        if not self._slots.acquire(timeout=self.timeout_s):
+            raise ChecksBusy(f"too many structured_outputs checks are running (slow ones from "
+                             f"earlier requests); retry in {self.timeout_s:g} s")
+        check_structured_outputs(params, self.timeout_s, done=self._slots.release)
 
 
 class RequestGrammar:

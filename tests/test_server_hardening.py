@@ -2,7 +2,9 @@
 hostile input, plus in-process checks of the pieces.
 
 - an HTTP fuzz suite (hypothesis) against one server: every answer is a 200 or a 4xx with an
-  OpenAI error body, never a 5xx, and the server still serves correctly afterwards;
+  OpenAI error body, never a 5xx, and the server still serves correctly afterwards; bodies may
+  ask for structured outputs with hostile schemas, regexes and grammars
+  (tests/hostile_constraints.py), and a battery sends each listed one on both routes;
 - the reproductions of the issue: out-of-vocabulary stop_token_ids with min_tokens, integers
   beyond 64 bits and NaN/Infinity (400 naming the field, before any stream starts), a 20 MB
   body (413, fast, /health unaffected), a prompt under the body limit but far over the context
@@ -33,6 +35,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests import hostile_constraints
 from tests.checkpoints import make_checkpoint
 from tests.servers import REPO, ServerProcess, async_wait_for, metric_sum, wait_for
 from tests.test_server import sse_events
@@ -127,6 +130,12 @@ def _assert_openai_error(response: httpx.Response, case: object) -> dict:
     return error
 
 
+# Structured outputs: a stream whose constraint reaches a dead end (a rule that can never end,
+# found only once generation walks into it) ends with a 400-kind error event naming the field.
+CONSTRAINT_PARAMS = frozenset({"response_format", "structured_outputs", "guided_json",
+                               "guided_regex", "guided_choice", "guided_grammar"})
+
+
 def _check_answer(response: httpx.Response, stream: bool, case: object) -> None:
     """A 200 (a complete, error-free answer) or a 4xx with an OpenAI error body."""
     if response.status_code != 200:
@@ -137,8 +146,11 @@ def _check_answer(response: httpx.Response, stream: bool, case: object) -> None:
         return
     events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     assert events and events[-1] == "[DONE]", (case, response.text[-500:])
-    for data in events[:-1]:
-        assert "error" not in json.loads(data), (case, data)
+    for i, data in enumerate(events[:-1]):
+        error = json.loads(data).get("error")
+        if error is not None:
+            assert i == len(events) - 2 and error["type"] == "invalid_request_error" \
+                and error["param"] in CONSTRAINT_PARAMS, (case, data)
 
 
 class HealthProbe:
@@ -290,6 +302,7 @@ def bodies(draw: st.DrawFn, route: str) -> FuzzCase:
         if kind == "one-junk":
             name = draw(st.sampled_from(sorted(fields)))
             value[name] = draw(_junk_for(name))
+        value.update(draw(hostile_constraints.constraint_fields()))  # structured outputs
         # unknown fields are ignored
         value.update(draw(st.dictionaries(st.text(max_size=8).map(lambda s: "x-" + s), JUNK,
                                           max_size=2)))
@@ -332,6 +345,68 @@ def test_fuzz(server, http, expected_text, route):
     m = _wait_idle(http)
     assert m["ppengine:num_requests_waiting"] == 0 and m["ppengine:engine_restarts"] == 0
     assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT])
+def test_fuzz_constraints(server, http, expected_text, route):
+    """A good body with one hostile constraint drawn (tests/hostile_constraints.py), streamed
+    or not: a 200 or a 400 naming a constraint field; then the server serves as before."""
+
+    @settings(FUZZ, max_examples=60)
+    @given(fields=hostile_constraints.one_constraint(), stream=st.booleans(),
+           max_tokens=st.integers(1, 3))
+    def fuzz(fields: dict, stream: bool, max_tokens: int) -> None:
+        body = {**(GOOD if route == COMPLETIONS else GOOD_CHAT), **fields, "stream": stream,
+                "max_tokens": max_tokens}
+        case = FuzzCase(json.dumps(body, allow_nan=True).encode(), stream)
+        response = http.post(route, content=case.body,
+                             headers={"Content-Type": "application/json"})
+        event(f"HTTP {response.status_code}")
+        assert response.status_code in (200, 400), (case, response.text[:300])
+        _check_answer(response, stream, case)
+        if response.status_code == 400:
+            error = response.json()["error"]
+            assert str(error["param"]).split(".")[0] in CONSTRAINT_PARAMS | {
+                "guided_decoding_backend"} or "not valid JSON" in error["message"], \
+                (case, error)
+
+    fuzz()
+    assert _greedy_text(http) == expected_text
+    m = _wait_idle(http)
+    assert m["ppengine:num_requests_waiting"] == 0 and m["ppengine:engine_restarts"] == 0
+
+
+HOSTILE = [("guided_json", v) for v in hostile_constraints.SCHEMAS] + [
+    ("guided_regex", v) for v in hostile_constraints.REGEXES] + [
+    ("guided_grammar", v) for v in hostile_constraints.GRAMMARS] + [
+    ("guided_choice", v) for v in hostile_constraints.CHOICES]
+
+
+def test_hostile_constraints_are_200_or_400(server, http, expected_text):
+    """Every listed hostile constraint, on both routes, streamed or not: a 200 (obeyed, or run
+    to max_tokens) or a 400 naming the field, never a 5xx; then the server serves as before,
+    /health is 200 and every KV block is free."""
+    answers: dict[int, int] = {}
+    for i, (field, value) in enumerate(HOSTILE):
+        for route, good in ((COMPLETIONS, GOOD), (CHAT, GOOD_CHAT)):
+            stream = i % 2 == 1
+            body = {**good, "max_tokens": 3, "stream": stream, field: value}
+            response = http.post(route, content=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+            case = (route, field, repr(value)[:80])
+            answers[response.status_code] = answers.get(response.status_code, 0) + 1
+            assert response.status_code in (200, 400), (case, response.text[:300])
+            _check_answer(response, stream, case)
+            if response.status_code == 400:  # naming the field (a lone surrogate: the body)
+                error = response.json()["error"]
+                assert str(error["param"]).split(".")[0] == field or (
+                    error["param"] is None and "not valid JSON" in error["message"]), \
+                    (case, response.text[:300])
+    assert answers.get(200) and answers.get(400), answers  # both kinds were met
+    assert _greedy_text(http) == expected_text
+    assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
+    m = _wait_idle(http)
+    assert m["ppengine:num_requests_waiting"] == 0 and m["ppengine:engine_restarts"] == 0
 
 
 # ---- the reproductions ------------------------------------------------------------------------

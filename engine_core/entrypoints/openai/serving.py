@@ -63,7 +63,7 @@ from engine_core.entrypoints.openai.responses import (
 )
 from engine_core.entrypoints.openai.tool_calling import ToolPlan, plan_tools
 from engine_core.entrypoints.openai.tool_parsers import ToolCallingConfig, ToolParser
-from engine_core.grammars import check_structured_outputs
+from engine_core.grammars import ChecksBusy, ConstraintChecker
 from engine_core.outputs import CompletionOutput, RequestOutput
 from engine_core.sampling_params import SamplingParams
 from engine_core.structured_outputs import StructuredOutputsParams
@@ -174,6 +174,12 @@ def _raise_if_failed(prompt: _Prompt, output: RequestOutput) -> None:
             raise _RequestFailed(f"the engine failed request {prompt.request_id}: {error}")
 
 
+def _checks_busy(exc: ChecksBusy, param: str) -> RequestError:
+    """429: every constraint-check slot is held by slow checks of earlier requests."""
+    return RequestError(str(exc), param=param, status=429, type="rate_limit_error",
+                        code="rate_limit_exceeded")
+
+
 # How the sampler fails a row whose every allowed token has a -inf logit (executors/sampler.py)
 _SAMPLER_FAILED = "sampling failed: "
 
@@ -224,6 +230,7 @@ class OpenAIServing:
             _TOKENIZER_THREADS, thread_name_prefix="pp-engine-tokenize")
         self._grammar_executor = concurrent.futures.ThreadPoolExecutor(
             _GRAMMAR_CHECK_THREADS, thread_name_prefix="pp-engine-grammar-check")
+        self._constraint_checker = ConstraintChecker()
 
     def close(self) -> None:
         """Stop the tokenizer and grammar-check threads (work already running finishes on its
@@ -282,9 +289,9 @@ class OpenAIServing:
     async def _check_constraint(self, request: CompletionRequest | ChatCompletionRequest
                                 ) -> None:
         """400 naming the field the client used unless the request's output constraint (if
-        any) compiles: `grammars.check_structured_outputs`, in a worker thread (the first one
-        loads xgrammar, seconds; a pathological one is cut off by its timeout), never on the
-        event loop."""
+        any) compiles: `grammars.ConstraintChecker`, in a worker thread (the first check loads
+        xgrammar, seconds; a pathological one is cut off by its timeout), never on the event
+        loop. 429 while slow checks of earlier requests hold every slot."""
         constraint = request.output_constraint
         if constraint is None:
             return
@@ -293,10 +300,12 @@ class OpenAIServing:
                                f"tokenizer.json", param=constraint.field)
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._grammar_executor, check_structured_outputs,
+            await loop.run_in_executor(self._grammar_executor, self._constraint_checker.check,
                                        constraint.params)
         except ValueError as exc:
             raise constraint.error(exc) from None
+        except ChecksBusy as exc:
+            raise _checks_busy(exc, constraint.field) from None
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool, param: str,
                   where: str = "") -> ProcessedPrompt:
@@ -340,13 +349,16 @@ class OpenAIServing:
                 raise RequestError("a tool_choice that forces calls (\"required\" or a named "
                                    "function) cannot be combined with another output "
                                    "constraint", param="tool_choice")
-            params = msgspec.structs.replace(
-                params, structured_outputs=StructuredOutputsParams(json=tool_schema))
+            constraint = StructuredOutputsParams(json=tool_schema)
+            params = msgspec.structs.replace(params, structured_outputs=constraint)
             try:
-                self.llm.input_processor.check_sampling_params(params)
+                self._constraint_checker.check(constraint)
+                self.llm.input_processor.check_sampling_params(params, constraint_checked=True)
             except ValueError as exc:  # the tools' parameters are not a schema xgrammar takes
                 raise RequestError(f"the tools' parameters cannot force a call: {exc}",
                                    param="tools") from None
+            except ChecksBusy as exc:
+                raise _checks_busy(exc, "tools") from None
             return params
         try:
             self.llm.input_processor.check_sampling_params(params, constraint_checked=True)
