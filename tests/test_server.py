@@ -327,7 +327,7 @@ BAD_REQUESTS = [
     (CHAT, {**GOOD_CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     (CHAT, {**GOOD_CHAT, "logprobs": "yes"}, 400, "logprobs"),
     (CHAT, {**GOOD_CHAT, "max_completion_tokens": 2000}, 400, "max_completion_tokens"),
-    (CHAT, {**GOOD_CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    (CHAT, {**GOOD_CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format"),
     (CHAT, {**GOOD_CHAT, "model": "gpt-9"}, 404, "model"),
     # this server runs --scheduling-policy fcfs (the default): only priority 0
     (COMPLETIONS, {**GOOD, "priority": 1}, 400, "priority"),
