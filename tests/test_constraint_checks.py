@@ -114,7 +114,7 @@ def test_a_constraint_some_output_satisfies_passes(params):
     check_structured_outputs(params)
 
 
-def _slow_schema(num_properties: int = 1200) -> StructuredOutputsParams:
+def _slow_schema(num_properties: int = 1500) -> StructuredOutputsParams:
     """Optional properties compile in time that grows much faster than their number: seconds
     here."""
     return StructuredOutputsParams(json={"type": "object", "properties": {
