@@ -23,7 +23,7 @@ from engine_core.models import default_model_dir
 from pydantic import BaseModel, Field
 
 from tests.servers import ServerProcess
-from tests.test_server import wait_idle
+from tests.test_server import sse_events, wait_idle
 from tests.test_server_hardening import HealthProbe
 
 MODEL = "tiny-llama"
@@ -305,6 +305,25 @@ def test_bad_constraints_are_400_naming_the_field(http, case, route):
         error = response.json()["error"]
         assert error["type"] == "invalid_request_error" and error["param"] == param, error
         assert 0 < len(error["message"]) <= 1000, error
+
+
+@pytest.mark.parametrize("route", [CHAT, COMPLETIONS])
+def test_a_dead_end_midway_is_a_400_or_an_error_event_naming_the_field(http, route):
+    """`b` can never end, and nothing but "a" then `b` may be output: the check passes (some
+    text begins it), generation dies after its first token. A 400 naming the field, or once a
+    stream has begun, an error event naming it."""
+    body = {"model": MODEL, "max_tokens": 8, "guided_grammar": 'root ::= "a" b\nb ::= b'}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if route == CHAT
+                else {"prompt": "hi"})
+    response = http.post(route, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "guided_grammar" and "dead end" in error["message"], error
+    with http.stream("POST", route, json={**body, "stream": True}) as streamed:
+        assert streamed.status_code == 200
+        events = list(sse_events(streamed))
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["param"] == "guided_grammar", events[-2]
 
 
 def test_health_answers_while_a_constraint_is_checked(server, http):

@@ -180,19 +180,20 @@ def _checks_busy(exc: ChecksBusy, param: str) -> RequestError:
                         code="rate_limit_exceeded")
 
 
-# How the sampler fails a row whose every allowed token has a -inf logit (executors/sampler.py)
-_SAMPLER_FAILED = "sampling failed: "
+# How the last stage fails a constrained row that no token can continue
+# (executors/token_bitmask.NO_ALLOWED_TOKEN; not imported: it would load torch here)
+_DEAD_END = "structured_outputs: "
 
 
 def _constraint_failure(constraint: OutputConstraint, error: str, num_tokens: int
                         ) -> RequestError | None:
     """The 400 for an engine failure that the client's constraint caused, if it did: its
     grammar could not be compiled in the engine (errors that name "structured_outputs.<kind>"),
-    or generation reached a dead end of it (a rule that can never end: no token allowed, so the
-    sampler found no finite logit). None for other failures."""
+    or generation reached a dead end of it (a rule that can never end, reached midway: no token
+    may follow). None for other failures."""
     if error.startswith("structured_outputs."):
         return constraint.error(ValueError(error))
-    if error.startswith(_SAMPLER_FAILED):
+    if error.startswith(_DEAD_END):
         return constraint.error(ValueError(
             f"structured_outputs.{constraint.params.kind} reached a dead end after "
             f"{num_tokens} tokens: no token may follow them (a rule that can never end?)"))
