@@ -307,6 +307,16 @@ def test_bad_constraints_are_400_naming_the_field(http, case, route):
         assert 0 < len(error["message"]) <= 1000, error
 
 
+def test_a_forced_tool_call_and_a_constraint_together_are_a_400(http):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}
+    response = http.post(CHAT, json={
+        "model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+        "tools": [tool], "tool_choice": "required", "guided_regex": "a+"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "tool_choice"
+
+
 @pytest.mark.parametrize("route", [CHAT, COMPLETIONS])
 def test_a_dead_end_midway_is_a_400_or_an_error_event_naming_the_field(http, route):
     """`b` can never end, and nothing but "a" then `b` may be output: the check passes (some
