@@ -170,6 +170,27 @@ def _chat(client: openai.OpenAI, stream: bool) -> str:
                    if chunk.choices)
 
 
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                          "zip": {"type": "integer", "minimum": 0,
+                                                  "maximum": 99999}},
+          "required": ["city", "zip"]}
+
+
+def _constrained_chat(client: openai.OpenAI, stream: bool) -> str:
+    """A chat under a JSON schema (response_format): P's one token and D's obey it."""
+    kwargs = {"model": MODEL, "messages": MESSAGES, "max_tokens": 120, "temperature": 0.0,
+              "response_format": {"type": "json_schema",
+                                  "json_schema": {"name": "place", "schema": SCHEMA}}}
+    if not stream:
+        text = client.chat.completions.create(**kwargs).choices[0].message.content
+    else:
+        text = "".join(chunk.choices[0].delta.content or ""
+                       for chunk in client.chat.completions.create(stream=True, **kwargs)
+                       if chunk.choices)
+    assert set(json.loads(text)) == {"city", "zip"}, text
+    return text
+
+
 def _num_tokens(url: str, text: str) -> int:
     """Prompt tokens of `text`, as the server counts them (its usage block)."""
     body = httpx.post(url + "/v1/completions", json={
@@ -188,6 +209,7 @@ def reference(model_dir, tmp_path_factory) -> dict:
                                timeout=TIMEOUT)
         return {"completions": [_complete(client, p, False) for p in PROMPTS],
                 "chat": _chat(client, False),
+                "constrained": _constrained_chat(client, False),
                 "prompt_tokens": [_num_tokens(server.url, p) for p in PROMPTS]}
     finally:
         server.stop()
@@ -209,6 +231,8 @@ def _check_outputs(c: Cluster, reference: dict) -> None:
         assert _complete(c.client, prompt, stream=True) == expected, prompt[:30]
     assert _chat(c.client, stream=False) == reference["chat"]
     assert _chat(c.client, stream=True) == reference["chat"]
+    assert _constrained_chat(c.client, stream=False) == reference["constrained"]
+    assert _constrained_chat(c.client, stream=True) == reference["constrained"]
 
 
 def _send_garbage_kv(endpoints: list[str]) -> None:
@@ -244,9 +268,9 @@ def test_1p1d_is_token_identical_and_moves_the_kv(model_dir, reference, tmp_path
         _check_outputs(c, reference)
         (_, p_url), (_, d_url) = c.prefill[0], c.decode[0]
         d_metrics, p_metrics = c.instance_metrics(d_url), c.instance_metrics(p_url)
-        # 2 x each completion prompt and 2 x the chat prompt went through D; it ran at most
+        # 2 x each completion prompt and 2 x each chat went through D; it ran at most
         # the last partial block (plus the last token) of each, the rest came over the wire
-        num_requests = 2 * len(PROMPTS) + 2
+        num_requests = 2 * len(PROMPTS) + 4
         computed = metric_sum(d_metrics, "ppengine:prompt_tokens_computed_total")
         assert 0 < computed <= num_requests * BLOCK
         received = metric_sum(d_metrics, "ppengine:kv_transfer_received_tokens_total")
