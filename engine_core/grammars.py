@@ -41,6 +41,7 @@ __all__ = [
     "ConstraintChecker",
     "GrammarCompiler",
     "RequestGrammar",
+    "Vocabulary",
     "bitmask_words",
     "check_structured_outputs",
 ]
@@ -49,6 +50,7 @@ COMPILE_TIMEOUT_S = 60.0  # a request whose grammar is not compiled by then fail
 CHECK_TIMEOUT_S = 10.0  # a front-end check that takes longer is refused
 MAX_RUNNING_CHECKS = 4  # a server's front-end checks compiling at once (ConstraintChecker)
 CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
+COMPILE_WORKERS = 2  # an engine's grammars compiling at once
 _XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+: (Check failed: \(.*?\) is false: )?")
 _JSON_SCHEMA_OPTIONS: dict[str, Any] = {"any_whitespace": False, "strict_mode": True}
 # EBNF character classes of JSON string characters as xgrammar (0.2.9) writes them: a
@@ -116,41 +118,67 @@ def _valid_json_strings(grammar: xgrammar.Grammar) -> xgrammar.Grammar:
     return grammar if text == original else xgr.Grammar.from_ebnf(text)
 
 
+# A vocabulary to check constraints against: (directory with tokenizer.json, model vocab size)
+Vocabulary = tuple[str, int]
+
+
+def _tokenizer_info(vocabulary: Vocabulary) -> Any:
+    """xgrammar's view of the tokenizer in `vocabulary`'s directory."""
+    import xgrammar as xgr
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer_dir, vocab_size = vocabulary
+    path = os.path.join(tokenizer_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        raise ValueError(f"structured outputs need a tokenizer, and {tokenizer_dir} has no "
+                         f"tokenizer.json")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=path)
+    with warnings.catch_warnings():  # no stop ids here: every matcher is given its own
+        warnings.simplefilter("ignore")
+        return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+
+
 @functools.cache
-def _byte_compiler() -> Any:
-    """A compiler over a vocabulary of the 256 single bytes and a stop token (id 256): every
-    text is a token sequence of it, so a grammar allows some first token iff it matches some
-    text (or only the empty one: then the stop token)."""
+def _check_compiler(vocabulary: Vocabulary | None) -> Any:
+    """The compiler a check uses: over the model's vocabulary, or without one over the 256
+    single bytes and a stop token (id 256), of which every text is a token sequence."""
     import xgrammar as xgr
 
-    info = xgr.TokenizerInfo([bytes([b]) for b in range(256)] + [b"</s>"],
-                             stop_token_ids=[256])
+    if vocabulary is None:
+        info = xgr.TokenizerInfo([bytes([b]) for b in range(256)] + [b"</s>"],
+                                 stop_token_ids=[256])
+    else:
+        info = _tokenizer_info(vocabulary)
     return xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
 
 
-def _check_not_empty(params: StructuredOutputsParams, grammar: xgrammar.Grammar) -> None:
-    """ValueError if `grammar` matches no text at all (e.g. `root ::= root`)."""
+def _check_compiles(params: StructuredOutputsParams, grammar: xgrammar.Grammar,
+                    vocabulary: Vocabulary | None) -> None:
+    """ValueError unless `grammar` compiles over the vocabulary and some token can begin it
+    (not so: it matches no text at all, e.g. `root ::= root`, or none this model can write)."""
     import xgrammar as xgr
 
+    compiler = _check_compiler(vocabulary)
     try:
-        matcher = xgr.GrammarMatcher(_byte_compiler().compile_grammar(grammar))
+        matcher = xgr.GrammarMatcher(compiler.compile_grammar(grammar))
     except Exception as exc:
         raise ValueError(f"structured_outputs.{params.kind} cannot be compiled: "
                          f"{_message(exc)}") from None
-    bitmask = xgr.allocate_token_bitmask(1, 257)
+    bitmask = xgr.allocate_token_bitmask(1, 257 if vocabulary is None else vocabulary[1])
     matcher.fill_next_token_bitmask(bitmask)
     if not bool(bitmask.any()):
-        raise ValueError(f"structured_outputs.{params.kind} matches no text at all")
+        what = "no text at all" if vocabulary is None else "no text this model can write"
+        raise ValueError(f"structured_outputs.{params.kind} matches {what}")
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def _problem(key: tuple[str, str]) -> str | None:
+def _problem(key: tuple[str, str], vocabulary: Vocabulary | None) -> str | None:
     """What is wrong with the constraint of this `StructuredOutputsParams.key` (a ValueError's
     message), or None; remembered for the last `CACHE_SIZE` constraints, so a schema sent with
     every request is checked once."""
     params = StructuredOutputsParams.from_key(key)
     try:
-        _check_not_empty(params, _grammar_of(params))
+        _check_compiles(params, _grammar_of(params), vocabulary)
     except ValueError as exc:
         return str(exc)
     return None
@@ -158,18 +186,28 @@ def _problem(key: tuple[str, str]) -> str | None:
 
 def check_structured_outputs(params: StructuredOutputsParams,
                              timeout_s: float = CHECK_TIMEOUT_S,
-                             done: Callable[[], None] | None = None) -> None:
+                             done: Callable[[], None] | None = None,
+                             vocabulary: Vocabulary | None = None) -> None:
     """Raise ValueError (naming the field) if the constraint cannot be compiled: not a valid
-    schema, regex or grammar, a schema feature xgrammar does not support, or a constraint no
-    text satisfies (checked over a byte vocabulary: no model's is needed). Bounded: a check
-    that takes longer than `timeout_s` is refused (the work is left to finish in a daemon
-    thread, which calls `done` when it has, if given). For front-ends, before a request is
-    queued; a server runs them through a `ConstraintChecker`."""
+    schema, regex or grammar, a schema feature xgrammar does not support, or one no text
+    satisfies. With the model's `vocabulary` it is compiled as the engine will compile it, so
+    a constraint whose compile would take the engine longer than `timeout_s` (compile time
+    grows with the vocabulary) is refused here; without, over a byte vocabulary (quick: a
+    parse and emptiness check). A check that takes longer than `timeout_s` is refused (the work
+    is left to finish in a daemon thread, which calls `done` when it has, if given); the
+    vocabulary's one-time set-up is not counted. For front-ends, before a request is queued; a
+    server runs them through a `ConstraintChecker`."""
+    try:
+        _check_compiler(vocabulary)  # set up once (reads the tokenizer), not timed
+    except ValueError:
+        if done is not None:
+            done()
+        raise
     result: list[str | None] = []
 
     def run() -> None:
         try:
-            result.append(_problem(params.key))
+            result.append(_problem(params.key, vocabulary))
         finally:
             if done is not None:
                 done()
@@ -196,8 +234,10 @@ class ConstraintChecker:
     is refused with ChecksBusy. Thread-safe."""
 
     def __init__(self, max_running: int = MAX_RUNNING_CHECKS,
-                 timeout_s: float = CHECK_TIMEOUT_S) -> None:
+                 timeout_s: float = CHECK_TIMEOUT_S,
+                 vocabulary: Vocabulary | None = None) -> None:
         self.timeout_s = timeout_s
+        self.vocabulary = vocabulary
         self._slots = threading.BoundedSemaphore(max_running)
 
     def check(self, params: StructuredOutputsParams) -> None:
@@ -205,7 +245,8 @@ class ConstraintChecker:
         if not self._slots.acquire(timeout=self.timeout_s):
             raise ChecksBusy(f"too many structured_outputs checks are running (slow ones from "
                              f"earlier requests); retry in {self.timeout_s:g} s")
-        check_structured_outputs(params, self.timeout_s, done=self._slots.release)
+        check_structured_outputs(params, self.timeout_s, done=self._slots.release,
+                                 vocabulary=self.vocabulary)
 
 
 class RequestGrammar:
@@ -269,8 +310,9 @@ class GrammarCompiler:
     (kind, text) key, least recently used dropped beyond `cache_size`.
 
     `compile` returns at once with a future; the engine polls it (`done()`), so a slow compile
-    never stalls the loop. Every sequence gets its own matcher (`matcher`) over a shared
-    compiled grammar. Stats are counted on the engine's thread."""
+    never stalls the loop, and `COMPILE_WORKERS` compile at once, so one slow compile does not
+    hold up every other. Every sequence gets its own matcher (`matcher`) over a shared compiled
+    grammar."""
 
     def __init__(self, tokenizer_dir: str, vocab_size: int, *, cache_size: int = CACHE_SIZE,
                  max_threads: int | None = None) -> None:
@@ -279,7 +321,9 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self.stats = StructuredOutputStats()
         self._threads = max_threads or max(1, min(4, (os.cpu_count() or 1) // 2))
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_WORKERS,
+                                                           thread_name_prefix="grammar")
+        self._lock = threading.Lock()  # the workers' set-up and their stats
         self._cache: OrderedDict[tuple[str, str], concurrent.futures.Future] = OrderedDict()
         self._compiler: Any = None  # xgrammar.GrammarCompiler, made in the worker on first use
 
@@ -313,31 +357,20 @@ class GrammarCompiler:
             raise ValueError(f"structured_outputs.{params.kind} cannot be compiled: "
                              f"{_message(exc)}") from None
         elapsed = time.perf_counter() - start
-        self.stats.compile_seconds += elapsed  # one writer: the worker thread
-        self.stats.num_compiles += 1
+        with self._lock:
+            self.stats.compile_seconds += elapsed
+            self.stats.num_compiles += 1
         return compiled
 
     def _get_compiler(self) -> Any:
-        if self._compiler is None:
-            import xgrammar as xgr
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
 
-            self._compiler = xgr.GrammarCompiler(self._tokenizer_info(),
-                                                 max_threads=self._threads,
-                                                 cache_enabled=False)
-        return self._compiler
-
-    def _tokenizer_info(self) -> Any:
-        import xgrammar as xgr
-        from transformers import PreTrainedTokenizerFast
-
-        path = os.path.join(self.tokenizer_dir, "tokenizer.json")
-        if not os.path.exists(path):
-            raise ValueError(f"structured outputs need a tokenizer, and {self.tokenizer_dir} "
-                             f"has no tokenizer.json")
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=path)
-        with warnings.catch_warnings():  # no stop ids here: every matcher is given its own
-            warnings.simplefilter("ignore")
-            return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+                self._compiler = xgr.GrammarCompiler(
+                    _tokenizer_info((self.tokenizer_dir, self.vocab_size)),
+                    max_threads=self._threads, cache_enabled=False)
+            return self._compiler
 
     def matcher(self, compiled: Any, stop_token_ids: Sequence[int],
                 max_rollback_tokens: int = 0) -> RequestGrammar:

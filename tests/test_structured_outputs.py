@@ -515,3 +515,17 @@ def test_the_stop_token_is_not_in_the_text_even_with_special_tokens_kept(model_d
             assert (out.text, out.token_ids[-1], out.finish_reason) == (text, 2, "stop"), extra
     finally:
         llm.shutdown()
+
+
+def test_the_front_end_check_compiles_over_the_engines_vocabulary(model_dir, tmp_path):
+    """With the model's vocabulary the check compiles as the engine will (so its time bound
+    covers the engine's compile); a directory without a tokenizer is refused, saying so."""
+    from engine_core.grammars import check_structured_outputs
+
+    constraint = StructuredOutputsParams(json=SCHEMAS["nested"])
+    check_structured_outputs(constraint, vocabulary=(model_dir, 512))
+    with pytest.raises(ValueError, match=r"structured_outputs\.regex matches no text"):
+        check_structured_outputs(StructuredOutputsParams(regex="[^\\x00-\\U0010ffff]"),
+                                 vocabulary=(model_dir, 512))
+    with pytest.raises(ValueError, match=r"has no tokenizer\.json"):
+        check_structured_outputs(constraint, vocabulary=(str(tmp_path), 512))

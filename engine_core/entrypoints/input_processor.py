@@ -23,7 +23,7 @@ import msgspec
 
 from engine_core.config import EngineConfig
 from engine_core.generation_config import read_generation_defaults
-from engine_core.grammars import check_structured_outputs
+from engine_core.grammars import Vocabulary, check_structured_outputs
 from engine_core.messages import EngineCoreRequest
 from engine_core.models import Tokenizer
 from engine_core.models.tokenizer import PROMPT_CHARS_SAFETY_FACTOR
@@ -69,6 +69,8 @@ class InputProcessor:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        # what a structured-output constraint is checked against: the engine's vocabulary
+        self.vocabulary: Vocabulary = (config.tokenizer_path, config.model.vocab_size)
         eos = set(config.model.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -109,7 +111,8 @@ class InputProcessor:
                 raise ValueError("structured_outputs need a tokenizer, and this model "
                                  "directory has no tokenizer.json")
             if not constraint_checked:
-                check_structured_outputs(params.structured_outputs)
+                check_structured_outputs(params.structured_outputs,
+                                         vocabulary=self.vocabulary)
 
     def check_priority(self, priority: object) -> None:
         """ValueError unless `priority` is an int64 the engine's scheduling policy takes."""

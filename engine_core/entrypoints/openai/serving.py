@@ -231,7 +231,8 @@ class OpenAIServing:
             _TOKENIZER_THREADS, thread_name_prefix="pp-engine-tokenize")
         self._grammar_executor = concurrent.futures.ThreadPoolExecutor(
             _GRAMMAR_CHECK_THREADS, thread_name_prefix="pp-engine-grammar-check")
-        self._constraint_checker = ConstraintChecker()
+        self._constraint_checker = ConstraintChecker(
+            vocabulary=llm.input_processor.vocabulary)
 
     def close(self) -> None:
         """Stop the tokenizer and grammar-check threads (work already running finishes on its
