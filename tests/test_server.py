@@ -467,9 +467,36 @@ def test_pp2_server_matches_offline(model_dir, offline, cli_processes):
     expected = offline.generate(PROMPTS, greedy(), use_tqdm=False)
     server = cli_processes.server(model_dir, "--pipeline-parallel-size", "2",
                                   "--threads-per-stage", "1", startup_s=180)
-    response = client_for(server, "unused").completions.create(
+    client = client_for(server, "unused")
+    response = client.completions.create(
         model=MODEL, prompt=PROMPTS, max_tokens=16, temperature=0)
     assert [c.text for c in response.choices] == [o.outputs[0].text for o in expected]
+    # structured outputs: the bitmasks reach the last Ray stage, streamed and not
+    from engine_core import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"k": {"type": "string", "maxLength": 8},
+                                               "v": {"type": "integer", "minimum": 0,
+                                                     "maximum": 999}},
+              "required": ["k", "v"]}
+    expected = offline.generate(PROMPTS[:2], SamplingParams(
+        temperature=0.0, max_tokens=80, structured_outputs=StructuredOutputsParams(json=schema)),
+        use_tqdm=False)
+    kwargs = {"model": MODEL, "max_tokens": 80, "temperature": 0,
+              "response_format": {"type": "json_schema",
+                                  "json_schema": {"name": "kv", "schema": schema}}}
+    completions = client.completions.create(  # the openai client sends it as an extra
+        model=MODEL, prompt=PROMPTS[:2], max_tokens=80, temperature=0,
+        extra_body={"response_format": kwargs["response_format"]})
+    assert [c.text for c in completions.choices] == [o.outputs[0].text for o in expected]
+    for prompt, output in zip(PROMPTS[:2], expected):
+        assert set(json.loads(output.outputs[0].text)) == {"k", "v"}
+        messages = [{"role": "user", "content": prompt}]
+        chat = client.chat.completions.create(messages=messages, **kwargs)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in
+                           client.chat.completions.create(messages=messages, stream=True,
+                                                          **kwargs) if chunk.choices)
+        assert streamed == chat.choices[0].message.content
+        assert set(json.loads(streamed)) == {"k", "v"}
     wait_idle(server)
 
 
