@@ -625,7 +625,8 @@ class _FakeLLM:
         self.tokenizer = tokenizer
         self.config = SimpleNamespace(scheduler=SimpleNamespace(max_model_len=64, policy="fcfs"),
                                       model=SimpleNamespace(vocab_size=512, eos_token_ids=()),
-                                      model_dir="fake", generation_config="vllm",
+                                      model_dir="fake", tokenizer_path="fake",
+                                      generation_config="vllm",
                                       max_logprobs=20)
         self.input_processor = InputProcessor(self.config, tokenizer)
         self.stats = SchedulerStats()
