@@ -156,6 +156,34 @@ def test_chat_uses_template(llm):
     assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
 
 
+def test_chat_with_tools_a_template_and_its_kwargs(llm):
+    """vLLM's LLM.chat arguments: the template gets `tools` and `chat_template_kwargs`; a given
+    `chat_template` replaces the model's for that call only; a forced call's JSON comes from
+    a structured-output constraint."""
+    import json
+
+    from engine_core import StructuredOutputsParams
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+        "required": ["city"]}}}]
+    template = ("{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+                "{% if shout %}!{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
+    messages = [{"role": "user", "content": "weather?"}]
+    params = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=(
+        StructuredOutputsParams(json=tools[0]["function"]["parameters"])))
+    out = llm.chat(messages, params, use_tqdm=False, tools=tools, chat_template=template,
+                   chat_template_kwargs={"shout": True})[0]
+    assert out.prompt == "[get_weather]!weather?"
+    assert set(json.loads(out.outputs[0].text)) == {"city"}
+    plain = llm.chat(messages, GREEDY, use_tqdm=False)[0]  # the model's template again
+    assert plain.prompt == "<|user|>\nweather?\n<|assistant|>\n"
+    with pytest.raises(ValueError, match="tools must be a list"):
+        llm.chat(messages, GREEDY, use_tqdm=False, tools={"name": "f"})
+    with pytest.raises(ValueError):
+        llm.chat(messages, GREEDY, use_tqdm=False, chat_template="{% for %}")
+
+
 def test_logprobs_decoded_tokens(llm):
     out = llm.generate("import", SamplingParams(temperature=0.0, max_tokens=3, logprobs=2),
                        use_tqdm=False)[0].outputs[0]

@@ -120,17 +120,29 @@ class LLM:
                     for i, (p, params, prio) in enumerate(zip(prompts, params_list, priorities))]
         return self._run(requests, use_tqdm)
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, add_generation_prompt: bool = True, *,
+             tools: list[dict[str, Any]] | None = None, chat_template: str | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or to a
-        list of conversations, rendered with the model's chat template. A message without
-        content (only an assistant message with tool_calls may omit it), with content that is
-        neither a string nor a non-empty list of text parts, or with an unknown role raises
-        ValueError naming the field, e.g. "messages[1].content"."""
+        list of conversations, rendered with the model's chat template (or `chat_template`, a
+        Jinja template), which also gets `tools` (OpenAI's function list, as in HF's
+        apply_chat_template) and `chat_template_kwargs`, as vLLM's `LLM.chat` passes them. A
+        message without content (only an assistant message with tool_calls may omit it), with
+        content that is neither a string nor a non-empty list of text parts, or with an unknown
+        role raises ValueError naming the field, e.g. "messages[1].content". The output is
+        the model's text: constrain it with `SamplingParams.structured_outputs` to force a
+        call's JSON."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model directory "
                              "has no tokenizer.json")
+        if tools is not None and (not isinstance(tools, list)
+                                  or not all(isinstance(t, dict) for t in tools)):
+            raise ValueError("tools must be a list of tool dicts "
+                             '({"type": "function", "function": {...}})')
+        tokenizer = (self.tokenizer if chat_template is None
+                     else self.tokenizer.with_chat_template(chat_template))
         single = not isinstance(messages, list) or not messages or not isinstance(
             messages[0], list)
         conversations = [messages] if single else messages
@@ -138,8 +150,9 @@ class LLM:
         for k, conversation in enumerate(conversations):
             where = "" if single else f"conversation {k}: "
             try:
-                text = self.tokenizer.apply_chat_template(
-                    check_messages(conversation), add_generation_prompt=add_generation_prompt)
+                text = tokenizer.apply_chat_template(
+                    check_messages(conversation), add_generation_prompt=add_generation_prompt,
+                    **{"tools": tools, **(chat_template_kwargs or {})})
             except (ValueError, TypeError, LookupError, ArithmeticError, AttributeError) as exc:
                 # the template fails on these messages: a bad argument, as for the server
                 raise ValueError(f"{where}{exc}") from None
