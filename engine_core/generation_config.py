@@ -14,10 +14,10 @@ refuses, is a ValueError naming `generation_config` (at startup, not on every re
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
+from engine_core.models.config import read_json_object
 from engine_core.sampling_params import SamplingParams
 
 __all__ = ["GENERATION_CONFIG_FIELDS", "read_generation_defaults", "resolve_generation_config"]
@@ -52,16 +52,10 @@ def read_generation_defaults(source: str) -> dict[str, Any]:
     if source == "vllm":
         return {}
     path = os.path.join(source, "generation_config.json")
-    if not os.path.isfile(path):
-        return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"generation_config: cannot parse {path}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"generation_config: {path} must hold a JSON object, got "
-                         f"{type(raw).__name__}")
+        raw = read_json_object(path, missing_ok=True)
+    except ValueError as exc:
+        raise ValueError(f"generation_config: {exc}") from None
     defaults = {field: raw[key] for key, field in GENERATION_CONFIG_FIELDS.items()
                 if raw.get(key) is not None}
     try:

@@ -256,11 +256,9 @@ class RequestGrammar:
 
     def __init__(self, matcher: xgrammar.GrammarMatcher, vocab_size: int) -> None:
         import torch
-        import xgrammar as xgr
 
         self._matcher = matcher
         self._vocab_size = vocab_size
-        self._xgr = xgr
         self._torch = torch
 
     @property

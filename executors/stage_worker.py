@@ -410,9 +410,10 @@ class StageWorker:
                             stop_ids=s.state.stop_ids)
                 for s in scheduled for j in range(1 + len(s.drafts))]
         logits = self.model.compute_logits(hidden[logits_indices])  # [num_rows, vocab]
-        masked = [(row, s.bitmask) for row, s in zip(
-            itertools.accumulate((1 + len(s.drafts) for s in scheduled), initial=0), scheduled)
-            if s.bitmask]
+        masked = [] if not any(s.bitmask for s in scheduled) else [
+            (row, s.bitmask) for row, s in zip(
+                itertools.accumulate((1 + len(s.drafts) for s in scheduled), initial=0),
+                scheduled) if s.bitmask]
         if masked:  # structured outputs: forbidden tokens at -inf before anything else
             apply_token_bitmasks(logits, [row for row, _ in masked],
                                  [bitmask for _, bitmask in masked])

@@ -82,12 +82,15 @@ def load_model_config(model_dir: str) -> ModelConfig:
         raise ValueError(
             f"{model_dir!r} has no config.json; pass a Hugging Face checkpoint directory"
         )
-    raw = _read_json(config_path)
-    generation = _read_json(os.path.join(model_dir, "generation_config.json"), missing_ok=True)
+    raw = read_json_object(config_path)
+    generation = read_json_object(os.path.join(model_dir, "generation_config.json"),
+                                  missing_ok=True)
     return _parse_config(raw, generation)
 
 
-def _read_json(path: str, missing_ok: bool = False) -> dict[str, Any]:
+def read_json_object(path: str, missing_ok: bool = False) -> dict[str, Any]:
+    """The JSON object in `path` ({} if `missing_ok` and there is no file); ValueError naming
+    the file if it does not parse or holds something else."""
     if missing_ok and not os.path.isfile(path):
         return {}
     try:
